@@ -1,0 +1,320 @@
+// The queue core: jobs, queues, leases, waiters and time, with no I/O.
+//
+// Every state change is first described as one `record`, handed to the
+// record_sink (the journal), and then applied by a single function, apply().
+// Replaying the journal calls apply() with the same records, so the state a
+// replay rebuilds is by construction the state that existed. Changes that are
+// a pure function of time (a delayed job becoming ready, a finished job's
+// result being forgotten after its retention) are not records: advance()
+// recomputes them from the clock after a replay as it does live.
+//
+// Time is passed in by the caller (milliseconds since the Unix epoch), so the
+// core is deterministic and testable without a loop; wall-clock time is used
+// because lease expiries and delays must mean the same after a restart.
+//
+// Single-threaded: every method runs on the loop thread.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace relay::queue {
+
+using time_ms = int64_t;
+using job_id = uint64_t;
+
+enum class job_state : uint8_t { queued, delayed, leased, succeeded, failed, dead, cancelled };
+inline constexpr size_t job_state_count = 7;
+std::string_view to_string(job_state s);
+inline bool is_terminal(job_state s) {
+  return s == job_state::succeeded || s == job_state::dead || s == job_state::cancelled;
+}
+
+inline constexpr int priority_levels = 10;  // 0 is served first
+inline constexpr int default_priority = 5;
+
+// Job ids are 64-bit, shown as 16 lowercase hex digits.
+std::string format_job_id(job_id id);
+std::optional<job_id> parse_job_id(std::string_view s);
+
+// 128 random bits naming one lease of one job; shown as 32 hex digits.
+struct lease_token {
+  std::array<uint8_t, 16> bytes{};
+  std::string hex() const;
+  static std::optional<lease_token> parse(std::string_view hex);
+  // Constant time, so that a probe cannot learn a token byte by byte.
+  bool equals(const lease_token& other) const;
+};
+
+// Interned principal name: equal names share one pointer.
+using principal_ref = const std::string*;
+
+class job_queue;
+
+struct job {
+  job_id id = 0;
+  job_queue* queue = nullptr;
+  job_state state = job_state::queued;
+  uint8_t priority = default_priority;
+  uint8_t where = 0;  // which container holds the job; see broker.cpp
+  uint16_t attempts = 0;  // times leased
+  uint16_t max_attempts = 5;
+  uint32_t lease_ms = 30000;  // default lease length for this job
+  uint32_t heap_pos = 0;
+  time_ms created_ms = 0;
+  time_ms updated_ms = 0;
+  time_ms due_ms = 0;  // delayed/failed: ready at; leased: lease expires at
+  lease_token lease;
+  principal_ref lease_owner = nullptr;
+  job* prev = nullptr;  // intrusive links: ready FIFO or dead list
+  job* next = nullptr;
+  std::string payload;  // raw JSON as received
+  std::string outcome;  // succeeded: raw result JSON; failed/dead: error message
+  std::string idempotency_key;
+};
+
+// One state change. Views point into the caller's memory and are valid only
+// during the append()/apply() call that receives the record.
+//
+// Format version: the journal (issue 4) writes these fields in this order; a
+// change here must bump the journal's record-format version.
+enum class record_type : uint8_t {
+  submit = 1,     // id, queue, priority, max_attempts, lease_ms, due (ready at), idempotency_key, payload
+  lease = 2,      // id, lease, owner, due (lease expiry)
+  heartbeat = 3,  // id, lease, due (new expiry)
+  complete = 4,   // id, lease, text (result JSON)
+  fail = 5,       // id, lease, text (error), due (retry at)
+  cancel = 6,     // id
+  expire = 7,     // id: the lease ran out
+  requeue = 8,    // id: a dead job is given fresh attempts
+};
+
+struct record {
+  record_type type{};
+  job_id id = 0;
+  time_ms at = 0;
+  time_ms due = 0;
+  uint8_t priority = default_priority;
+  uint16_t max_attempts = 0;
+  uint32_t lease_ms = 0;
+  lease_token lease;
+  std::string_view queue;
+  std::string_view owner;
+  std::string_view idempotency_key;
+  std::string_view payload;
+  std::string_view text;
+};
+
+class record_sink {
+ public:
+  virtual ~record_sink() = default;
+  virtual void append(const record& r) = 0;
+};
+
+// A worker's parked lease request. The broker calls on_leased() exactly once
+// with at least one job, after unparking the waiter; the waiter may be
+// destroyed inside the callback. Unpark a waiter whose request ends first.
+class lease_waiter {
+ public:
+  virtual ~lease_waiter() = default;
+  virtual void on_leased(const std::vector<job*>& jobs) = 0;
+
+  size_t max = 1;
+  uint32_t lease_ms = 0;  // 0: each job's own lease_ms
+  principal_ref owner = nullptr;
+
+ private:
+  friend class broker;
+  friend class job_queue;
+  job_queue* _parked_on = nullptr;
+  lease_waiter* _prev = nullptr;
+  lease_waiter* _next = nullptr;
+};
+
+// Someone waiting for a job to reach a terminal state (GET ?wait_ms).
+// on_terminal() runs once, after the watcher was removed.
+class job_watcher {
+ public:
+  virtual ~job_watcher() = default;
+  virtual void on_terminal(const job& j) = 0;
+
+ private:
+  friend class broker;
+  job_id _watching = 0;
+};
+
+// Counters per queue, exported as metrics.
+struct queue_counters {
+  uint64_t submitted = 0, leased = 0, completed = 0, failed = 0, expired = 0, dead = 0,
+           cancelled = 0, requeued = 0;
+};
+
+class job_queue {
+ public:
+  explicit job_queue(std::string name) : _name(std::move(name)) {}
+  const std::string& name() const { return _name; }
+  size_t count(job_state s) const { return _counts[static_cast<size_t>(s)]; }
+  size_t ready() const { return count(job_state::queued); }
+  size_t waiting_workers() const { return _waiters; }
+  const queue_counters& counters() const { return _counters; }
+  // When the oldest ready job became ready (0 when none is ready).
+  time_ms oldest_ready_since() const;
+
+ private:
+  friend class broker;
+  struct fifo {
+    job* head = nullptr;
+    job* tail = nullptr;
+  };
+  std::string _name;
+  // Ready jobs per priority: fresh submits arrive in id order and go to a
+  // FIFO; jobs that come back (redelivered, retried, requeued, delayed) go to
+  // a heap by id. Serving the smaller id of the two heads keeps "priority,
+  // then age" exact while the common case stays O(1).
+  std::array<fifo, priority_levels> _fresh{};
+  std::array<std::vector<job*>, priority_levels> _returned{};
+  fifo _dead;
+  lease_waiter* _wait_head = nullptr;
+  lease_waiter* _wait_tail = nullptr;
+  size_t _waiters = 0;
+  std::array<size_t, job_state_count> _counts{};
+  queue_counters _counters;
+};
+
+struct broker_limits {
+  size_t max_jobs = 2'000'000;    // jobs held (any state) before submits get queue_full
+  size_t max_queues = 10'000;
+  time_ms result_ttl_ms = 24 * 3600 * 1000;  // how long a finished job stays readable
+  time_ms max_backoff_ms = 3600 * 1000;
+  uint16_t max_attempts_limit = 1000;
+};
+
+enum class op_error : uint8_t {
+  none,
+  not_found,        // no such job
+  lease_lost,       // not leased, or leased under another token
+  wrong_owner,      // right token, presented by another principal
+  not_cancellable,  // leased or terminal
+  queue_full,       // max_jobs reached
+  too_many_queues,  // max_queues reached
+};
+
+struct submit_params {
+  std::string_view queue;
+  std::string_view payload;  // raw JSON, already validated
+  std::string_view idempotency_key;
+  uint8_t priority = default_priority;
+  time_ms delay_ms = 0;
+  uint16_t max_attempts = 5;
+  uint32_t lease_ms = 30000;
+};
+
+struct submit_result {
+  op_error error = op_error::none;
+  const job* j = nullptr;
+  bool created = false;  // false: the idempotency key named an existing job
+};
+
+class broker {
+ public:
+  using random_source = std::function<void(uint8_t* out, size_t n)>;
+
+  broker(broker_limits limits, random_source random, record_sink* sink = nullptr);
+  broker(const broker&) = delete;
+  broker& operator=(const broker&) = delete;
+  ~broker();
+
+  principal_ref intern(std::string_view principal);
+
+  submit_result submit(const submit_params& p, time_ms now);
+
+  // Leases up to `max` ready jobs of `queue` to `owner`, oldest first within
+  // priority. lease_ms 0 uses each job's own lease length.
+  op_error lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
+                 time_ms now, std::vector<job*>& out);
+  // Parks `w` on `queue` (FIFO among waiters) until a job is ready for it.
+  // Call only after lease() returned nothing.
+  op_error park(std::string_view queue, lease_waiter& w);
+  void unpark(lease_waiter& w);
+
+  struct heartbeat_result {
+    op_error error = op_error::none;
+    time_ms expires_ms = 0;
+  };
+  heartbeat_result heartbeat(job_id id, const lease_token& t, principal_ref who, uint32_t extend_ms,
+                             time_ms now);
+  op_error complete(job_id id, const lease_token& t, principal_ref who, std::string_view result,
+                    time_ms now);
+  // retry_delay_ms is the backoff base: the wait before the next attempt is
+  // base * 2^(attempts-1), capped at limits.max_backoff_ms.
+  op_error fail(job_id id, const lease_token& t, principal_ref who, std::string_view error,
+                uint32_t retry_delay_ms, time_ms now);
+  op_error cancel(job_id id, time_ms now);
+  // Gives dead jobs of `queue` fresh attempts: the listed ids, or (ids empty)
+  // up to `max` of the oldest. Returns the ids requeued.
+  std::vector<job_id> requeue_dead(std::string_view queue, const std::vector<job_id>& ids,
+                                   size_t max, time_ms now);
+
+  void watch(job_id id, job_watcher& w);
+  void unwatch(job_watcher& w);
+
+  // Applies every change that is due at `now`: delayed jobs become ready,
+  // leases expire, old results are forgotten.
+  void advance(time_ms now);
+  // The earliest time advance() has work to do, if any.
+  std::optional<time_ms> next_deadline() const;
+
+  // Replays one journal record (issue 4); live changes go through the methods above.
+  void apply(const record& r);
+
+  const job* find(job_id id) const;
+  const job_queue* find_queue(std::string_view name) const;
+  void for_each_queue(const std::function<void(const job_queue&)>& fn) const;
+  // Up to `limit` dead jobs of `queue`, oldest death first.
+  std::vector<const job*> dead_jobs(std::string_view queue, size_t limit) const;
+  size_t job_count() const { return _jobs.size(); }
+  const broker_limits& limits() const { return _limits; }
+
+ private:
+  job_queue* queue_for(std::string_view name, bool create, op_error& err);
+  void commit(const record& r);
+  void set_state(job& j, job_state s);
+  void make_ready(job& j, bool fresh);
+  void remove_from_container(job& j);
+  void finish(job& j, job_state terminal, time_ms at);
+  void dispatch(job_queue& q, time_ms now);
+  job* pop_ready(job_queue& q);
+  op_error check_lease(job* j, const lease_token& t, principal_ref who) const;
+  job* find_mutable(job_id id);
+  void forget(job& j);
+  void grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now);
+
+  // Timed heap: delayed, failed (awaiting retry) and leased jobs by due_ms.
+  void timed_push(job& j);
+  void timed_remove(job& j);
+  void timed_update(job& j);
+
+  broker_limits _limits;
+  random_source _random;
+  record_sink* _sink;
+  bool _applying_replay = false;
+  job_id _next_id = 1;
+  std::unordered_map<job_id, job> _jobs;
+  std::unordered_map<std::string, std::unique_ptr<job_queue>> _queues;
+  std::unordered_map<std::string, job_id> _idempotency;  // queue + '\0' + key
+  std::unordered_set<std::string> _principals;
+  std::vector<job*> _timed;
+  std::deque<std::pair<time_ms, job_id>> _retention;  // (forget at, id), in finishing order
+  std::unordered_map<job_id, std::vector<job_watcher*>> _watchers;
+};
+
+}  // namespace relay::queue
