@@ -1,0 +1,54 @@
+#include "relay/tls.h"
+#include "tls/compat.h"
+
+namespace relay::tls {
+namespace {
+
+// A name with control bytes (an embedded NUL above all) could make two
+// different certificates look like one principal; such names are not used.
+bool printable(const unsigned char* p, int len) {
+  if (len <= 0) return false;
+  for (int i = 0; i < len; ++i)
+    if (p[i] < 0x20 || p[i] == 0x7f) return false;
+  return true;
+}
+
+std::string to_string(const ASN1_STRING* s) {
+  const unsigned char* p = ASN1_STRING_get0_data(s);
+  int len = ASN1_STRING_length(s);
+  if (!printable(p, len)) return {};
+  return std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(len));
+}
+
+}  // namespace
+
+identity session::peer_identity() const {
+  identity id;
+  if (!_ssl) return id;
+  X509* cert = compat::peer_certificate(_ssl);
+  if (!cert) return id;
+  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  if (names) {
+    // The count is size_t in BoringSSL and int in OpenSSL.
+    auto count = sk_GENERAL_NAME_num(names);
+    for (decltype(count) i = 0; i < count; ++i) {
+      const GENERAL_NAME* gn = sk_GENERAL_NAME_value(names, i);
+      if (gn->type == GEN_URI && id.uri_san.empty()) id.uri_san = to_string(gn->d.uniformResourceIdentifier);
+      if (gn->type == GEN_DNS && id.dns_san.empty()) id.dns_san = to_string(gn->d.dNSName);
+    }
+    GENERAL_NAMES_free(names);
+  }
+  X509_NAME* subject = X509_get_subject_name(cert);
+  int idx = subject ? X509_NAME_get_index_by_NID(subject, NID_commonName, -1) : -1;
+  if (idx >= 0) {
+    ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, idx));
+    unsigned char* utf8 = nullptr;
+    int len = ASN1_STRING_to_UTF8(&utf8, data);
+    if (len > 0 && printable(utf8, len)) id.cn.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
+    if (utf8) OPENSSL_free(utf8);
+  }
+  X509_free(cert);
+  return id;
+}
+
+}  // namespace relay::tls

@@ -1,0 +1,161 @@
+#include <arpa/inet.h>
+
+#include <cassert>
+
+#include "relay/tls.h"
+#include "tls/compat.h"
+
+namespace relay::tls {
+namespace {
+
+bool is_ip_address(std::string_view name) {
+  std::string s(name);
+  unsigned char buf[16];
+  return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+}  // namespace
+
+session::session(std::shared_ptr<const context> ctx) : _ctx(std::move(ctx)) {
+  assert(_ctx->is_server());
+  init(true);
+}
+
+session::session(std::shared_ptr<const context> ctx, std::string_view server_name)
+    : _ctx(std::move(ctx)) {
+  assert(!_ctx->is_server());
+  init(false);
+  if (!_ssl) return;
+  std::string name(server_name);
+  if (is_ip_address(name)) {
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(_ssl), name.c_str());
+  } else {
+    compat::set_server_name(_ssl, name.c_str());
+    // Require the name in the server certificate's SAN; no wildcard games
+    // beyond the single left-most label.
+    SSL_set1_host(_ssl, name.c_str());
+    X509_VERIFY_PARAM_set_hostflags(SSL_get0_param(_ssl), X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+  }
+}
+
+void session::init(bool server) {
+  _ssl = SSL_new(_ctx->native());
+  _in = BIO_new(BIO_s_mem());
+  _out = BIO_new(BIO_s_mem());
+  if (!_ssl || !_in || !_out) {
+    _error = "cannot allocate TLS session: " + compat::drain_error_queue();
+    if (_ssl) SSL_free(_ssl);
+    if (_in) BIO_free(_in);
+    if (_out) BIO_free(_out);
+    _ssl = nullptr;
+    _in = _out = nullptr;
+    return;
+  }
+  // An empty input buffer means "wait for more", not end of stream.
+  BIO_set_mem_eof_return(_in, -1);
+  BIO_set_mem_eof_return(_out, -1);
+  SSL_set_bio(_ssl, _in, _out);  // _ssl owns both from here on
+  if (server) SSL_set_accept_state(_ssl);
+  else SSL_set_connect_state(_ssl);
+}
+
+session::~session() {
+  if (_ssl) SSL_free(_ssl);
+}
+
+session::status session::fail(int ret) {
+  int err = SSL_get_error(_ssl, ret);
+  switch (err) {
+    case SSL_ERROR_WANT_READ:
+      // The memory BIO is empty: nothing is lost, more ciphertext is needed.
+      return status::ok;
+    case SSL_ERROR_WANT_WRITE:
+      // The output BIO grows without bound, so writes never block.
+      return status::ok;
+    case SSL_ERROR_ZERO_RETURN:
+      // The peer sent close_notify: a clean end of the TLS stream.
+      return status::closed;
+    case SSL_ERROR_SYSCALL: {
+      // With memory BIOs there is no syscall; this is an unexpected EOF or
+      // an error that left the queue empty.
+      std::string q = compat::drain_error_queue();
+      _error = q.empty() ? "unexpected end of TLS stream" : q;
+      return status::error;
+    }
+    case SSL_ERROR_SSL:
+    default: {
+      // Protocol or verification failure. Name the certificate problem when
+      // there is one: "certificate has expired" says more than the alert.
+      _error = compat::drain_error_queue();
+      long verify = SSL_get_verify_result(_ssl);
+      if (verify != X509_V_OK) {
+        if (!_error.empty()) _error += "; ";
+        _error += "certificate verify: ";
+        _error += X509_verify_cert_error_string(verify);
+      }
+      if (_error.empty()) _error = "TLS error " + std::to_string(err);
+      return status::error;
+    }
+  }
+}
+
+session::status session::start() {
+  if (!_ssl) return status::error;
+  int ret = SSL_do_handshake(_ssl);
+  if (ret == 1) return status::ok;
+  return fail(ret);
+}
+
+void session::feed(const char* data, size_t len) {
+  if (_ssl && len > 0) BIO_write(_in, data, static_cast<int>(len));
+}
+
+session::status session::read(std::string& out) {
+  if (!_ssl) return status::error;
+  constexpr size_t chunk = 16384;
+  for (;;) {
+    size_t old = out.size();
+    out.resize(old + chunk);
+    int n = SSL_read(_ssl, out.data() + old, static_cast<int>(chunk));
+    if (n > 0) {
+      out.resize(old + static_cast<size_t>(n));
+      continue;
+    }
+    out.resize(old);
+    return fail(n);
+  }
+}
+
+session::status session::write(std::string_view plain) {
+  if (!_ssl) return status::error;
+  if (plain.empty()) return status::ok;
+  // SSL_MODE_ENABLE_PARTIAL_WRITE is off and the output BIO never fills, so
+  // one call writes everything or fails.
+  int n = SSL_write(_ssl, plain.data(), static_cast<int>(plain.size()));
+  if (n > 0) return status::ok;
+  return fail(n);
+}
+
+void session::shutdown() {
+  if (_ssl && SSL_is_init_finished(_ssl)) {
+    SSL_shutdown(_ssl);
+    compat::drain_error_queue();
+  }
+}
+
+bool session::has_output() const { return _out && BIO_ctrl_pending(_out) > 0; }
+
+void session::take_output(std::string& out) {
+  if (!_out) return;
+  size_t pending = BIO_ctrl_pending(_out);
+  if (pending == 0) return;
+  size_t old = out.size();
+  out.resize(old + pending);
+  int n = BIO_read(_out, out.data() + old, static_cast<int>(pending));
+  out.resize(old + static_cast<size_t>(n > 0 ? n : 0));
+}
+
+bool session::handshake_complete() const { return _ssl && SSL_is_init_finished(_ssl); }
+bool session::resumed() const { return _ssl && SSL_session_reused(_ssl); }
+
+}  // namespace relay::tls
