@@ -1,0 +1,111 @@
+// HTTP/1.1 message handling on top of llhttp: a request parser with hard
+// limits (so nothing a client sends makes relay allocate without bound) and
+// response serialisation. Connections live in relay/server_conn.h and
+// relay/http_client.h; this header has no I/O.
+#pragma once
+
+#include <llhttp.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "relay/api_error.h"
+
+namespace relay::http {
+
+enum class method : uint8_t { get, post, del, put, head, other };
+
+struct limits {
+  size_t max_uri_bytes = 8192;
+  size_t max_header_bytes = 16384;  // sum of all header names and values
+  size_t max_headers = 64;
+  size_t max_body_bytes = 1 << 20;
+};
+
+// Bytes of slack kept after a body so that simdjson may read past its end.
+inline constexpr size_t body_padding = 64;
+
+struct request {
+  method verb = method::other;
+  std::string target;  // as sent: path and query
+  std::string body;    // capacity >= size + body_padding
+  std::string authorization;
+  bool keep_alive = true;
+  bool expect_continue = false;
+
+  std::string_view path() const;
+  std::string_view query() const;
+  // The raw (undecoded) value of a query parameter.
+  std::optional<std::string_view> query_param(std::string_view name) const;
+  void clear();
+};
+
+// Incremental request parser. Feed bytes with execute(); it stops after each
+// complete request (so that pipelined requests are answered one at a time and
+// in order) and after the headers of a request that expects 100-continue.
+class request_parser {
+ public:
+  explicit request_parser(const limits& l);
+  request_parser(const request_parser&) = delete;
+  request_parser& operator=(const request_parser&) = delete;
+
+  enum class event : uint8_t {
+    need_more,         // all input consumed, request not complete
+    expects_continue,  // headers done, client waits for "100 Continue"
+    request_complete,  // current() holds a whole request
+    error,             // error() says which; the stream cannot be trusted
+  };
+  struct result {
+    size_t consumed;
+    event what;
+  };
+  result execute(const char* data, size_t len);
+
+  request& current() { return _req; }
+  // Call after handling a complete request, before parsing the next.
+  void next();
+
+  bool started() const { return _started; }  // bytes of a request seen
+  bool headers_complete() const { return _headers_done; }
+  api_error error() const { return _error; }
+  const std::string& error_detail() const { return _error_detail; }
+
+ private:
+  static int on_message_begin(llhttp_t* p);
+  static int on_url(llhttp_t* p, const char* at, size_t len);
+  static int on_header_field(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value_complete(llhttp_t* p);
+  static int on_headers_complete(llhttp_t* p);
+  static int on_body(llhttp_t* p, const char* at, size_t len);
+  static int on_message_complete(llhttp_t* p);
+  int reject(api_error e, std::string detail);
+  bool count_header_bytes(size_t len);
+
+  limits _limits;
+  llhttp_settings_t _settings;
+  llhttp_t _parser;
+  request _req;
+  std::string _field;
+  std::string _value;
+  size_t _header_bytes = 0;
+  size_t _header_count = 0;
+  bool _started = false;
+  bool _headers_done = false;
+  bool _complete = false;
+  bool _failed = false;
+  api_error _error = api_error::bad_request;
+  std::string _error_detail;
+};
+
+std::string_view reason_phrase(int status);
+
+// Appends a complete response. `extra_headers` are whole header lines, each
+// ending in CRLF. Every response carries Cache-Control: no-store because
+// bodies may hold job data.
+void write_response(std::string& out, int status, std::string_view content_type,
+                    std::string_view body, std::string_view extra_headers, bool close);
+
+}  // namespace relay::http

@@ -1,0 +1,58 @@
+#include <array>
+
+#include "relay/api_error.h"
+#include "relay/json.h"
+
+namespace relay {
+namespace {
+
+// Indexed by api_error; keep in enum order.
+constexpr std::array<api_error_info, 18> table{{
+    {400, "bad_request", "the request is malformed"},
+    {400, "invalid_json", "the body is not valid JSON"},
+    {400, "invalid_field", "a field has the wrong type or value"},
+    {401, "unauthenticated", "no valid credentials"},
+    {403, "forbidden", "the policy does not allow this"},
+    {404, "not_found", "no such resource"},
+    {405, "method_not_allowed", "method not allowed on this resource"},
+    {408, "request_timeout", "the request was not received in time"},
+    {409, "lease_lost", "the lease expired or belongs to another lease"},
+    {409, "not_cancellable", "the job is leased or finished"},
+    {411, "length_required", "a request body needs Content-Length or chunked encoding"},
+    {413, "payload_too_large", "the request body is too large"},
+    {414, "uri_too_long", "the request URI is too long"},
+    {431, "headers_too_large", "the request headers are too large"},
+    {429, "queue_full", "relay holds as many jobs as it may; retry later"},
+    {429, "too_many_queues", "relay holds as many queues as it may"},
+    {503, "draining", "relay is shutting down"},
+    {500, "internal", "internal error"},
+}};
+
+static_assert(table.size() == static_cast<size_t>(api_error::internal) + 1);
+
+}  // namespace
+
+const api_error_info& describe(api_error e) { return table[static_cast<size_t>(e)]; }
+
+std::string api_error_body(api_error e, std::string_view detail) {
+  const auto& info = describe(e);
+  std::string body;
+  body.reserve(64 + info.message.size() + detail.size());
+  body += "{\"error\":{\"code\":\"";
+  body += info.code;
+  body += "\",\"message\":";
+  json::append_string(body, detail.empty() ? info.message : detail);
+  body += "}}";
+  return body;
+}
+
+std::string_view api_error_headers(api_error e) {
+  switch (e) {
+    case api_error::queue_full:
+    case api_error::too_many_queues: return "Retry-After: 1\r\n";
+    case api_error::draining: return "Retry-After: 1\r\nConnection: close\r\n";
+    default: return {};
+  }
+}
+
+}  // namespace relay

@@ -1,0 +1,160 @@
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "relay/http.h"
+
+using namespace relay;
+using namespace relay::http;
+using event = request_parser::event;
+
+namespace {
+
+limits small_limits() {
+  limits l;
+  l.max_uri_bytes = 64;
+  l.max_header_bytes = 256;
+  l.max_headers = 8;
+  l.max_body_bytes = 32;
+  return l;
+}
+
+}  // namespace
+
+TEST_CASE("pipelined requests are returned one at a time, in order") {
+  limits l;
+  request_parser p(l);
+  std::string in =
+      "POST /v1/queues/a/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"payload\":1}"
+      "GET /v1/jobs/00000000000000a1?wait_ms=5&x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+  auto r1 = p.execute(in.data(), in.size());
+  REQUIRE(r1.what == event::request_complete);
+  CHECK_EQ(p.current().verb, method::post);
+  CHECK_EQ(p.current().path(), "/v1/queues/a/jobs");
+  CHECK_EQ(p.current().body, "{\"payload\":1}");
+  CHECK_GE(p.current().body.capacity(), p.current().body.size() + body_padding);
+  p.next();
+  auto r2 = p.execute(in.data() + r1.consumed, in.size() - r1.consumed);
+  REQUIRE(r2.what == event::request_complete);
+  CHECK_EQ(r1.consumed + r2.consumed, in.size());
+  CHECK_EQ(p.current().verb, method::get);
+  CHECK_EQ(p.current().path(), "/v1/jobs/00000000000000a1");
+  CHECK_EQ(p.current().query_param("wait_ms").value(), "5");
+  CHECK_EQ(p.current().query_param("x").value(), "1");
+  CHECK_FALSE(p.current().query_param("nope").has_value());
+  CHECK(p.current().keep_alive);
+}
+
+TEST_CASE("a request split across reads is reassembled") {
+  limits l;
+  request_parser p(l);
+  std::string in = "POST /x HTTP/1.1\r\nContent-Length: 5\r\nAuthorization: Bearer k\r\n\r\nhello";
+  for (size_t i = 0; i + 1 < in.size(); ++i) {
+    auto r = p.execute(in.data() + i, 1);
+    REQUIRE(r.what == event::need_more);
+  }
+  auto r = p.execute(in.data() + in.size() - 1, 1);
+  REQUIRE(r.what == event::request_complete);
+  CHECK_EQ(p.current().body, "hello");
+  CHECK_EQ(p.current().authorization, "Bearer k");
+}
+
+TEST_CASE("chunked bodies are decoded and bounded") {
+  request_parser p(small_limits());
+  std::string ok = "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+  auto r = p.execute(ok.data(), ok.size());
+  REQUIRE(r.what == event::request_complete);
+  CHECK_EQ(p.current().body, "abcde");
+
+  request_parser q(small_limits());
+  std::string big = "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n21\r\n" + std::string(33, 'a') + "\r\n0\r\n\r\n";
+  CHECK(q.execute(big.data(), big.size()).what == event::error);
+  CHECK_EQ(q.error(), api_error::payload_too_large);
+}
+
+TEST_CASE("limits map to the right errors") {
+  SUBCASE("body over the limit by Content-Length, before any body byte") {
+    request_parser p(small_limits());
+    std::string in = "POST /x HTTP/1.1\r\nContent-Length: 33\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::payload_too_large);
+  }
+  SUBCASE("URI too long") {
+    request_parser p(small_limits());
+    std::string in = "GET /" + std::string(80, 'a') + " HTTP/1.1\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::uri_too_long);
+  }
+  SUBCASE("headers too large") {
+    request_parser p(small_limits());
+    std::string in = "GET / HTTP/1.1\r\nX-A: " + std::string(300, 'a') + "\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::headers_too_large);
+  }
+  SUBCASE("too many headers") {
+    request_parser p(small_limits());
+    std::string in = "GET / HTTP/1.1\r\n";
+    for (int i = 0; i < 9; ++i) in += "X: 1\r\n";
+    in += "\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::headers_too_large);
+  }
+  SUBCASE("POST without a length") {
+    request_parser p(small_limits());
+    std::string in = "POST /x HTTP/1.1\r\nHost: a\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::length_required);
+  }
+  SUBCASE("Content-Length together with chunked is refused (request smuggling)") {
+    request_parser p(small_limits());
+    std::string in = "POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::bad_request);
+  }
+  SUBCASE("garbage") {
+    request_parser p(small_limits());
+    std::string in = "\x16\x03\x01 hello\r\n\r\n";
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::bad_request);
+    CHECK(p.error_detail().find("malformed") != std::string::npos);
+  }
+}
+
+TEST_CASE("Expect: 100-continue pauses after the headers") {
+  limits l;
+  request_parser p(l);
+  std::string in = "POST /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n";
+  auto r = p.execute(in.data(), in.size());
+  CHECK(r.what == event::expects_continue);
+  CHECK_EQ(r.consumed, in.size());
+  std::string body = "{}";
+  auto r2 = p.execute(body.data(), body.size());
+  REQUIRE(r2.what == event::request_complete);
+  CHECK_EQ(p.current().body, "{}");
+}
+
+TEST_CASE("Connection: close and HTTP/1.0 end keep-alive") {
+  limits l;
+  request_parser p(l);
+  std::string in = "GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
+  REQUIRE(p.execute(in.data(), in.size()).what == event::request_complete);
+  CHECK_FALSE(p.current().keep_alive);
+  request_parser q(l);
+  std::string in10 = "GET / HTTP/1.0\r\n\r\n";
+  REQUIRE(q.execute(in10.data(), in10.size()).what == event::request_complete);
+  CHECK_FALSE(q.current().keep_alive);
+}
+
+TEST_CASE("responses carry length, no-store and close when asked") {
+  std::string out;
+  write_response(out, 429, "application/json", "{}", "Retry-After: 1\r\n", true);
+  CHECK_EQ(out,
+           "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+           "Cache-Control: no-store\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{}");
+}
+
+TEST_CASE("error bodies come from the one table") {
+  CHECK_EQ(describe(api_error::lease_lost).status, 409);
+  CHECK_EQ(api_error_body(api_error::forbidden, "no \"submit\" on q"),
+           "{\"error\":{\"code\":\"forbidden\",\"message\":\"no \\\"submit\\\" on q\"}}");
+}
