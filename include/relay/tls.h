@@ -8,6 +8,8 @@
 // differences live in src/tls/compat.h.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -122,4 +124,9 @@ class session {
 // The TLS library's name and version, for logs.
 std::string_view library_version();
 
+}  // namespace relay::tls
+
+namespace relay::tls {
+// Cryptographically secure random bytes from the TLS library's generator.
+void random_bytes(uint8_t* out, size_t n);
 }  // namespace relay::tls

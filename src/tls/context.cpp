@@ -1,6 +1,8 @@
 #include <openssl/pem.h>
+#include <openssl/rand.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "relay/tls.h"
 #include "tls/compat.h"
@@ -162,4 +164,15 @@ std::shared_ptr<const context> context::make_client(const client_options& o, std
 
 std::string_view library_version() { return compat::library_name(); }
 
+}  // namespace relay::tls
+
+namespace relay::tls {
+void random_bytes(uint8_t* out, size_t n) {
+  // Both libraries abort rather than return weak bytes on failure in practice;
+  // check anyway so that a failure is never silent.
+  if (RAND_bytes(out, n) != 1) {
+    std::fprintf(stderr, "relay: RAND_bytes failed\n");
+    std::abort();
+  }
+}
 }  // namespace relay::tls

@@ -88,7 +88,9 @@ session::status session::fail(int ret) {
       // there is one: "certificate has expired" says more than the alert.
       _error = compat::drain_error_queue();
       long verify = SSL_get_verify_result(_ssl);
-      if (verify != X509_V_OK) {
+      X509* peer = compat::peer_certificate(_ssl);
+      if (peer) X509_free(peer);
+      if (peer && verify != X509_V_OK) {
         if (!_error.empty()) _error += "; ";
         _error += "certificate verify: ";
         _error += X509_verify_cert_error_string(verify);

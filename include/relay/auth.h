@@ -1,0 +1,52 @@
+// Authorisation: who may do what on which queue. Default deny.
+//
+// A policy names principals and says how each is recognised on a verified
+// client certificate (its first URI SAN, first DNS SAN, or subject CN), then
+// grants permissions on queue names or "prefix-*" patterns ("*": all).
+// A policy is immutable once loaded; reloading builds a new one and swaps a
+// shared_ptr, so requests in flight finish under the policy they started with.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "relay/tls.h"
+
+namespace relay::auth {
+
+enum class permission : uint8_t { submit = 1, read = 2, consume = 4, admin = 8 };
+std::string_view to_string(permission p);
+
+class policy {
+ public:
+  // On failure returns null; `error` names the file and the offending key.
+  static std::shared_ptr<const policy> load(const std::string& path, std::string& error);
+  static std::shared_ptr<const policy> parse(std::string_view json, const std::string& origin, std::string& error);
+
+  // The name of the policy principal that `id` matches, or null. URI SAN
+  // matchers win over DNS SAN matchers, which win over CN matchers.
+  const std::string* match(const tls::identity& id) const;
+  bool allows(const std::string* principal, permission p, std::string_view queue) const;
+  // Whether `principal` holds `p` on at least one queue pattern.
+  bool allows_somewhere(const std::string* principal, permission p) const;
+  size_t principal_count() const { return _names.size(); }
+
+ private:
+  struct grant {
+    uint8_t permissions = 0;
+    std::vector<std::string> exact;
+    std::vector<std::string> prefixes;  // "" for "*"
+  };
+  std::vector<std::unique_ptr<std::string>> _names;
+  std::unordered_map<std::string, const std::string*> _by_uri, _by_dns, _by_cn;
+  std::unordered_map<const std::string*, std::vector<grant>> _grants;
+};
+
+// Queue names: 1-128 of [A-Za-z0-9._-], not starting with '.'.
+bool valid_queue_name(std::string_view name);
+
+}  // namespace relay::auth

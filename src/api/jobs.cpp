@@ -1,0 +1,130 @@
+// Producer routes: submit, read (with long polling) and cancel jobs.
+#include <charconv>
+
+#include "api/service.h"
+#include "api/waits.h"
+#include "relay/json.h"
+
+namespace relay::api {
+
+void append_job_json(std::string& out, const queue::job& j) {
+  out += "{\"id\":\"";
+  out += queue::format_job_id(j.id);
+  out += "\",\"queue\":";
+  json::append_string(out, j.queue->name());
+  out += ",\"state\":\"";
+  out += queue::to_string(j.state);
+  out += "\",\"attempts\":";
+  json::append_uint(out, j.attempts);
+  out += ",\"max_attempts\":";
+  json::append_uint(out, j.max_attempts);
+  out += ",\"priority\":";
+  json::append_uint(out, j.priority);
+  out += ",\"payload\":";
+  out += j.payload;
+  out += ",\"result\":";
+  if (j.state == queue::job_state::succeeded) out += j.outcome;
+  else out += "null";
+  out += ",\"error\":";
+  if (j.state != queue::job_state::succeeded && !j.outcome.empty()) json::append_string(out, j.outcome);
+  else out += "null";
+  out += ",\"created_ms\":";
+  json::append_int(out, j.created_ms);
+  out += ",\"updated_ms\":";
+  json::append_int(out, j.updated_ms);
+  out += '}';
+}
+
+void service::submit(context& c) {
+  std::string_view q = c.match.queue;
+  if (!authorize(c, auth::permission::submit, q)) return;
+  std::vector<submit_item> items;
+  bool batch = false;
+  decode_error err;
+  if (!_decoder.submit(c.req.body, items, batch, err)) {
+    respond_error(c, err.kind, err.message);
+    return;
+  }
+  // A batch is accepted whole or not at all.
+  if (_broker.job_count() + items.size() > _broker.limits().max_jobs) {
+    respond_error(c, api_error::queue_full);
+    return;
+  }
+  queue::time_ms t = now();
+  std::string body;
+  bool all_created = true;
+  if (batch) body = "{\"ids\":[";
+  for (size_t i = 0; i < items.size(); ++i) {
+    const submit_item& it = items[i];
+    queue::submit_params p;
+    p.queue = q;
+    p.payload = it.payload;
+    p.idempotency_key = it.idempotency_key;
+    p.priority = it.priority;
+    p.delay_ms = it.delay_ms;
+    p.max_attempts = it.max_attempts;
+    p.lease_ms = it.lease_ms;
+    auto r = _broker.submit(p, t);
+    if (r.error == queue::op_error::too_many_queues) {
+      respond_error(c, api_error::too_many_queues);
+      return;
+    }
+    if (r.error != queue::op_error::none) {
+      respond_error(c, api_error::queue_full);
+      return;
+    }
+    all_created = all_created && r.created;
+    if (batch) {
+      if (i) body += ',';
+      body += '"';
+      body += queue::format_job_id(r.j->id);
+      body += '"';
+    } else {
+      body = "{\"id\":\"" + queue::format_job_id(r.j->id) + "\",\"state\":\"" +
+             std::string(queue::to_string(r.j->state)) + "\"}";
+    }
+  }
+  if (batch) body += "]}";
+  // A repeated idempotency key answers 200 with the first job, not 201.
+  respond(c, batch || all_created ? 201 : 200, body);
+}
+
+void service::get_job(context& c) {
+  const queue::job* j = job_for(c, auth::permission::read);
+  if (!j) return;
+  uint32_t wait_ms = 0;
+  if (auto w = c.req.query_param("wait_ms")) {
+    auto [ptr, ec] = std::from_chars(w->data(), w->data() + w->size(), wait_ms);
+    if (ec != std::errc() || ptr != w->data() + w->size() || wait_ms > value_limits::max_wait_ms) {
+      respond_error(c, api_error::invalid_field, "wait_ms must be an integer from 0 to 60000");
+      return;
+    }
+  }
+  if (wait_ms > 0 && !queue::is_terminal(j->state) && !_draining) {
+    auto* w = new job_wait(*this, c.conn, j->id);
+    w->start(wait_ms);
+    return;
+  }
+  std::string body;
+  append_job_json(body, *j);
+  respond(c, 200, body);
+}
+
+void service::cancel_job(context& c) {
+  const queue::job* j = job_for(c, auth::permission::submit);
+  if (!j) return;
+  switch (_broker.cancel(j->id, now())) {
+    case queue::op_error::none:
+      respond(c, 200, "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"state\":\"cancelled\"}");
+      return;
+    case queue::op_error::not_cancellable:
+      respond_error(c, api_error::not_cancellable,
+                    "the job is " + std::string(queue::to_string(j->state)) + " and cannot be cancelled");
+      return;
+    default:
+      respond_error(c, api_error::not_found, "no such job");
+      return;
+  }
+}
+
+}  // namespace relay::api

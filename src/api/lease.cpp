@@ -1,0 +1,174 @@
+// Worker routes: lease (with long polling), heartbeat, complete, fail, and
+// the batch of results.
+#include "api/service.h"
+#include "api/waits.h"
+#include "relay/json.h"
+
+namespace relay::api {
+
+std::string leased_jobs_json(const std::vector<queue::job*>& jobs) {
+  std::string body = "{\"jobs\":[";
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const queue::job& j = *jobs[i];
+    if (i) body += ',';
+    body += "{\"id\":\"";
+    body += queue::format_job_id(j.id);
+    body += "\",\"attempt\":";
+    json::append_uint(body, j.attempts);
+    body += ",\"lease\":\"";
+    body += j.lease.hex();
+    body += "\",\"lease_expires_ms\":";
+    json::append_int(body, j.due_ms);
+    body += ",\"payload\":";
+    body += j.payload;
+    body += '}';
+  }
+  body += "]}";
+  return body;
+}
+
+namespace {
+
+// Maps a core result on a leased job to the API's answer.
+api_error lease_error(queue::op_error e) {
+  switch (e) {
+    case queue::op_error::not_found: return api_error::not_found;
+    case queue::op_error::wrong_owner: return api_error::forbidden;
+    default: return api_error::lease_lost;
+  }
+}
+
+std::string_view lease_error_detail(queue::op_error e) {
+  switch (e) {
+    case queue::op_error::not_found: return "no such job";
+    case queue::op_error::wrong_owner: return "the lease belongs to another principal";
+    default: return "the lease expired or was replaced; the result was not stored";
+  }
+}
+
+}  // namespace
+
+void service::lease(context& c) {
+  std::string_view q = c.match.queue;
+  if (!authorize(c, auth::permission::consume, q)) return;
+  lease_args args;
+  decode_error err;
+  if (!_decoder.lease(c.req.body, args, err)) {
+    respond_error(c, err.kind, err.message);
+    return;
+  }
+  if (!c.conn.principal) {
+    respond_error(c, api_error::forbidden, "leases need a client certificate identity");
+    return;
+  }
+  std::vector<queue::job*> jobs;
+  _broker.lease(q, args.max, args.lease_ms, c.conn.principal, now(), jobs);
+  if (!jobs.empty() || args.wait_ms == 0 || _draining) {
+    respond(c, 200, leased_jobs_json(jobs));
+    return;
+  }
+  auto* w = new lease_wait(*this, c.conn);
+  w->max = args.max;
+  w->lease_ms = args.lease_ms;
+  w->owner = c.conn.principal;
+  if (_broker.park(q, *w) != queue::op_error::none) {
+    delete w;
+    respond_error(c, api_error::too_many_queues);
+    return;
+  }
+  w->start(args.wait_ms);
+}
+
+void service::heartbeat(context& c) {
+  const queue::job* j = job_for(c, auth::permission::consume);
+  if (!j) return;
+  heartbeat_args args;
+  decode_error err;
+  if (!_decoder.heartbeat(c.req.body, args, err)) {
+    respond_error(c, err.kind, err.message);
+    return;
+  }
+  auto r = _broker.heartbeat(j->id, args.lease, c.conn.principal, args.extend_ms, now());
+  if (r.error != queue::op_error::none) {
+    if (r.error == queue::op_error::wrong_owner) deny(c, auth::permission::consume, j->queue->name(), "lease of another principal");
+    else respond_error(c, lease_error(r.error), lease_error_detail(r.error));
+    return;
+  }
+  std::string body = "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"lease_expires_ms\":" +
+                     std::to_string(r.expires_ms) + "}";
+  respond(c, 200, body);
+}
+
+void service::complete_or_fail(context& c, bool fail) {
+  const queue::job* j = job_for(c, auth::permission::consume);
+  if (!j) return;
+  outcome_args args;
+  decode_error err;
+  bool ok = fail ? _decoder.fail(c.req.body, args, err) : _decoder.complete(c.req.body, args, err);
+  if (!ok) {
+    respond_error(c, err.kind, err.message);
+    return;
+  }
+  queue::time_ms t = now();
+  queue::op_error e = fail ? _broker.fail(j->id, args.lease, c.conn.principal, args.error, args.retry_delay_ms, t)
+                           : _broker.complete(j->id, args.lease, c.conn.principal, args.result, t);
+  if (e != queue::op_error::none) {
+    if (e == queue::op_error::wrong_owner) deny(c, auth::permission::consume, j->queue->name(), "lease of another principal");
+    else respond_error(c, lease_error(e), lease_error_detail(e));
+    return;
+  }
+  std::string body = "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"state\":\"" +
+                     std::string(queue::to_string(j->state)) + "\"";
+  if (j->state == queue::job_state::failed) body += ",\"retry_at_ms\":" + std::to_string(j->due_ms);
+  body += '}';
+  respond(c, 200, body);
+}
+
+void service::results(context& c) {
+  std::vector<outcome_args> items;
+  decode_error err;
+  if (!_decoder.results(c.req.body, items, err)) {
+    respond_error(c, err.kind, err.message);
+    return;
+  }
+  queue::time_ms t = now();
+  std::string body = "{\"results\":[";
+  for (size_t i = 0; i < items.size(); ++i) {
+    const outcome_args& a = items[i];
+    const queue::job* j = _broker.find(a.id);
+    int status = 200;
+    api_error e = api_error::internal;
+    if (!j) {
+      status = 404;
+      e = api_error::not_found;
+    } else if (!c.policy->allows(c.policy_principal, auth::permission::consume, j->queue->name())) {
+      status = 403;
+      e = api_error::forbidden;
+      _denials.inc();
+    } else {
+      queue::op_error r = a.failed ? _broker.fail(a.id, a.lease, c.conn.principal, a.error, a.retry_delay_ms, t)
+                                   : _broker.complete(a.id, a.lease, c.conn.principal, a.result, t);
+      if (r != queue::op_error::none) {
+        e = lease_error(r);
+        status = describe(e).status;
+        if (r == queue::op_error::wrong_owner) _denials.inc();
+      }
+    }
+    if (i) body += ',';
+    body += "{\"id\":\"" + queue::format_job_id(a.id) + "\",\"status\":" + std::to_string(status);
+    if (status != 200) {
+      body += ",\"error\":\"";
+      body += describe(e).code;
+      body += '"';
+    } else {
+      body += ",\"state\":\"";
+      body += queue::to_string(j->state);
+      body += '"';
+    }
+    body += '}';
+  }
+  body += "]}";
+  respond(c, 200, body);
+}
+
+}  // namespace relay::api

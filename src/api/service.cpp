@@ -1,0 +1,230 @@
+#include "api/service.h"
+
+#include <ctime>
+
+#include "api/waits.h"
+#include "relay/json.h"
+#include "relay/log.h"
+
+namespace relay::api {
+
+service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics)
+    : _loop(loop),
+      _broker(broker),
+      _policy(std::move(policy)),
+      _metrics(metrics),
+      _denials(metrics.get_counter("relay_authz_denials_total", "Requests denied by the policy.")) {
+  uv_timer_init(loop, &_clock);
+  _clock.data = this;
+  metrics.add_collector([this](std::string& out) { collect_queue_metrics(out); });
+}
+
+service::~service() = default;
+
+queue::time_ms service::now() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<queue::time_ms>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+void service::on_connected(net::server_conn& conn) {
+  // The certificate was verified in the handshake and cannot change on this
+  // connection, so its principal is interned once here. The policy, which
+  // can be reloaded, is consulted per request.
+  const std::string& p = conn.peer().principal();
+  conn.principal = p.empty() ? nullptr : _broker.intern(p);
+}
+
+void service::on_rejected(net::server_conn&, api_error e) { count(route::unknown, describe(e).status); }
+
+void service::count(route r, int status) {
+  uint32_t key = static_cast<uint32_t>(r) << 16 | static_cast<uint32_t>(status);
+  auto it = _request_counters.find(key);
+  if (it == _request_counters.end()) {
+    std::string labels = "route=\"" + std::string(route_name(r)) + "\",status=\"" + std::to_string(status) + "\"";
+    auto& c = _metrics.get_counter("relay_http_requests_total", "API requests answered, by route and status.", labels);
+    it = _request_counters.emplace(key, &c).first;
+  }
+  it->second->inc();
+}
+
+void service::respond(context& c, int status, std::string_view body, std::string_view extra) {
+  count(c.match.which, status);
+  c.conn.respond(status, body, extra);
+}
+
+void service::respond_error(context& c, api_error e, std::string_view detail) {
+  const auto& info = describe(e);
+  respond(c, info.status, api_error_body(e, detail), api_error_headers(e));
+}
+
+bool service::authorize(context& c, auth::permission p, std::string_view queue) {
+  if (c.policy->allows(c.policy_principal, p, queue)) return true;
+  deny(c, p, queue, c.policy_principal ? "no grant" : "unknown principal");
+  return false;
+}
+
+void service::deny(context& c, auth::permission p, std::string_view queue, std::string_view why) {
+  _denials.inc();
+  log::warn("authz_denied")
+      .str("principal", c.conn.principal ? *c.conn.principal : "")
+      .str("policy_principal", c.policy_principal ? *c.policy_principal : "")
+      .str("permission", auth::to_string(p))
+      .str("queue", queue)
+      .str("route", route_name(c.match.which))
+      .str("reason", why)
+      .str("remote", c.conn.remote_address());
+  std::string msg = "principal is not allowed to ";
+  msg += auth::to_string(p);
+  if (!queue.empty()) {
+    msg += " on queue ";
+    msg += queue;
+  }
+  respond_error(c, api_error::forbidden, msg);
+}
+
+const queue::job* service::job_for(context& c, auth::permission p) {
+  auto id = queue::parse_job_id(c.match.job);
+  const queue::job* j = id ? _broker.find(*id) : nullptr;
+  if (!j) {
+    // Do not confirm or deny job ids to a principal that could never see one.
+    if (!c.policy->allows_somewhere(c.policy_principal, p)) deny(c, p, {}, "no grant");
+    else respond_error(c, api_error::not_found, "no such job");
+    return nullptr;
+  }
+  if (!authorize(c, p, j->queue->name())) return nullptr;
+  return j;
+}
+
+void service::on_request(net::server_conn& conn, http::request& req) {
+  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
+  if (c.match.which == route::unknown) {
+    respond_error(c, api_error::not_found, "no such route");
+    return;
+  }
+  if (!c.match.method_allowed) {
+    std::string allow = "Allow: " + std::string(c.match.allow) + "\r\n";
+    respond(c, 405, api_error_body(api_error::method_not_allowed), allow);
+    return;
+  }
+  if (!c.match.queue.empty() && !auth::valid_queue_name(c.match.queue)) {
+    respond_error(c, api_error::invalid_field, "queue names are 1-128 characters of A-Z a-z 0-9 . _ -");
+    return;
+  }
+  c.policy_principal = c.policy ? c.policy->match(conn.peer()) : nullptr;
+  if (!c.policy) {
+    respond_error(c, api_error::internal, "no policy loaded");
+    return;
+  }
+  switch (c.match.which) {
+    case route::submit: submit(c); break;
+    case route::get_job: get_job(c); break;
+    case route::cancel_job: cancel_job(c); break;
+    case route::lease: lease(c); break;
+    case route::heartbeat: heartbeat(c); break;
+    case route::complete: complete_or_fail(c, false); break;
+    case route::fail: complete_or_fail(c, true); break;
+    case route::results: results(c); break;
+    case route::list_queues: list_queues(c); break;
+    case route::get_queue: get_queue(c); break;
+    case route::list_dead: list_dead(c); break;
+    case route::requeue_dead: requeue_dead(c); break;
+    case route::unknown: break;
+  }
+  reschedule();
+}
+
+// ---- The core's clock ----
+
+void service::reschedule() {
+  if (_closed) return;
+  auto due = _broker.next_deadline();
+  if (!due) {
+    if (_clock_due) uv_timer_stop(&_clock);
+    _clock_due.reset();
+    return;
+  }
+  if (_clock_due && *_clock_due == *due) return;
+  queue::time_ms delay = *due - now();
+  uv_timer_start(&_clock, on_clock, delay > 0 ? static_cast<uint64_t>(delay) : 0, 0);
+  _clock_due = due;
+}
+
+void service::on_clock(uv_timer_t* t) {
+  auto* s = static_cast<service*>(t->data);
+  s->_clock_due.reset();
+  s->_broker.advance(now());
+  s->reschedule();
+}
+
+// ---- Parked requests ----
+
+void service::finish_lease_wait(lease_wait* w) {
+  _lease_waits.erase(w);
+  w->close();
+}
+
+void service::finish_job_wait(job_wait* w) {
+  _job_waits.erase(w);
+  w->close();
+}
+
+void service::drain() {
+  _draining = true;
+  // Copy: answering removes entries.
+  for (lease_wait* w : std::vector<lease_wait*>(_lease_waits.begin(), _lease_waits.end())) w->expire();
+  for (job_wait* w : std::vector<job_wait*>(_job_waits.begin(), _job_waits.end())) w->expire();
+}
+
+void service::close() {
+  if (_closed) return;
+  drain();
+  _closed = true;
+  uv_timer_stop(&_clock);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_clock), nullptr);
+}
+
+// ---- Metrics computed at scrape time ----
+
+void service::collect_queue_metrics(std::string& out) const {
+  using reg = ops::registry;
+  std::string jobs, waiting, age;
+  std::string counters[8];
+  static constexpr std::string_view counter_names[8] = {
+      "relay_jobs_submitted_total", "relay_jobs_leased_total", "relay_jobs_completed_total",
+      "relay_jobs_failed_total",    "relay_jobs_expired_total", "relay_jobs_dead_total",
+      "relay_jobs_cancelled_total", "relay_jobs_requeued_total"};
+  static constexpr std::string_view counter_help[8] = {
+      "Jobs submitted.", "Leases granted.", "Jobs completed.", "Failures reported by workers.",
+      "Leases that expired.", "Jobs that went dead.", "Jobs cancelled.", "Dead jobs requeued."};
+  queue::time_ms t = now();
+  _broker.for_each_queue([&](const queue::job_queue& q) {
+    std::string label = "queue=\"" + reg::label_value(q.name()) + "\"";
+    for (size_t s = 0; s < queue::job_state_count; ++s) {
+      jobs += "relay_queue_jobs{" + label + ",state=\"" + std::string(queue::to_string(queue::job_state(s))) +
+              "\"} " + std::to_string(q.count(queue::job_state(s))) + "\n";
+    }
+    waiting += "relay_queue_waiting_workers{" + label + "} " + std::to_string(q.waiting_workers()) + "\n";
+    queue::time_ms since = q.oldest_ready_since();
+    double age_s = since ? static_cast<double>(t - since) / 1000.0 : 0.0;
+    age += "relay_queue_oldest_ready_age_seconds{" + label + "} " + std::to_string(age_s) + "\n";
+    const auto& k = q.counters();
+    const uint64_t values[8] = {k.submitted, k.leased, k.completed, k.failed, k.expired, k.dead, k.cancelled, k.requeued};
+    for (int i = 0; i < 8; ++i)
+      counters[i] += std::string(counter_names[i]) + "{" + label + "} " + std::to_string(values[i]) + "\n";
+  });
+  reg::write_header(out, "relay_queue_jobs", "Jobs held, by queue and state.", "gauge");
+  out += jobs;
+  reg::write_header(out, "relay_queue_waiting_workers", "Lease requests parked on the queue.", "gauge");
+  out += waiting;
+  reg::write_header(out, "relay_queue_oldest_ready_age_seconds", "Age of the oldest ready job.", "gauge");
+  out += age;
+  for (int i = 0; i < 8; ++i) {
+    reg::write_header(out, counter_names[i], counter_help[i], "counter");
+    out += counters[i];
+  }
+  reg::write_header(out, "relay_jobs_held", "Jobs held in memory, all queues and states.", "gauge");
+  out += "relay_jobs_held " + std::to_string(_broker.job_count()) + "\n";
+}
+
+}  // namespace relay::api

@@ -1,0 +1,104 @@
+// relay's v1 API: authorises each request against the policy, decodes it,
+// drives the queue core and answers. Long polls (lease with wait_ms, GET job
+// with wait_ms) park a waiter and answer later; the core's clock (delays,
+// lease expiry, result retention) runs on one libuv timer armed for the
+// core's next deadline.
+#pragma once
+
+#include <uv.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "api/decode.h"
+#include "api/router.h"
+#include "relay/auth.h"
+#include "relay/metrics.h"
+#include "relay/queue.h"
+#include "relay/server.h"
+
+namespace relay::api {
+
+class service final : public net::request_handler {
+ public:
+  using policy_source = std::function<std::shared_ptr<const auth::policy>()>;
+
+  service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics);
+  service(const service&) = delete;
+  service& operator=(const service&) = delete;
+  ~service() override;
+
+  void on_connected(net::server_conn& conn) override;
+  void on_request(net::server_conn& conn, http::request& req) override;
+  void on_rejected(net::server_conn& conn, api_error e) override;
+
+  // Answers every parked request now (leases with no jobs, job waits with
+  // the job's current state) and answers new long polls at once.
+  void drain();
+  // Stops the clock; the loop must then run to close its handle.
+  void close();
+  size_t parked() const { return _lease_waits.size() + _job_waits.size(); }
+
+  static queue::time_ms now();
+
+ private:
+  struct lease_wait;
+  struct job_wait;
+  struct context {
+    net::server_conn& conn;
+    http::request& req;
+    route_match match;
+    std::shared_ptr<const auth::policy> policy;
+    const std::string* policy_principal;  // the policy's name for the peer
+  };
+
+  bool authorize(context& c, auth::permission p, std::string_view queue);
+  void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
+  void respond(context& c, int status, std::string_view body, std::string_view extra = {});
+  void respond_error(context& c, api_error e, std::string_view detail = {});
+  void count(route r, int status);
+  // The job a /v1/jobs/{id} route names, after checking `p` on its queue;
+  // null when an answer was already sent.
+  const queue::job* job_for(context& c, auth::permission p);
+
+  void submit(context& c);
+  void get_job(context& c);
+  void cancel_job(context& c);
+  void lease(context& c);
+  void heartbeat(context& c);
+  void complete_or_fail(context& c, bool fail);
+  void results(context& c);
+  void list_queues(context& c);
+  void get_queue(context& c);
+  void list_dead(context& c);
+  void requeue_dead(context& c);
+
+  void finish_lease_wait(lease_wait* w);
+  void finish_job_wait(job_wait* w);
+  void reschedule();
+  static void on_clock(uv_timer_t* t);
+  void collect_queue_metrics(std::string& out) const;
+
+  uv_loop_t* _loop;
+  queue::broker& _broker;
+  policy_source _policy;
+  ops::registry& _metrics;
+  decoder _decoder;
+  uv_timer_t _clock{};
+  std::optional<queue::time_ms> _clock_due;
+  bool _draining = false;
+  bool _closed = false;
+  std::unordered_set<lease_wait*> _lease_waits;
+  std::unordered_set<job_wait*> _job_waits;
+  std::unordered_map<uint32_t, ops::counter*> _request_counters;
+  ops::counter& _denials;
+};
+
+// JSON for a job as GET /v1/jobs/{id} returns it.
+void append_job_json(std::string& out, const queue::job& j);
+
+}  // namespace relay::api

@@ -1,0 +1,97 @@
+// Parked long-poll requests. Each owns a timer for its wait_ms and is freed
+// from that timer's close callback. Exactly one of three things ends a wait:
+// the core delivers (jobs leased / job finished), the timer fires, or the
+// client goes away (the connection's abandon hook).
+#pragma once
+
+#include <vector>
+
+#include "api/service.h"
+
+namespace relay::api {
+
+// {"jobs":[{"id","attempt","lease","lease_expires_ms","payload"},...]}
+std::string leased_jobs_json(const std::vector<queue::job*>& jobs);
+
+struct service::lease_wait final : queue::lease_waiter {
+  lease_wait(service& s, net::server_conn& c) : svc(s), conn(c) {}
+
+  void start(uint32_t wait_ms) {
+    uv_timer_init(svc._loop, &timer);
+    timer.data = this;
+    uv_timer_start(&timer, on_timeout, wait_ms, 0);
+    conn.set_abandon_hook([this] { abandon(); });
+    svc._lease_waits.insert(this);
+  }
+  void on_leased(const std::vector<queue::job*>& jobs) override {
+    svc.count(route::lease, 200);
+    conn.respond(200, leased_jobs_json(jobs));
+    svc.finish_lease_wait(this);
+  }
+  void expire() {
+    svc._broker.unpark(*this);
+    svc.count(route::lease, 200);
+    conn.respond(200, "{\"jobs\":[]}");
+    svc.finish_lease_wait(this);
+  }
+  void abandon() {
+    svc._broker.unpark(*this);
+    svc.finish_lease_wait(this);
+  }
+  void close() {
+    uv_timer_stop(&timer);
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer),
+             [](uv_handle_t* h) { delete static_cast<lease_wait*>(h->data); });
+  }
+  static void on_timeout(uv_timer_t* t) { static_cast<lease_wait*>(t->data)->expire(); }
+
+  service& svc;
+  net::server_conn& conn;
+  uv_timer_t timer{};
+};
+
+struct service::job_wait final : queue::job_watcher {
+  job_wait(service& s, net::server_conn& c, queue::job_id j) : svc(s), conn(c), id(j) {}
+
+  void start(uint32_t wait_ms) {
+    uv_timer_init(svc._loop, &timer);
+    timer.data = this;
+    uv_timer_start(&timer, on_timeout, wait_ms, 0);
+    conn.set_abandon_hook([this] { abandon(); });
+    svc._job_waits.insert(this);
+    svc._broker.watch(id, *this);
+  }
+  void on_terminal(const queue::job& j) override { answer(&j); }
+  void expire() {
+    svc._broker.unwatch(*this);
+    answer(svc._broker.find(id));
+  }
+  void answer(const queue::job* j) {
+    svc.count(route::get_job, j ? 200 : 404);
+    if (j) {
+      std::string body;
+      append_job_json(body, *j);
+      conn.respond(200, body);
+    } else {
+      conn.respond_error(api_error::not_found, "no such job");
+    }
+    svc.finish_job_wait(this);
+  }
+  void abandon() {
+    svc._broker.unwatch(*this);
+    svc.finish_job_wait(this);
+  }
+  void close() {
+    uv_timer_stop(&timer);
+    uv_close(reinterpret_cast<uv_handle_t*>(&timer),
+             [](uv_handle_t* h) { delete static_cast<job_wait*>(h->data); });
+  }
+  static void on_timeout(uv_timer_t* t) { static_cast<job_wait*>(t->data)->expire(); }
+
+  service& svc;
+  net::server_conn& conn;
+  queue::job_id id;
+  uv_timer_t timer{};
+};
+
+}  // namespace relay::api

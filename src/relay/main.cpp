@@ -1,0 +1,98 @@
+// relay: parse the command line, load the configuration, run the loop.
+#include <uv.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "relay/config.h"
+#include "relay/log.h"
+#include "relay/relay_server.h"
+
+namespace {
+
+constexpr const char* usage =
+    "usage: relay [--config FILE] [--listen ADDR] [--ops-listen ADDR] [--journal-dir DIR]\n"
+    "             [--set dotted.key=value]... [--check-config]\n"
+    "\n"
+    "  --config FILE        JSON configuration file\n"
+    "  --listen ADDR        API listener (mTLS), IP:port; port 0 picks one\n"
+    "  --ops-listen ADDR    ops listener (/healthz /readyz /metrics), plain HTTP\n"
+    "  --journal-dir DIR    journal directory\n"
+    "  --set KEY=VALUE      override any configuration key, e.g. limits.max_body_bytes=65536\n"
+    "  --check-config       validate, print the effective configuration and exit\n";
+
+int fail(const std::string& msg, int code = 2) {
+  std::fprintf(stderr, "relay: %s\n", msg.c_str());
+  return code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::optional<std::string> config_file;
+  relay::config::override_list overrides;
+  bool check_only = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&](const char* flag) -> std::optional<std::string> {
+      if (i + 1 >= argc) return std::nullopt;
+      (void)flag;
+      return std::string(argv[++i]);
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    } else if (arg == "--check-config") {
+      check_only = true;
+    } else if (arg == "--config" || arg == "--listen" || arg == "--ops-listen" || arg == "--journal-dir" ||
+               arg == "--set") {
+      auto v = value(arg.c_str());
+      if (!v) return fail(arg + " needs a value\n" + usage);
+      if (arg == "--config") config_file = *v;
+      else if (arg == "--listen") overrides.emplace_back("listen", *v);
+      else if (arg == "--ops-listen") overrides.emplace_back("ops_listen", *v);
+      else if (arg == "--journal-dir") overrides.emplace_back("journal.dir", *v);
+      else {
+        auto eq = v->find('=');
+        if (eq == std::string::npos || eq == 0) return fail("--set wants KEY=VALUE, got \"" + *v + "\"");
+        overrides.emplace_back(v->substr(0, eq), v->substr(eq + 1));
+      }
+    } else {
+      return fail("unknown argument \"" + arg + "\"\n" + usage);
+    }
+  }
+
+  relay::config::relay_config cfg;
+  std::string error;
+  if (!relay::config::load(config_file, overrides, cfg, error)) return fail(error);
+  if (check_only) {
+    if (!relay::relay_server::check(cfg, error)) return fail(error, 1);
+    std::fputs(relay::config::to_json(cfg).c_str(), stdout);
+    return 0;
+  }
+  using relay::log::level;
+  relay::log::set_min_level(cfg.log.level == "debug"  ? level::debug
+                            : cfg.log.level == "warn" ? level::warn
+                            : cfg.log.level == "error" ? level::error
+                                                       : level::info);
+  // Writes to a socket the peer closed must fail with EPIPE, not kill relay.
+  std::signal(SIGPIPE, SIG_IGN);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int rc = 0;
+  {
+    relay::relay_server server(&loop, cfg);
+    if (!server.start(error)) {
+      relay::log::error("start_failed").str("reason", error);
+      rc = 1;
+      server.stop();
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+  }
+  if (uv_loop_close(&loop) != 0) relay::log::warn("loop_not_closed_cleanly");
+  return rc;
+}

@@ -1,0 +1,158 @@
+#include "relay/relay_server.h"
+
+#include "relay/log.h"
+
+namespace relay {
+namespace {
+
+tls::server_options tls_options(const config::relay_config& cfg) {
+  tls::server_options o;
+  o.cert_file = cfg.tls.cert;
+  o.key_file = cfg.tls.key;
+  o.client_ca_file = cfg.tls.client_ca;
+  o.crl_file = cfg.tls.crl;
+  o.min_version = cfg.tls.min_version;
+  return o;
+}
+
+net::conn_options conn_options(const config::relay_config& cfg) {
+  net::conn_options o;
+  o.http.max_body_bytes = cfg.limits.max_body_bytes;
+  o.http.max_header_bytes = cfg.limits.max_header_bytes;
+  o.http.max_uri_bytes = cfg.limits.max_uri_bytes;
+  o.header_timeout_ms = static_cast<uint32_t>(cfg.limits.header_timeout_ms);
+  o.idle_timeout_ms = static_cast<uint32_t>(cfg.limits.idle_timeout_ms);
+  return o;
+}
+
+}  // namespace
+
+relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg)
+    : _loop(loop),
+      _cfg(std::move(cfg)),
+      _reloads_ok(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
+                                       "result=\"ok\"")),
+      _reloads_failed(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
+                                           "result=\"failed\"")) {}
+
+relay_server::~relay_server() = default;
+
+bool relay_server::check(const config::relay_config& cfg, std::string& error) {
+  if (!tls::context::make_server(tls_options(cfg), error)) return false;
+  if (!auth::policy::load(cfg.policy, error)) return false;
+  return true;
+}
+
+bool relay_server::start(std::string& error) {
+  // Handles first, so that stop() can close them whatever fails below.
+  for (auto [sig, num] : {std::pair{&_sigterm, SIGTERM}, {&_sigint, SIGINT}, {&_sighup, SIGHUP}}) {
+    uv_signal_init(_loop, sig);
+    sig->data = this;
+    uv_signal_start(sig, on_signal, num);
+  }
+  uv_timer_init(_loop, &_drain_timer);
+  _drain_timer.data = this;
+  _tls = tls::context::make_server(tls_options(_cfg), error);
+  if (!_tls) return false;
+  _policy = auth::policy::load(_cfg.policy, error);
+  if (!_policy) return false;
+
+  queue::broker_limits limits;
+  limits.max_jobs = _cfg.limits.max_jobs;
+  limits.max_queues = _cfg.limits.max_queues;
+  limits.result_ttl_ms = static_cast<queue::time_ms>(_cfg.limits.result_ttl_ms);
+  _broker = std::make_unique<queue::broker>(limits, tls::random_bytes);
+  _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics);
+  _ops = std::make_unique<ops::ops_handler>(_metrics, [this] { return readiness(); });
+
+  net::listener_options api_opts;
+  api_opts.name = "api";
+  api_opts.address = _cfg.listen;
+  api_opts.tls = [this] { return _tls; };
+  api_opts.conn = conn_options(_cfg);
+  api_opts.max_connections = _cfg.limits.max_connections;
+  _api_listener = std::make_unique<net::listener>(_loop, api_opts, *_api, _metrics);
+
+  net::listener_options ops_opts;
+  ops_opts.name = "ops";
+  ops_opts.address = _cfg.ops_listen;
+  ops_opts.conn = conn_options(_cfg);
+  ops_opts.conn.http.max_body_bytes = 0;
+  ops_opts.max_connections = 64;
+  _ops_listener = std::make_unique<net::listener>(_loop, ops_opts, *_ops, _metrics);
+
+  if (!_api_listener->start(error) || !_ops_listener->start(error)) return false;
+
+  log::info("relay_started")
+      .str("tls_library", tls::library_version())
+      .str("policy", _cfg.policy)
+      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+  // TODO(durability): the journal (journal.dir, journal.fsync) is issue 4;
+  // until then jobs live in memory only. Say so where operators look.
+  log::warn("journal_disabled").str("journal_dir", _cfg.journal.dir).str("reason", "durability not built yet: jobs are held in memory only");
+  return true;
+}
+
+std::string relay_server::readiness() const {
+  if (_draining) return "draining";
+  if (!_tls) return "TLS material not loaded";
+  if (!_policy) return "policy not loaded";
+  return {};
+}
+
+void relay_server::on_signal(uv_signal_t* s, int signum) {
+  auto* self = static_cast<relay_server*>(s->data);
+  if (signum == SIGHUP) self->reload();
+  else self->begin_drain();
+}
+
+void relay_server::reload() {
+  std::string error;
+  auto ctx = tls::context::make_server(tls_options(_cfg), error);
+  auto pol = ctx ? auth::policy::load(_cfg.policy, error) : nullptr;
+  if (!ctx || !pol) {
+    _reloads_failed.inc();
+    log::error("reload_failed").str("reason", error).str("kept", "previous TLS material and policy");
+    return;
+  }
+  // Live connections keep the context they were accepted with.
+  _tls = std::move(ctx);
+  _policy = std::move(pol);
+  _reloads_ok.inc();
+  log::info("reloaded").num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+}
+
+void relay_server::begin_drain() {
+  if (_draining || !_api_listener) {
+    // A second signal: stop waiting.
+    stop();
+    return;
+  }
+  _draining = true;
+  _drain_started = uv_now(_loop);
+  log::info("draining").num("open_connections", static_cast<int64_t>(_api_listener->open_connections()));
+  _api->drain();
+  _api_listener->drain();
+  uv_timer_start(&_drain_timer, on_drain_tick, 0, 20);
+}
+
+void relay_server::on_drain_tick(uv_timer_t* t) {
+  auto* self = static_cast<relay_server*>(t->data);
+  bool idle = self->_api_listener->open_connections() == 0;
+  bool late = uv_now(self->_loop) - self->_drain_started >= self->_cfg.limits.drain_timeout_ms;
+  if (idle || late) self->stop();
+}
+
+void relay_server::stop() {
+  if (_stopped) return;
+  _stopped = true;
+  if (_api_listener) log::info("stopped").num("connections_cut", static_cast<int64_t>(_api_listener->open_connections()));
+  uv_timer_stop(&_drain_timer);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_drain_timer), nullptr);
+  for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+  if (_api) _api->close();
+  if (_api_listener) _api_listener->close();
+  if (_ops_listener) _ops_listener->close();
+}
+
+}  // namespace relay

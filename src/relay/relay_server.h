@@ -1,0 +1,67 @@
+// Wiring for the relay process: configuration → TLS context, policy, queue
+// core, API service, listeners and signals. No request logic lives here.
+#pragma once
+
+#include <uv.h>
+
+#include <memory>
+#include <string>
+
+#include "api/service.h"
+#include "relay/auth.h"
+#include "relay/config.h"
+#include "relay/metrics.h"
+#include "relay/ops.h"
+#include "relay/queue.h"
+#include "relay/server.h"
+#include "relay/tls.h"
+
+namespace relay {
+
+class relay_server {
+ public:
+  relay_server(uv_loop_t* loop, config::relay_config cfg);
+  relay_server(const relay_server&) = delete;
+  relay_server& operator=(const relay_server&) = delete;
+  ~relay_server();
+
+  // Loads TLS material and the policy, binds both listeners. On failure
+  // returns false with `error` naming the file or address.
+  bool start(std::string& error);
+  // SIGTERM: stop accepting, answer parked requests, let in-flight requests
+  // finish (up to limits.drain_timeout_ms), then close everything.
+  void begin_drain();
+  // SIGHUP: rebuild the TLS context and policy aside and swap them in;
+  // on any error keep the ones in use.
+  void reload();
+  // Closes everything now; the loop then runs out of handles and returns.
+  void stop();
+
+  // Validates what start() would load, without binding anything.
+  static bool check(const config::relay_config& cfg, std::string& error);
+
+ private:
+  static void on_signal(uv_signal_t* s, int signum);
+  static void on_drain_tick(uv_timer_t* t);
+  std::string readiness() const;
+
+  uv_loop_t* _loop;
+  config::relay_config _cfg;
+  ops::registry _metrics;
+  std::shared_ptr<const tls::context> _tls;
+  std::shared_ptr<const auth::policy> _policy;
+  std::unique_ptr<queue::broker> _broker;
+  std::unique_ptr<api::service> _api;
+  std::unique_ptr<ops::ops_handler> _ops;
+  std::unique_ptr<net::listener> _api_listener;
+  std::unique_ptr<net::listener> _ops_listener;
+  uv_signal_t _sigterm{}, _sigint{}, _sighup{};
+  uv_timer_t _drain_timer{};
+  uint64_t _drain_started = 0;
+  bool _draining = false;
+  bool _stopped = false;
+  ops::counter& _reloads_ok;
+  ops::counter& _reloads_failed;
+};
+
+}  // namespace relay
