@@ -85,6 +85,7 @@ class server_conn {
   static void on_timeout(uv_timer_t* t);
   static void on_write_done(uv_write_t* req, int status);
   static void on_handle_closed(uv_handle_t* h);
+  static void on_shutdown(uv_shutdown_t* req, int status);
 
   void received(const char* data, size_t len);
   void handshake_done();
@@ -92,6 +93,7 @@ class server_conn {
   void finish_response(bool close);
   void reject(api_error e, std::string_view detail);
   void flush();
+  void linger();
   void arm_timer(uint32_t ms);
   void update_reading();
 
@@ -99,7 +101,9 @@ class server_conn {
   uint64_t _id;
   uv_tcp_t _tcp{};
   uv_timer_t _timer{};
+  uv_shutdown_t _shutdown{};
   int _open_handles = 0;
+  int _pending_reqs = 0;  // the shutdown request also pins the object
   std::unique_ptr<tls::session> _tls;
   http::request_parser _parser;
   std::string _in;        // plaintext received and not yet parsed
@@ -112,6 +116,9 @@ class server_conn {
   bool _reading = false;
   bool _in_process = false;
   bool _close_after_write = false;
+  bool _notify_sent = false;
+  bool _lingering = false;
+  size_t _lingered = 0;
   bool _draining = false;
   bool _closing = false;
   std::function<void()> _abandon;

@@ -7,6 +7,8 @@ namespace relay::net {
 namespace {
 
 constexpr size_t read_buffer_size = 64 * 1024;
+constexpr uint32_t linger_ms = 2000;             // how long to wait for the client's EOF
+constexpr size_t linger_max_bytes = 256 * 1024;  // how much of its input to discard meanwhile
 
 struct write_req {
   uv_write_t req;
@@ -67,7 +69,7 @@ void server_conn::arm_timer(uint32_t ms) {
 }
 
 void server_conn::update_reading() {
-  if (_closing) return;
+  if (_closing || _lingering) return;
   // Keep reading while a request is handled, so that a client who hangs up
   // on a parked long poll is noticed at once; stop only when too much input
   // or output is waiting.
@@ -91,6 +93,11 @@ void server_conn::on_alloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
 void server_conn::on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
   auto* c = static_cast<server_conn*>(s->data);
   if (nread == 0) return;
+  if (c->_lingering && nread > 0) {
+    c->_lingered += static_cast<size_t>(nread);
+    if (c->_lingered > linger_max_bytes) c->close();
+    return;
+  }
   if (nread < 0) {
     // EOF or a reset. A half-closed client cannot read our answer either
     // (HTTP/1.1 clients do not half-close), so close.
@@ -194,7 +201,6 @@ void server_conn::finish_response(bool close_after) {
   _phase = phase::idle;
   if (close_after) {
     _close_after_write = true;
-    if (_tls) _tls->shutdown();
   } else {
     arm_timer(_owner._options.conn.idle_timeout_ms);
   }
@@ -213,7 +219,6 @@ void server_conn::reject(api_error e, std::string_view detail) {
   _parser.next();
   _phase = phase::idle;
   _close_after_write = true;
-  if (_tls) _tls->shutdown();
   uv_timer_stop(&_timer);
 }
 
@@ -227,6 +232,11 @@ void server_conn::flush() {
         return;
       }
       _pending.clear();
+    }
+    // close_notify goes after the last response, never before it.
+    if (_close_after_write && !_notify_sent && _tls->handshake_complete()) {
+      _tls->shutdown();
+      _notify_sent = true;
     }
     _tls->take_output(_out);
   } else if (!_pending.empty()) {
@@ -263,8 +273,35 @@ void server_conn::flush() {
     }
     _out.clear();
   }
-  if (_close_after_write && _in_flight == 0) close();
+  if (_close_after_write && _in_flight == 0) linger();
   else update_reading();
+}
+
+void server_conn::linger() {
+  if (_lingering || _closing) return;
+  // Closing a socket with unread input makes the kernel send a reset, which
+  // can destroy the answer (a 413, a 408) before the client reads it. Send
+  // FIN instead, discard what the client still sends, and close on its EOF
+  // or after a short grace period.
+  _lingering = true;
+  _shutdown.data = this;
+  if (uv_shutdown(&_shutdown, reinterpret_cast<uv_stream_t*>(&_tcp), on_shutdown) != 0) {
+    close();
+    return;
+  }
+  ++_pending_reqs;
+  arm_timer(linger_ms);
+  if (!_reading) {
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&_tcp), on_alloc, on_read);
+    _reading = true;
+  }
+}
+
+void server_conn::on_shutdown(uv_shutdown_t* req, int status) {
+  auto* c = static_cast<server_conn*>(req->data);
+  --c->_pending_reqs;
+  if (status < 0 && !c->_closing) c->close();
+  else if (c->_closing && c->_pending_reqs == 0 && c->_open_handles == 0) delete c;
 }
 
 void server_conn::on_write_done(uv_write_t* req, int status) {
@@ -278,7 +315,7 @@ void server_conn::on_write_done(uv_write_t* req, int status) {
     return;
   }
   if (c->_close_after_write && c->_in_flight == 0) {
-    c->close();
+    c->linger();
     return;
   }
   // Output drained: requests held back by the output limit may proceed.
@@ -288,6 +325,10 @@ void server_conn::on_write_done(uv_write_t* req, int status) {
 
 void server_conn::on_timeout(uv_timer_t* t) {
   auto* c = static_cast<server_conn*>(t->data);
+  if (c->_lingering) {
+    c->close();
+    return;
+  }
   c->_owner._timeouts.inc();
   switch (c->_phase) {
     case phase::handshake:
@@ -312,10 +353,8 @@ void server_conn::on_timeout(uv_timer_t* t) {
 void server_conn::begin_drain() {
   _draining = true;
   if (_phase == phase::idle || _phase == phase::handshake) {
-    if (_tls && _phase == phase::idle) _tls->shutdown();
     _close_after_write = true;
     flush();
-    if (!_closing && _in_flight == 0) close();
   }
 }
 
@@ -335,7 +374,7 @@ void server_conn::close() {
 
 void server_conn::on_handle_closed(uv_handle_t* h) {
   auto* c = static_cast<server_conn*>(h->data);
-  if (--c->_open_handles == 0) delete c;
+  if (--c->_open_handles == 0 && c->_pending_reqs == 0) delete c;
 }
 
 }  // namespace relay::net

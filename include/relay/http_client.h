@@ -1,0 +1,125 @@
+// The client side of relay's HTTP stack, used by bunny, relayctl, the bench
+// harness and the tests: one keep-alive HTTP/1.1 connection over TLS (the
+// same tls::session as the server) or plain TCP, parsed with llhttp.
+//
+// Requests are pipelined and answered in FIFO order. A transport, TLS or
+// protocol error, or a request timing out, fails every outstanding request
+// with the same error and closes the connection; whether to reconnect is the
+// owner's decision. The host name is resolved again on every connect.
+#pragma once
+
+#include <llhttp.h>
+#include <uv.h>
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "relay/tls.h"
+
+namespace relay::http {
+
+struct client_response {
+  int status = 0;
+  std::string body;
+  std::string retry_after;  // the Retry-After header, if sent
+};
+
+class client_conn {
+ public:
+  struct options {
+    std::string host;  // name or IP address
+    uint16_t port = 0;
+    std::string server_name;                  // TLS name to verify; empty: host
+    std::shared_ptr<const tls::context> tls;  // null: plain HTTP
+    uint32_t connect_timeout_ms = 10000;      // resolve + connect + handshake
+    size_t max_response_bytes = 64 << 20;
+  };
+  // `error` is empty on success; otherwise it says what failed, and
+  // `response` is empty.
+  using callback = std::function<void(const std::string& error, client_response& response)>;
+
+  // The connection frees itself after close(); do not delete it.
+  static client_conn* create(uv_loop_t* loop, options o);
+  client_conn(const client_conn&) = delete;
+  client_conn& operator=(const client_conn&) = delete;
+
+  // Queues a request; connects first if needed. `extra_headers` are whole
+  // lines ending in CRLF. timeout_ms (0: none) counts from when the request
+  // is queued until its response is complete.
+  void request(std::string_view method, std::string_view target, std::string_view body, callback cb,
+               uint32_t timeout_ms = 0, std::string_view extra_headers = {});
+  // Fails outstanding requests with "closed", then closes; the object is
+  // freed once libuv has closed its handles.
+  void close();
+
+  bool connected() const { return _state == state::ready; }
+  size_t outstanding() const { return _queue.size(); }
+  // The verified server certificate's identity, once connected.
+  const tls::identity& server_identity() const { return _server; }
+
+ private:
+  enum class state : uint8_t { idle, resolving, connecting, handshaking, ready, closed };
+  struct pending {
+    std::string bytes;
+    callback cb;
+    uint64_t deadline = 0;  // uv_now() ms; 0: none
+    bool sent = false;
+  };
+
+  client_conn(uv_loop_t* loop, options o);
+  ~client_conn();
+
+  void start_connect();
+  void connected_tcp();
+  void ready();
+  void send_pending();
+  void write_out(std::string& bytes);
+  void received(const char* data, size_t len);
+  void parse(const char* data, size_t len);
+  void fail_all(const std::string& error);
+  void arm_timer();
+  void reset_transport();
+
+  static void on_resolved(uv_getaddrinfo_t* req, int status, addrinfo* res);
+  static void on_connect(uv_connect_t* req, int status);
+  static void on_alloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
+  static void on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
+  static void on_write_done(uv_write_t* req, int status);
+  static void on_timer(uv_timer_t* t);
+  static void on_tcp_closed(uv_handle_t* h);
+  static void on_timer_closed(uv_handle_t* h);
+
+  static int on_header_field(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value_complete(llhttp_t* p);
+  static int on_body(llhttp_t* p, const char* at, size_t len);
+  static int on_message_complete(llhttp_t* p);
+
+  uv_loop_t* _loop;
+  options _options;
+  state _state = state::idle;
+  uv_tcp_t* _tcp = nullptr;  // heap: a reconnect may start before the old handle's close callback
+  uv_timer_t _timer{};
+  uv_getaddrinfo_t* _resolve = nullptr;
+  uv_connect_t* _connect = nullptr;
+  uint64_t _connect_deadline = 0;
+  std::unique_ptr<tls::session> _tls;
+  tls::identity _server;
+  llhttp_settings_t _settings;
+  llhttp_t _parser;
+  std::deque<pending> _queue;
+  client_response _current;
+  std::string _field, _value;
+  std::string _plain;
+  bool _close_after_response = false;
+  bool _parse_failed = false;
+  std::string _parse_error;
+  bool _closing = false;
+  char _read_buffer[64 * 1024];
+};
+
+}  // namespace relay::http

@@ -1,0 +1,106 @@
+// Who may connect, and who may do what: the real relay binary, the real
+// curl, certificates made by the openssl CLI.
+#include <doctest/doctest.h>
+
+#include "../support/relay_fixture.h"
+
+using test::field;
+using test::relay_process;
+
+TEST_CASE("a client without a certificate is refused in the handshake") {
+  relay_process relay;
+  auto r = relay.curl("", "GET", "/v1/queues");
+  CHECK_NE(r.curl_exit, 0);
+  CHECK_EQ(r.status, 0);
+  CHECK_MESSAGE(r.err.find("certificate required") != std::string::npos, r.err);
+  CHECK(relay.proc->wait_for_line("PEER_DID_NOT_RETURN_A_CERTIFICATE").has_value());
+
+  test::sync_client own(relay.api_port, "");
+  auto o = own.call("GET", "/v1/queues");
+  CHECK_FALSE(o.error.empty());
+  CHECK_EQ(o.response.status, 0);
+}
+
+TEST_CASE("certificates from another CA, expired or revoked are refused") {
+  relay_process relay({"--set", "tls.crl=" + test::pki() + "/crl.pem"});
+  auto foreign = relay.curl("foreign", "GET", "/v1/queues");
+  CHECK_NE(foreign.curl_exit, 0);
+  CHECK(relay.proc->wait_for_line("unable to get local issuer certificate").has_value());
+
+  auto expired = relay.curl("expired", "GET", "/v1/queues");
+  CHECK_NE(expired.curl_exit, 0);
+  CHECK(relay.proc->wait_for_line("certificate has expired").has_value());
+
+  auto revoked = relay.curl("revoked", "POST", "/v1/queues/render/lease", "{}");
+  CHECK_NE(revoked.curl_exit, 0);
+  CHECK(relay.proc->wait_for_line("certificate revoked").has_value());
+
+  // The same CA's valid certificates still work with the CRL in force.
+  auto ok = relay.curl("producer", "POST", "/v1/queues/render/jobs", R"({"payload":1})");
+  CHECK_EQ(ok.status, 201);
+  auto metrics = relay.ops_get("/metrics");
+  CHECK(metrics.body.find("relay_tls_handshake_failures_total{listener=\"api\"} 3") != std::string::npos);
+}
+
+TEST_CASE("relay's own certificate is checked by name on the client side") {
+  relay_process relay;
+  test::sync_client wrong(relay.api_port, "producer", "wrong.test");
+  auto r = wrong.call("GET", "/v1/queues");
+  bool refused = r.error.find("CERTIFICATE_VERIFY_FAILED") != std::string::npos ||
+                 r.error.find("certificate verify failed") != std::string::npos;
+  CHECK_MESSAGE(refused, r.error);
+  CHECK_MESSAGE(r.error.find("ostname mismatch") != std::string::npos, r.error);
+}
+
+TEST_CASE("each permission is enforced, and denials are audited") {
+  relay_process relay;
+  SUBCASE("an identity with no grants is denied everything") {
+    CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 403);
+    CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/lease", "{}").status, 403);
+    CHECK_EQ(relay.curl("nogrant", "GET", "/v1/queues").status, 403);
+    CHECK_EQ(relay.curl("nogrant", "GET", "/v1/jobs/0000000000000001").status, 403);
+    auto line = relay.proc->wait_for_line("\"event\":\"authz_denied\"");
+    REQUIRE(line.has_value());
+    CHECK(line->find("\"policy_principal\":\"nobody\"") != std::string::npos);
+  }
+  SUBCASE("a worker cannot submit, read or administer") {
+    auto r = relay.curl("worker", "POST", "/v1/queues/render/jobs", R"({"payload":1})");
+    CHECK_EQ(r.status, 403);
+    CHECK_EQ(field(r.body, "code"), "forbidden");
+    CHECK_EQ(relay.curl("worker", "GET", "/v1/queues/render").status, 403);
+  }
+  SUBCASE("a worker may consume only its granted queues") {
+    CHECK_EQ(relay.curl("worker", "POST", "/v1/queues/encode-h264/lease", "{}").status, 200);
+    CHECK_EQ(relay.curl("worker", "POST", "/v1/queues/billing/lease", "{}").status, 403);
+  }
+  SUBCASE("a producer cannot lease") {
+    CHECK_EQ(relay.curl("producer", "POST", "/v1/queues/render/lease", "{}").status, 403);
+  }
+  SUBCASE("a second worker presenting another worker's lease gets 403 and changes nothing") {
+    auto sub = relay.curl("producer", "POST", "/v1/queues/render/jobs", R"({"payload":"x"})");
+    REQUIRE_EQ(sub.status, 201);
+    auto lease = relay.curl("worker", "POST", "/v1/queues/render/lease", "{}");
+    std::string id = field(lease.body, "id"), token = field(lease.body, "lease");
+    REQUIRE_EQ(token.size(), 32u);
+    auto steal = relay.curl("worker2", "POST", "/v1/jobs/" + id + "/complete",
+                            R"({"lease":")" + token + R"(","result":"stolen"})");
+    CHECK_EQ(steal.status, 403);
+    CHECK_EQ(relay.curl("worker2", "POST", "/v1/jobs/" + id + "/heartbeat", R"({"lease":")" + token + R"("})").status, 403);
+    auto job = relay.curl("producer", "GET", "/v1/jobs/" + id);
+    CHECK_EQ(field(job.body, "state"), "leased");
+    CHECK_EQ(relay.curl("worker", "POST", "/v1/jobs/" + id + "/complete",
+                        R"({"lease":")" + token + R"(","result":"mine"})").status, 200);
+    CHECK_EQ(field(relay.curl("producer", "GET", "/v1/jobs/" + id).body, "result"), "mine");
+  }
+  SUBCASE("relay takes the principal from the certificate's URI SAN") {
+    relay.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload":1})");
+    test::sync_client own(relay.api_port, "worker");
+    auto r = own.call("POST", "/v1/queues/work/lease", "{}");
+    CHECK_EQ(r.response.status, 200);
+    CHECK_EQ(own.conn->server_identity().dns_san, "localhost");
+    CHECK_EQ(relay.curl("worker", "POST", "/v1/queues/billing/lease", "{}").status, 403);
+    auto line = relay.proc->wait_for_line("\"queue\":\"billing\"");
+    REQUIRE(line.has_value());
+    CHECK(line->find("\"principal\":\"spiffe://test/ns/jobs/sa/bunny\"") != std::string::npos);
+  }
+}
