@@ -87,10 +87,9 @@ session::status session::fail(int ret) {
       // Protocol or verification failure. Name the certificate problem when
       // there is one: "certificate has expired" says more than the alert.
       _error = compat::drain_error_queue();
+      // INVALID_CALL: no certificate was verified at all (none was sent).
       long verify = SSL_get_verify_result(_ssl);
-      X509* peer = compat::peer_certificate(_ssl);
-      if (peer) X509_free(peer);
-      if (peer && verify != X509_V_OK) {
+      if (verify != X509_V_OK && verify != X509_V_ERR_INVALID_CALL) {
         if (!_error.empty()) _error += "; ";
         _error += "certificate verify: ";
         _error += X509_verify_cert_error_string(verify);
