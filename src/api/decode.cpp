@@ -19,21 +19,21 @@ bool field_error(decode_error& err, std::string_view name, std::string_view what
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
-// The exact bytes of a value as the client sent them.
+// The exact bytes of a value as the client sent them. simdjson's raw views
+// run up to the next structural character, so whitespace after the value is
+// dropped.
 bool raw_value(ondemand::value v, std::string_view& out) {
   ondemand::json_type t;
   if (v.type().get(t)) return false;
   if (t == ondemand::json_type::object) {
     ondemand::object o;
-    return !v.get_object().get(o) && !o.raw_json().get(out);
-  }
-  if (t == ondemand::json_type::array) {
+    if (v.get_object().get(o) || o.raw_json().get(out)) return false;
+  } else if (t == ondemand::json_type::array) {
     ondemand::array a;
-    return !v.get_array().get(a) && !a.raw_json().get(out);
+    if (v.get_array().get(a) || a.raw_json().get(out)) return false;
+  } else {
+    out = v.raw_json_token();
   }
-  // A scalar token runs up to the next structural character; drop the
-  // whitespace that follows it.
-  out = v.raw_json_token();
   while (!out.empty() && is_space(out.back())) out.remove_suffix(1);
   return true;
 }
