@@ -43,6 +43,7 @@ struct relay_config {
     uint64_t max_header_bytes = 16384;
     uint64_t max_uri_bytes = 8192;
     uint64_t max_jobs = 2000000;
+    uint64_t max_held_bytes = 1073741824;
     uint64_t max_queues = 10000;
     uint64_t result_ttl_ms = 86400000;
     uint64_t drain_timeout_ms = 30000;

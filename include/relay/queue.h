@@ -192,6 +192,7 @@ class job_queue {
 
 struct broker_limits {
   size_t max_jobs = 2'000'000;    // jobs held (any state) before submits get queue_full
+  size_t max_held_bytes = size_t{1} << 30;  // payload + result + error bytes held, likewise
   size_t max_queues = 10'000;
   time_ms result_ttl_ms = 24 * 3600 * 1000;  // how long a finished job stays readable
   time_ms max_backoff_ms = 3600 * 1000;
@@ -282,6 +283,11 @@ class broker {
   // Up to `limit` dead jobs of `queue`, oldest death first.
   std::vector<const job*> dead_jobs(std::string_view queue, size_t limit) const;
   size_t job_count() const { return _jobs.size(); }
+  size_t held_bytes() const { return _held_bytes; }
+  // Whether `jobs` more jobs carrying `bytes` of payload fit the limits.
+  bool has_room(size_t jobs, size_t bytes) const {
+    return _jobs.size() + jobs <= _limits.max_jobs && _held_bytes + bytes <= _limits.max_held_bytes;
+  }
   const broker_limits& limits() const { return _limits; }
 
  private:
@@ -297,6 +303,7 @@ class broker {
   job* find_mutable(job_id id);
   void forget(job& j);
   void grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now);
+  void set_outcome(job& j, std::string_view text);
 
   // Timed heap: delayed, failed (awaiting retry) and leased jobs by due_ms.
   void timed_push(job& j);
@@ -308,6 +315,7 @@ class broker {
   record_sink* _sink;
   bool _applying_replay = false;
   job_id _next_id = 1;
+  size_t _held_bytes = 0;
   std::unordered_map<job_id, job> _jobs;
   std::unordered_map<std::string, std::unique_ptr<job_queue>> _queues;
   std::unordered_map<std::string, job_id> _idempotency;  // queue + '\0' + key

@@ -22,7 +22,7 @@ constexpr std::array<api_error_info, 18> table{{
     {413, "payload_too_large", "the request body is too large"},
     {414, "uri_too_long", "the request URI is too long"},
     {431, "headers_too_large", "the request headers are too large"},
-    {429, "queue_full", "relay holds as many jobs as it may; retry later"},
+    {429, "queue_full", "relay holds as many jobs (or job bytes) as it may; retry later"},
     {429, "too_many_queues", "relay holds as many queues as it may"},
     {503, "draining", "relay is shutting down"},
     {500, "internal", "internal error"},

@@ -46,7 +46,9 @@ void service::submit(context& c) {
     return;
   }
   // A batch is accepted whole or not at all.
-  if (_broker.job_count() + items.size() > _broker.limits().max_jobs) {
+  size_t bytes = 0;
+  for (const auto& it : items) bytes += it.payload.size();
+  if (!_broker.has_room(items.size(), bytes)) {
     respond_error(c, api_error::queue_full);
     return;
   }

@@ -225,6 +225,8 @@ void service::collect_queue_metrics(std::string& out) const {
   }
   reg::write_header(out, "relay_jobs_held", "Jobs held in memory, all queues and states.", "gauge");
   out += "relay_jobs_held " + std::to_string(_broker.job_count()) + "\n";
+  reg::write_header(out, "relay_job_bytes_held", "Payload, result and error bytes held.", "gauge");
+  out += "relay_job_bytes_held " + std::to_string(_broker.held_bytes()) + "\n";
 }
 
 }  // namespace relay::api

@@ -44,6 +44,7 @@ const std::vector<key_spec>& schema() {
       {"limits.max_header_bytes", kind::number, [](relay_config& c) -> void* { return &c.limits.max_header_bytes; }, {}, 1024, 1 << 20},
       {"limits.max_uri_bytes", kind::number, [](relay_config& c) -> void* { return &c.limits.max_uri_bytes; }, {}, 256, 1 << 20},
       {"limits.max_jobs", kind::number, [](relay_config& c) -> void* { return &c.limits.max_jobs; }, {}, 1, 1ull << 32},
+      {"limits.max_held_bytes", kind::number, [](relay_config& c) -> void* { return &c.limits.max_held_bytes; }, {}, 1 << 20, 1ull << 40},
       {"limits.max_queues", kind::number, [](relay_config& c) -> void* { return &c.limits.max_queues; }, {}, 1, 1000000},
       {"limits.result_ttl_ms", kind::number, [](relay_config& c) -> void* { return &c.limits.result_ttl_ms; }, {}, 1000, 365ull * 86400000},
       {"limits.drain_timeout_ms", kind::number, [](relay_config& c) -> void* { return &c.limits.drain_timeout_ms; }, {}, 0, 3600000},

@@ -10,7 +10,7 @@ void ops_handler::on_request(net::server_conn& conn, http::request& req) {
     conn.respond_error(api_error::not_found, "no such route");
     return;
   }
-  if (req.verb != http::method::get && req.verb != http::method::head) {
+  if (req.verb != http::method::get) {
     conn.respond(405, api_error_body(api_error::method_not_allowed), "Allow: GET\r\n");
     return;
   }

@@ -255,7 +255,7 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
     auto it = _idempotency.find(slot);
     if (it != _idempotency.end()) return {op_error::none, find(it->second), false};
   }
-  if (_jobs.size() >= _limits.max_jobs) return {op_error::queue_full, nullptr, false};
+  if (!has_room(1, p.payload.size())) return {op_error::queue_full, nullptr, false};
   op_error err;
   job_queue* q = queue_for(p.queue, true, err);
   if (!q) return {err, nullptr, false};
@@ -569,8 +569,14 @@ void broker::finish(job& j, job_state terminal, time_ms at) {
   }
 }
 
+void broker::set_outcome(job& j, std::string_view text) {
+  _held_bytes = _held_bytes - j.outcome.size() + text.size();
+  j.outcome.assign(text);
+}
+
 void broker::forget(job& j) {
   remove_from_container(j);
+  _held_bytes -= j.payload.size() + j.outcome.size();
   --j.queue->_counts[static_cast<size_t>(j.state)];
   if (!j.idempotency_key.empty()) {
     auto it = _idempotency.find(idempotency_slot(j.queue->name(), j.idempotency_key));
@@ -597,6 +603,7 @@ void broker::apply(const record& r) {
     j.lease_ms = r.lease_ms;
     j.created_ms = j.updated_ms = r.at;
     j.payload.assign(r.payload);
+    _held_bytes += r.payload.size();
     j.idempotency_key.assign(r.idempotency_key);
     _next_id = std::max(_next_id, r.id + 1);
     if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
@@ -637,13 +644,13 @@ void broker::apply(const record& r) {
       break;
     case record_type::complete:
       remove_from_container(j);
-      j.outcome.assign(r.text);
+      set_outcome(j, r.text);
       ++j.queue->_counters.completed;
       finish(j, job_state::succeeded, r.at);
       break;
     case record_type::fail:
       remove_from_container(j);
-      j.outcome.assign(r.text);
+      set_outcome(j, r.text);
       j.lease_owner = nullptr;
       ++j.queue->_counters.failed;
       if (j.attempts >= j.max_attempts) {
@@ -665,7 +672,7 @@ void broker::apply(const record& r) {
       j.lease_owner = nullptr;
       ++j.queue->_counters.expired;
       if (j.attempts >= j.max_attempts) {
-        j.outcome = "lease expired";
+        set_outcome(j, "lease expired");
         finish(j, job_state::dead, r.at);
       } else {
         j.updated_ms = r.at;
@@ -675,7 +682,7 @@ void broker::apply(const record& r) {
     case record_type::requeue:
       remove_from_container(j);
       j.attempts = 0;
-      j.outcome.clear();
+      set_outcome(j, {});
       j.updated_ms = r.at;
       ++j.queue->_counters.requeued;
       make_ready(j, false);

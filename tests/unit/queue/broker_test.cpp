@@ -380,3 +380,24 @@ TEST_CASE_FIXTURE(fixture, "replaying the records rebuilds the same state") {
   p.idempotency_key = "key";
   CHECK_EQ(replica.submit(p, now).j->id, d);
 }
+
+TEST_CASE("limits: bytes held, counting payloads and results until forgotten") {
+  broker_limits limits;
+  limits.max_held_bytes = 10;
+  limits.result_ttl_ms = 100;
+  broker b(limits, counting_random());
+  principal_ref w = b.intern("w");
+  submit_params p;
+  p.queue = "q";
+  p.payload = "123456";
+  job_id id = b.submit(p, 0).j->id;
+  CHECK_EQ(b.held_bytes(), 6u);
+  CHECK_EQ(b.submit(p, 0).error, op_error::queue_full);
+  std::vector<job*> got;
+  b.lease("q", 1, 1000, w, 0, got);
+  b.complete(id, got[0]->lease, w, "\"ok\"", 1);
+  CHECK_EQ(b.held_bytes(), 10u);
+  b.advance(101);
+  CHECK_EQ(b.held_bytes(), 0u);
+  CHECK_EQ(b.submit(p, 101).error, op_error::none);
+}
