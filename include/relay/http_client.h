@@ -81,6 +81,8 @@ class client_conn {
   void received(const char* data, size_t len);
   void parse(const char* data, size_t len);
   void fail_all(const std::string& error);
+  // Closes the transport and fails every outstanding request with `error`.
+  void drop(const std::string& error);
   void arm_timer();
   void reset_transport();
 

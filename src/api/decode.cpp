@@ -164,6 +164,27 @@ bool outcome_object(ondemand::object obj, outcome_args& out, bool in_batch, bool
   return true;
 }
 
+// Decodes a JSON array of objects into `out`, one decode_one(obj, item)
+// per element, prefixing errors with the item's index.
+template <class Item, class Fn>
+bool each_item(ondemand::array arr, std::vector<Item>& out, std::string_view noun, decode_error& err, Fn decode_one) {
+  for (auto el : arr) {
+    ondemand::object obj;
+    if (el.get_object().get(obj))
+      return set_error(err, api_error::invalid_field, "item " + std::to_string(out.size()) + " is not an object");
+    if (out.size() >= value_limits::max_batch_items)
+      return set_error(err, api_error::invalid_field, "a batch holds at most " +
+                                                          std::to_string(value_limits::max_batch_items) + " " +
+                                                          std::string(noun));
+    out.emplace_back();
+    if (!decode_one(obj, out.back())) {
+      err.message = "item " + std::to_string(out.size() - 1) + ": " + err.message;
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 bool decoder::validate(const std::string& body, decode_error& err) {
@@ -200,19 +221,10 @@ bool decoder::submit(const std::string& body, std::vector<submit_item>& out, boo
   batch = true;
   ondemand::array arr;
   if (_doc.get_array().get(arr)) return set_error(err, api_error::invalid_json, {});
-  for (auto el : arr) {
-    ondemand::object obj;
-    if (el.get_object().get(obj))
-      return set_error(err, api_error::invalid_field, "item " + std::to_string(out.size()) + " is not an object");
-    if (out.size() >= value_limits::max_batch_items)
-      return set_error(err, api_error::invalid_field,
-                       "a batch holds at most " + std::to_string(value_limits::max_batch_items) + " jobs");
-    out.emplace_back();
-    if (!submit_object(obj, out.back(), err)) {
-      err.message = "item " + std::to_string(out.size() - 1) + ": " + err.message;
-      return false;
-    }
-  }
+  if (!each_item(arr, out, "jobs", err, [&](ondemand::object obj, submit_item& item) {
+        return submit_object(obj, item, err);
+      }))
+    return false;
   if (out.empty()) return set_error(err, api_error::invalid_field, "the batch is empty");
   return true;
 }
@@ -282,20 +294,9 @@ bool decoder::results(const std::string& body, std::vector<outcome_args>& out, d
   if (!start(body, err)) return false;
   ondemand::array arr;
   if (_doc.get_array().get(arr)) return set_error(err, api_error::invalid_field, "the body must be an array");
-  for (auto el : arr) {
-    ondemand::object obj;
-    if (el.get_object().get(obj))
-      return set_error(err, api_error::invalid_field, "item " + std::to_string(out.size()) + " is not an object");
-    if (out.size() >= value_limits::max_batch_items)
-      return set_error(err, api_error::invalid_field,
-                       "a batch holds at most " + std::to_string(value_limits::max_batch_items) + " results");
-    out.emplace_back();
-    if (!outcome_object(obj, out.back(), true, false, err)) {
-      err.message = "item " + std::to_string(out.size() - 1) + ": " + err.message;
-      return false;
-    }
-  }
-  return true;
+  return each_item(arr, out, "results", err, [&](ondemand::object obj, outcome_args& item) {
+    return outcome_object(obj, item, true, false, err);
+  });
 }
 
 bool decoder::requeue(const std::string& body, requeue_args& out, decode_error& err) {

@@ -115,8 +115,7 @@ void client_conn::on_resolved(uv_getaddrinfo_t* req, int status, addrinfo* res) 
   if (rc != 0) {
     delete c->_connect;
     c->_connect = nullptr;
-    c->reset_transport();
-    c->fail_all("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(rc));
+    c->drop("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(rc));
     return;
   }
   c->_state = state::connecting;
@@ -128,8 +127,7 @@ void client_conn::on_connect(uv_connect_t* req, int status) {
   if (!c) return;  // the handle was closed under this request
   c->_connect = nullptr;
   if (status < 0) {
-    c->reset_transport();
-    c->fail_all("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(status));
+    c->drop("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(status));
     return;
   }
   c->connected_tcp();
@@ -147,8 +145,7 @@ void client_conn::connected_tcp() {
   _tls = std::make_unique<tls::session>(_options.tls, _options.server_name);
   if (_tls->start() == tls::session::status::error) {
     std::string why = "TLS with " + _options.host + ": " + _tls->error();
-    reset_transport();
-    fail_all(why);
+    drop(why);
     return;
   }
   std::string out;
@@ -177,8 +174,7 @@ void client_conn::send_pending() {
   if (_tls) {
     if (_tls->write(batch) == tls::session::status::error) {
       std::string why = "TLS write: " + _tls->error();
-      reset_transport();
-      fail_all(why);
+      drop(why);
       return;
     }
     std::string out;
@@ -198,8 +194,7 @@ void client_conn::write_out(std::string& bytes) {
   int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(_tcp), &b, 1, on_write_done);
   if (rc != 0) {
     delete w;
-    reset_transport();
-    fail_all(std::string("write: ") + uv_strerror(rc));
+    drop(std::string("write: ") + uv_strerror(rc));
   }
 }
 
@@ -224,8 +219,7 @@ void client_conn::on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
     std::string why = c->_state == state::handshaking
                           ? "TLS with " + c->_options.host + ": connection closed during the handshake"
                           : std::string("connection to ") + c->_options.host + " lost: " + uv_strerror(static_cast<int>(nread));
-    c->reset_transport();
-    c->fail_all(why);
+    c->drop(why);
     return;
   }
   c->received(buf->base, static_cast<size_t>(nread));
@@ -243,8 +237,7 @@ void client_conn::received(const char* data, size_t len) {
   write_out(out);
   if (st == tls::session::status::error) {
     std::string why = "TLS with " + _options.host + ": " + _tls->error();
-    reset_transport();
-    fail_all(why);
+    drop(why);
     return;
   }
   if (_state == state::handshaking && _tls->handshake_complete()) ready();
@@ -254,8 +247,7 @@ void client_conn::received(const char* data, size_t len) {
     parse(plain.data(), plain.size());
   }
   if (st == tls::session::status::closed && _tcp) {
-    reset_transport();
-    fail_all("server closed the TLS session");
+    drop("server closed the TLS session");
   }
 }
 
@@ -269,8 +261,7 @@ void client_conn::parse(const char* data, size_t len) {
       llhttp_resume(&_parser);
       // One response is complete: hand it to the oldest request.
       if (_queue.empty() || !_queue.front().sent) {
-        reset_transport();
-        fail_all("protocol error: a response arrived that no request asked for");
+        drop("protocol error: a response arrived that no request asked for");
         return;
       }
       pending p = std::move(_queue.front());
@@ -288,8 +279,7 @@ void client_conn::parse(const char* data, size_t len) {
       continue;
     }
     std::string why = _parse_failed ? _parse_error : std::string("malformed response: ") + llhttp_get_error_reason(&_parser);
-    reset_transport();
-    fail_all(why);
+    drop(why);
     return;
   }
 }
@@ -332,6 +322,11 @@ int client_conn::on_message_complete(llhttp_t* p) {
   c->_current.status = p->status_code;
   c->_close_after_response = llhttp_should_keep_alive(p) == 0;
   return HPE_PAUSED;
+}
+
+void client_conn::drop(const std::string& error) {
+  reset_transport();
+  fail_all(error);
 }
 
 void client_conn::fail_all(const std::string& error) {
@@ -384,14 +379,12 @@ void client_conn::on_timer(uv_timer_t* t) {
   uint64_t now = uv_now(c->_loop);
   if (c->_connect_deadline && now >= c->_connect_deadline) {
     std::string why = "connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": timed out";
-    c->reset_transport();
-    c->fail_all(why);
+    c->drop(why);
     return;
   }
   for (const auto& p : c->_queue) {
     if (p.deadline && now >= p.deadline) {
-      c->reset_transport();
-      c->fail_all("timed out waiting for the response");
+      c->drop("timed out waiting for the response");
       return;
     }
   }
@@ -400,8 +393,7 @@ void client_conn::on_timer(uv_timer_t* t) {
 
 void client_conn::close() {
   if (_closing) return;
-  reset_transport();
-  fail_all("closed");
+  drop("closed");
   _closing = true;
   uv_timer_stop(&_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_timer), on_timer_closed);
