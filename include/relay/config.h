@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -53,6 +54,43 @@ struct relay_config {
   } log;
 };
 
+// bunny's configuration. Exactly one of handler.exec and handler.http.
+struct bunny_config {
+  struct {
+    std::vector<std::string> urls{"https://relay.aws.internal:8443"};  // tried in turn on failures
+    std::optional<std::string> server_name;  // name relay's certificate must carry; default: the URL's host
+  } relay;
+  struct {
+    std::string cert = "tls.crt";
+    std::string key = "tls.key";
+    std::string ca = "ca.crt";
+    std::string min_version = "1.3";
+    uint64_t reload_check_ms = 2000;  // how often cert/key files are checked for changes
+  } tls;
+  std::optional<std::string> api_key_file;
+  std::vector<std::string> queues{"render"};
+  uint64_t concurrency = 8;
+  uint64_t lease_ms = 30000;
+  struct {
+    std::vector<std::string> exec;    // argv, no shell
+    std::optional<std::string> http;  // http://host:port/path
+    uint64_t timeout_ms = 600000;
+    uint64_t kill_grace_ms = 5000;         // SIGTERM → SIGKILL
+    uint64_t max_output_bytes = 1000000;   // stdout / response body kept as the result
+  } handler;
+  std::string ops_listen = "127.0.0.1:9091";
+  struct {
+    uint64_t wait_ms = 25000;          // long-poll wait; keep below every idle timeout on the path
+    uint64_t request_timeout_ms = 30000;
+    uint64_t backoff_base_ms = 250;
+    uint64_t backoff_max_ms = 30000;
+  } poll;
+  uint64_t drain_timeout_ms = 30000;  // SIGTERM: how long running jobs may finish
+  struct {
+    std::string level = "info";
+  } log;
+};
+
 // A --set dotted.key=value override, or one of the named flags mapped to its key.
 using override_list = std::vector<std::pair<std::string, std::string>>;
 
@@ -63,5 +101,20 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
 
 // The effective configuration as indented JSON.
 std::string to_json(const relay_config& c);
+
+// Loads and validates bunny's configuration (URLs, handler choice).
+bool load(const std::optional<std::string>& file, const override_list& overrides, bunny_config& out,
+          std::string& error);
+std::string to_json(const bunny_config& c);
+
+// "https://host:port/path" → parts; IPv6 hosts in brackets. The port
+// defaults to 443 for https and 80 for http.
+struct url {
+  std::string scheme;
+  std::string host;
+  uint16_t port = 0;
+  std::string path;  // "/" when absent
+};
+bool parse_url(std::string_view text, url& out, std::string& error);
 
 }  // namespace relay::config

@@ -1,6 +1,7 @@
 #include "api/decode.h"
 
 #include "relay/http.h"
+#include "relay/json_read.h"
 
 namespace relay::api {
 namespace {
@@ -17,26 +18,7 @@ bool field_error(decode_error& err, std::string_view name, std::string_view what
   return set_error(err, api_error::invalid_field, "\"" + std::string(name) + "\" " + std::string(what));
 }
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-// The exact bytes of a value as the client sent them. simdjson's raw views
-// run up to the next structural character, so whitespace after the value is
-// dropped.
-bool raw_value(ondemand::value v, std::string_view& out) {
-  ondemand::json_type t;
-  if (v.type().get(t)) return false;
-  if (t == ondemand::json_type::object) {
-    ondemand::object o;
-    if (v.get_object().get(o) || o.raw_json().get(out)) return false;
-  } else if (t == ondemand::json_type::array) {
-    ondemand::array a;
-    if (v.get_array().get(a) || a.raw_json().get(out)) return false;
-  } else {
-    out = v.raw_json_token();
-  }
-  while (!out.empty() && is_space(out.back())) out.remove_suffix(1);
-  return true;
-}
+using json::raw_value;
 
 bool get_int(ondemand::value v, std::string_view name, int64_t min, int64_t max, int64_t& out,
              decode_error& err) {

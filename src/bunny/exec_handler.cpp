@@ -1,0 +1,260 @@
+// The exec handler: one process per job, no shell. The payload goes to
+// stdin, stdout (JSON) is the result; the environment holds JOB_ID,
+// JOB_QUEUE, JOB_ATTEMPT and a fixed PATH, and nothing of bunny's own.
+#include <signal.h>
+
+#include <cstring>
+
+#include "bunny/handler.h"
+
+namespace relay::bunny {
+namespace {
+
+constexpr size_t stderr_tail_bytes = 2048;
+constexpr uint64_t pipe_drain_ms = 2000;  // after exit, how long a grandchild may hold the pipes
+
+class exec_run;
+
+struct exec_handler final : handler {
+  exec_handler(uv_loop_t* l, exec_options o) : loop(l), options(std::move(o)) {}
+  handler_run* start(const job_input& job, done_fn done) override;
+  uv_loop_t* loop;
+  exec_options options;
+};
+
+class exec_run final : public handler_run {
+ public:
+  exec_run(exec_handler& h, const job_input& job, done_fn done) : _h(h), _payload(job.payload), _done(std::move(done)) {
+    uv_timer_init(h.loop, &_timer);
+    _timer.data = this;
+    ++_handles;
+    spawn(job);
+  }
+
+  void cancel(std::string_view why) override {
+    if (_finished) return;
+    _cancelled = true;
+    _why = why;
+    signal_group(SIGTERM);
+    uv_timer_start(&_timer, on_kill_timer, _h.options.kill_grace_ms, 0);
+  }
+
+ private:
+  void spawn(const job_input& job) {
+    uv_pipe_init(_h.loop, &_in, 0);
+    uv_pipe_init(_h.loop, &_out, 0);
+    uv_pipe_init(_h.loop, &_err, 0);
+    _in.data = _out.data = _err.data = this;
+    _handles += 3;
+    uv_stdio_container_t stdio[3];
+    stdio[0].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_READABLE_PIPE);
+    stdio[0].data.stream = reinterpret_cast<uv_stream_t*>(&_in);
+    stdio[1].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
+    stdio[1].data.stream = reinterpret_cast<uv_stream_t*>(&_out);
+    stdio[2].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
+    stdio[2].data.stream = reinterpret_cast<uv_stream_t*>(&_err);
+
+    std::vector<std::string> env_strings = {
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "JOB_ID=" + job.id,
+        "JOB_QUEUE=" + job.queue,
+        "JOB_ATTEMPT=" + std::to_string(job.attempt),
+    };
+    std::vector<char*> env, args;
+    for (auto& e : env_strings) env.push_back(e.data());
+    env.push_back(nullptr);
+    for (const auto& a : _h.options.argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+
+    uv_process_options_t po{};
+    po.file = args[0];
+    po.args = args.data();
+    po.env = env.data();
+    po.stdio = stdio;
+    po.stdio_count = 3;
+    po.exit_cb = on_exit;
+    // Its own session and process group, so a timeout can signal everything
+    // the handler started, not just the first process.
+    po.flags = UV_PROCESS_DETACHED;
+    _proc.data = this;
+    int rc = uv_spawn(_h.loop, &_proc, &po);
+    if (rc != 0) {
+      // The process handle still has to be closed.
+      ++_handles;
+      uv_close(reinterpret_cast<uv_handle_t*>(&_proc), on_closed);
+      _exited = _out_eof = _err_eof = true;
+      _spawn_error = std::string("cannot start handler ") + _h.options.argv[0] + ": " + uv_strerror(rc);
+      uv_timer_start(&_timer, on_spawn_failed, 0, 0);
+      return;
+    }
+    ++_handles;
+    _running = true;
+    uv_buf_t b = uv_buf_init(_payload.data(), static_cast<unsigned>(_payload.size()));
+    _write.data = this;
+    if (uv_write(&_write, reinterpret_cast<uv_stream_t*>(&_in), &b, 1, on_written) != 0) close_stdin();
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&_out), on_alloc, on_stdout);
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&_err), on_alloc, on_stderr);
+    uv_timer_start(&_timer, on_timeout, _h.options.timeout_ms, 0);
+  }
+
+  void signal_group(int sig) {
+    if (_running && !_exited) {
+      // Negative pid: the whole process group the handler leads.
+      if (::kill(-_proc.pid, sig) != 0) uv_process_kill(&_proc, sig);
+    }
+  }
+
+  void close_stdin() {
+    if (_stdin_closed) return;
+    _stdin_closed = true;
+    uv_close(reinterpret_cast<uv_handle_t*>(&_in), on_closed);
+  }
+
+  static void on_written(uv_write_t* req, int) {
+    // EPIPE (the handler did not read its input) is not an error in itself.
+    static_cast<exec_run*>(req->data)->close_stdin();
+  }
+
+  static void on_alloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
+    auto* r = static_cast<exec_run*>(h->data);
+    buf->base = r->_buffer;
+    buf->len = sizeof r->_buffer;
+  }
+
+  static void on_stdout(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+    auto* r = static_cast<exec_run*>(s->data);
+    if (n > 0) {
+      if (r->_stdout.size() + static_cast<size_t>(n) > r->_h.options.max_output_bytes) {
+        if (!r->_overflow) {
+          r->_overflow = true;
+          r->signal_group(SIGKILL);
+        }
+        return;
+      }
+      r->_stdout.append(buf->base, static_cast<size_t>(n));
+    } else if (n < 0) {
+      r->_out_eof = true;
+      uv_read_stop(s);
+      r->maybe_finish();
+    }
+  }
+
+  static void on_stderr(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+    auto* r = static_cast<exec_run*>(s->data);
+    if (n > 0) {
+      r->_stderr.append(buf->base, static_cast<size_t>(n));
+      if (r->_stderr.size() > 2 * stderr_tail_bytes) r->_stderr.erase(0, r->_stderr.size() - stderr_tail_bytes);
+    } else if (n < 0) {
+      r->_err_eof = true;
+      uv_read_stop(s);
+      r->maybe_finish();
+    }
+  }
+
+  static void on_exit(uv_process_t* p, int64_t status, int sig) {
+    auto* r = static_cast<exec_run*>(p->data);
+    r->_exited = true;
+    r->_status = status;
+    r->_signal = sig;
+    // A grandchild may keep stdout open; do not wait for it forever.
+    uv_timer_start(&r->_timer, on_pipe_timeout, pipe_drain_ms, 0);
+    r->maybe_finish();
+  }
+
+  static void on_timeout(uv_timer_t* t) {
+    auto* r = static_cast<exec_run*>(t->data);
+    r->_timed_out = true;
+    r->signal_group(SIGTERM);
+    uv_timer_start(&r->_timer, on_kill_timer, r->_h.options.kill_grace_ms, 0);
+  }
+
+  static void on_kill_timer(uv_timer_t* t) {
+    auto* r = static_cast<exec_run*>(t->data);
+    if (r->_exited) {
+      on_pipe_timeout(t);
+      return;
+    }
+    r->signal_group(SIGKILL);
+  }
+
+  static void on_pipe_timeout(uv_timer_t* t) {
+    auto* r = static_cast<exec_run*>(t->data);
+    r->_out_eof = r->_err_eof = true;
+    r->maybe_finish();
+  }
+
+  static void on_spawn_failed(uv_timer_t* t) {
+    auto* r = static_cast<exec_run*>(t->data);
+    r->maybe_finish();
+  }
+
+  std::string tail() const {
+    std::string t = _stderr.size() > stderr_tail_bytes ? _stderr.substr(_stderr.size() - stderr_tail_bytes) : _stderr;
+    while (!t.empty() && (t.back() == '\n' || t.back() == '\r')) t.pop_back();
+    return t.empty() ? std::string() : ": " + t;
+  }
+
+  outcome decide() const {
+    outcome o;
+    o.cancelled = _cancelled;
+    o.timed_out = _timed_out;
+    if (!_spawn_error.empty()) o.error = _spawn_error;
+    else if (_cancelled) o.error = _why;
+    else if (_timed_out) o.error = "handler timed out after " + std::to_string(_h.options.timeout_ms) + " ms" + tail();
+    else if (_overflow) o.error = "handler stdout exceeds " + std::to_string(_h.options.max_output_bytes) + " bytes";
+    else if (_signal) o.error = "handler killed by signal " + std::to_string(_signal) + tail();
+    else if (_status != 0) o.error = "handler exited with status " + std::to_string(_status) + tail();
+    else {
+      std::string why;
+      if (as_json_result(_stdout, o.result, why)) o.ok = true;
+      else o.error = "handler stdout is not a JSON result (" + why + ")" + tail();
+    }
+    return o;
+  }
+
+  void maybe_finish() {
+    if (_finished || !_exited || !_out_eof || !_err_eof) return;
+    _finished = true;
+    outcome o = decide();
+    uv_timer_stop(&_timer);
+    close_stdin();
+    for (uv_handle_t* h : {reinterpret_cast<uv_handle_t*>(&_out), reinterpret_cast<uv_handle_t*>(&_err),
+                           reinterpret_cast<uv_handle_t*>(&_timer)})
+      uv_close(h, on_closed);
+    if (_running) uv_close(reinterpret_cast<uv_handle_t*>(&_proc), on_closed);
+    done_fn done = std::move(_done);
+    done(std::move(o));
+  }
+
+  static void on_closed(uv_handle_t* h) {
+    auto* r = static_cast<exec_run*>(h->data);
+    if (--r->_handles == 0) delete r;
+  }
+
+  exec_handler& _h;
+  std::string _payload;
+  done_fn _done;
+  uv_process_t _proc{};
+  uv_pipe_t _in{}, _out{}, _err{};
+  uv_timer_t _timer{};
+  uv_write_t _write{};
+  int _handles = 0;
+  bool _running = false, _exited = false, _out_eof = false, _err_eof = false;
+  bool _stdin_closed = false, _timed_out = false, _cancelled = false, _overflow = false, _finished = false;
+  int64_t _status = 0;
+  int _signal = 0;
+  std::string _stdout, _stderr, _why, _spawn_error;
+  char _buffer[65536];
+};
+
+handler_run* exec_handler::start(const job_input& job, done_fn done) {
+  return new exec_run(*this, job, std::move(done));
+}
+
+}  // namespace
+
+std::unique_ptr<handler> make_exec_handler(uv_loop_t* loop, exec_options o) {
+  return std::make_unique<exec_handler>(loop, std::move(o));
+}
+
+}  // namespace relay::bunny

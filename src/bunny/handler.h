@@ -1,0 +1,70 @@
+// How bunny runs one job: a handler starts a run per job; the run reports
+// its outcome exactly once, always from a later loop callback (never from
+// inside start() or cancel()), and frees itself afterwards.
+#pragma once
+
+#include <uv.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace relay::bunny {
+
+struct job_input {
+  std::string id;
+  std::string queue;
+  uint32_t attempt = 0;
+  std::string payload;  // raw JSON
+};
+
+struct outcome {
+  bool ok = false;
+  std::string result;  // raw JSON, when ok
+  std::string error;   // why not, when !ok
+  bool timed_out = false;
+  bool cancelled = false;
+};
+
+class handler_run {
+ public:
+  virtual ~handler_run() = default;
+  // Stops the run (the process is signalled, the request dropped); the
+  // outcome still arrives, with cancelled = true.
+  virtual void cancel(std::string_view why) = 0;
+};
+
+using done_fn = std::function<void(outcome)>;
+
+class handler {
+ public:
+  virtual ~handler() = default;
+  // The returned run is valid until `done` has been called.
+  virtual handler_run* start(const job_input& job, done_fn done) = 0;
+};
+
+struct exec_options {
+  std::vector<std::string> argv;
+  uint64_t timeout_ms = 600000;
+  uint64_t kill_grace_ms = 5000;
+  size_t max_output_bytes = 1000000;
+};
+
+struct http_options {
+  std::string host;
+  uint16_t port = 0;
+  std::string path;
+  uint64_t timeout_ms = 600000;
+  size_t max_output_bytes = 1000000;
+};
+
+std::unique_ptr<handler> make_exec_handler(uv_loop_t* loop, exec_options o);
+std::unique_ptr<handler> make_http_handler(uv_loop_t* loop, http_options o);
+
+// Whether `text` is one JSON value; on success `json` is it, trimmed.
+bool as_json_result(std::string_view text, std::string& json, std::string& why);
+
+}  // namespace relay::bunny

@@ -1,0 +1,124 @@
+// bunny: parse the command line, load the configuration, run the agent and
+// its ops listener on one loop.
+#include <uv.h>
+
+#include <csignal>
+#include <cstdio>
+#include <optional>
+#include <string>
+
+#include "bunny/agent.h"
+#include "relay/config.h"
+#include "relay/log.h"
+#include "relay/ops.h"
+#include "relay/server.h"
+
+namespace {
+
+constexpr const char* usage =
+    "usage: bunny [--config FILE] [--set dotted.key=value]... [--check-config]\n"
+    "\n"
+    "  --config FILE     JSON configuration file\n"
+    "  --set KEY=VALUE   override any key, e.g. concurrency=4 or queues=render,encode\n"
+    "  --check-config    validate, print the effective configuration and exit\n"
+    "\n"
+    "Signals: SIGTERM/SIGINT drain (finish running jobs, deliver results, exit 0);\n"
+    "SIGHUP reloads the client certificate now (it is also reloaded when its files change).\n";
+
+int fail(const std::string& msg, int code = 2) {
+  std::fprintf(stderr, "bunny: %s\n", msg.c_str());
+  return code;
+}
+
+struct process {
+  uv_loop_t* loop;
+  relay::bunny::agent* agent;
+  relay::net::listener* ops;
+  uv_signal_t sigterm{}, sigint{}, sighup{};
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::optional<std::string> config_file;
+  relay::config::override_list overrides;
+  bool check_only = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    } else if (arg == "--check-config") {
+      check_only = true;
+    } else if ((arg == "--config" || arg == "--set") && i + 1 < argc) {
+      std::string v = argv[++i];
+      if (arg == "--config") {
+        config_file = v;
+      } else {
+        auto eq = v.find('=');
+        if (eq == std::string::npos || eq == 0) return fail("--set wants KEY=VALUE, got \"" + v + "\"");
+        overrides.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+      }
+    } else {
+      return fail("unknown or incomplete argument \"" + arg + "\"\n" + usage);
+    }
+  }
+  relay::config::bunny_config cfg;
+  std::string error;
+  if (!relay::config::load(config_file, overrides, cfg, error)) return fail(error);
+  if (check_only) {
+    relay::tls::client_options o;
+    o.cert_file = cfg.tls.cert;
+    o.key_file = cfg.tls.key;
+    o.ca_file = cfg.tls.ca;
+    o.min_version = cfg.tls.min_version;
+    if (!relay::tls::context::make_client(o, error)) return fail(error, 1);
+    std::fputs(relay::config::to_json(cfg).c_str(), stdout);
+    return 0;
+  }
+  using relay::log::level;
+  relay::log::set_min_level(cfg.log.level == "debug"  ? level::debug
+                            : cfg.log.level == "warn" ? level::warn
+                            : cfg.log.level == "error" ? level::error
+                                                       : level::info);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int rc = 0;
+  {
+    relay::ops::registry metrics;
+    relay::bunny::agent agent(&loop, cfg, metrics);
+    relay::ops::ops_handler ops_handler(metrics, [&agent] { return agent.readiness(); });
+    relay::net::listener_options lo;
+    lo.name = "ops";
+    lo.address = cfg.ops_listen;
+    lo.conn.http.max_body_bytes = 0;
+    lo.max_connections = 64;
+    relay::net::listener ops(&loop, lo, ops_handler, metrics);
+    process p{&loop, &agent, &ops};
+
+    auto close_all = [&p] {
+      p.ops->close();
+      for (uv_signal_t* s : {&p.sigterm, &p.sigint, &p.sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+    };
+    agent.on_stopped = close_all;
+    for (auto [sig, num] : {std::pair{&p.sigterm, SIGTERM}, {&p.sigint, SIGINT}, {&p.sighup, SIGHUP}}) {
+      uv_signal_init(&loop, sig);
+      sig->data = &p;
+      uv_signal_start(sig, [](uv_signal_t* s, int signum) {
+        auto* pp = static_cast<process*>(s->data);
+        if (signum == SIGHUP) pp->agent->reload_tls();
+        else pp->agent->begin_drain();
+      }, num);
+    }
+    if (!ops.start(error) || !agent.start(error)) {
+      relay::log::error("start_failed").str("reason", error);
+      rc = 1;
+      agent.begin_drain();
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+  }
+  if (uv_loop_close(&loop) != 0) relay::log::warn("loop_not_closed_cleanly");
+  return rc;
+}

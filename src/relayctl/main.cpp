@@ -1,0 +1,504 @@
+// relayctl: the command-line client for producers and operators, on the
+// same TLS and HTTP client code as bunny.
+//
+// Exit codes scripts can rely on:
+//   0 success
+//   1 relay answered with an error (the message is printed)
+//   2 usage error
+//   3 relay could not be reached (connection or TLS failure)
+//   4 a waited-for job finished without succeeding (dead, cancelled)
+//   5 timed out waiting
+#include <simdjson.h>
+#include <uv.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "relay/config.h"
+#include "relay/http_client.h"
+#include "relay/json.h"
+#include "relay/tls.h"
+
+namespace {
+
+constexpr const char* usage = R"(usage: relayctl [options] COMMAND [ARGS]
+
+commands:
+  submit QUEUE [PAYLOAD | -]     submit one job (PAYLOAD is JSON; "-" or --file reads it)
+         --batch                 the input is a JSON array: one job per element
+         --priority N --delay-ms N --max-attempts N --lease-ms N --idempotency-key K
+  get JOB [--wait MS]            show a job, optionally waiting for it to finish
+  wait JOB... [--timeout MS]     wait until every job has finished; print their results
+  cancel JOB                     cancel a job that is queued or delayed
+  queues [QUEUE]                 queue statistics
+  dead QUEUE [--limit N]         list dead jobs
+  requeue QUEUE [JOB...] [--max N]  give dead jobs fresh attempts
+
+options (environment variable in brackets):
+  --url URL            relay, https://host:port [RELAY_URL]
+  --server-name NAME   name relay's certificate must carry (default: the URL's host)
+  --cert FILE --key FILE  client certificate and key [RELAYCTL_CERT, RELAYCTL_KEY]
+  --ca FILE            CA bundle relay's certificate chains to [RELAYCTL_CA]
+  --file FILE          read the payload (or batch) from FILE
+  --timeout MS         per-request timeout, and the overall limit for wait (default 30000)
+  --json               print relay's JSON answers instead of text
+
+exit codes: 0 ok, 1 relay answered an error, 2 usage, 3 relay unreachable,
+            4 a job finished without succeeding, 5 timed out waiting
+)";
+
+enum exit_code { ok = 0, relay_error = 1, usage_error = 2, unreachable = 3, job_failed = 4, timed_out = 5 };
+
+struct options {
+  std::string url, server_name, cert, key, ca, file;
+  bool json = false, batch = false;
+  uint32_t timeout_ms = 30000;
+  std::optional<uint32_t> wait_ms, limit, max;
+  std::optional<std::string> priority, delay_ms, max_attempts, lease_ms, idempotency_key;
+  std::vector<std::string> args;
+};
+
+std::string env(const char* name, const char* fallback = "") {
+  const char* v = std::getenv(name);
+  return v ? v : fallback;
+}
+
+// A blocking wrapper over client_conn on a private loop.
+class client {
+ public:
+  client(const options& o, std::string& error) {
+    uv_loop_init(&_loop);
+    relay::config::url u;
+    if (!relay::config::parse_url(o.url, u, error)) return;
+    relay::tls::client_options t;
+    if (!o.cert.empty()) t.cert_file = o.cert;
+    if (!o.key.empty()) t.key_file = o.key;
+    t.ca_file = o.ca;
+    auto ctx = relay::tls::context::make_client(t, error);
+    if (!ctx) return;
+    relay::http::client_conn::options co;
+    co.host = u.host;
+    co.port = u.port;
+    co.server_name = o.server_name.empty() ? u.host : o.server_name;
+    co.tls = ctx;
+    co.connect_timeout_ms = o.timeout_ms;
+    _conn = relay::http::client_conn::create(&_loop, co);
+  }
+  ~client() {
+    if (_conn) _conn->close();
+    uv_run(&_loop, UV_RUN_DEFAULT);
+    uv_loop_close(&_loop);
+  }
+  bool ready() const { return _conn != nullptr; }
+
+  // Returns the transport error (empty on success).
+  std::string call(const std::string& method, const std::string& path, const std::string& body, uint32_t timeout_ms,
+                   relay::http::client_response& out) {
+    std::string error;
+    bool done = false;
+    _conn->request(method, path, body,
+                   [&](const std::string& e, relay::http::client_response& r) {
+                     error = e;
+                     out = std::move(r);
+                     done = true;
+                   },
+                   timeout_ms);
+    while (!done) uv_run(&_loop, UV_RUN_ONCE);
+    return error;
+  }
+
+ private:
+  uv_loop_t _loop;
+  relay::http::client_conn* _conn = nullptr;
+};
+
+std::string read_input(const options& o, const std::string& arg, std::string& error) {
+  if (!o.file.empty() || arg == "-") {
+    std::ostringstream ss;
+    if (!o.file.empty()) {
+      std::ifstream in(o.file, std::ios::binary);
+      if (!in) {
+        error = o.file + ": cannot open";
+        return {};
+      }
+      ss << in.rdbuf();
+    } else {
+      ss << std::cin.rdbuf();
+    }
+    return ss.str();
+  }
+  return arg;
+}
+
+// Top-level JSON values of an array, as raw text.
+bool split_array(const std::string& text, std::vector<std::string>& out, std::string& error) {
+  simdjson::padded_string p(text);
+  simdjson::dom::parser parser;
+  simdjson::dom::element root;
+  if (auto e = parser.parse(p).get(root)) {
+    error = std::string("input is not valid JSON: ") + simdjson::error_message(e);
+    return false;
+  }
+  simdjson::dom::array arr;
+  if (root.get_array().get(arr)) {
+    error = "--batch wants a JSON array";
+    return false;
+  }
+  for (simdjson::dom::element e : arr) out.push_back(simdjson::minify(e));
+  return true;
+}
+
+std::string field_str(simdjson::dom::element e, const char* key) {
+  std::string_view s;
+  if (!e[key].get_string().get(s)) return std::string(s);
+  simdjson::dom::element v;
+  if (!e[key].get(v)) return simdjson::minify(v);
+  return {};
+}
+
+class tool {
+ public:
+  explicit tool(options o) : _o(std::move(o)) {}
+
+  int run(const std::string& command) {
+    std::string error;
+    _client = std::make_unique<client>(_o, error);
+    if (!_client->ready()) return fail(usage_error, error);
+    if (command == "submit") return submit();
+    if (command == "get") return get();
+    if (command == "wait") return wait();
+    if (command == "cancel") return simple("DELETE", "/v1/jobs/", 1, "");
+    if (command == "queues") return queues();
+    if (command == "dead") return dead();
+    if (command == "requeue") return requeue();
+    return fail(usage_error, "unknown command \"" + command + "\"");
+  }
+
+ private:
+  int fail(int code, const std::string& msg) {
+    std::fprintf(stderr, "relayctl: %s\n", msg.c_str());
+    return code;
+  }
+
+  // One request; prints relay's error and maps the outcome to an exit code.
+  int request(const std::string& method, const std::string& path, const std::string& body,
+              relay::http::client_response& r, uint32_t timeout_ms = 0) {
+    std::string error = _client->call(method, path, body, timeout_ms ? timeout_ms : _o.timeout_ms, r);
+    if (!error.empty()) return fail(unreachable, error);
+    if (r.status >= 200 && r.status < 300) return ok;
+    std::string msg = "relay answered " + std::to_string(r.status);
+    simdjson::padded_string p(r.body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element root;
+    std::string_view m;
+    if (!parser.parse(p).get(root) && !root["error"]["message"].get_string().get(m)) msg += ": " + std::string(m);
+    return fail(relay_error, msg);
+  }
+
+  int need_args(size_t n, const char* what) {
+    if (_o.args.size() < n) return fail(usage_error, std::string("missing ") + what);
+    return ok;
+  }
+
+  int submit() {
+    if (int rc = need_args(1, "QUEUE")) return rc;
+    std::string error;
+    std::string input = read_input(_o, _o.args.size() > 1 ? _o.args[1] : std::string(_o.file.empty() ? "" : "-"), error);
+    if (!error.empty()) return fail(usage_error, error);
+    if (input.empty()) return fail(usage_error, "no payload (give PAYLOAD, - for stdin, or --file)");
+    std::string options;
+    auto add = [&](const char* key, const std::optional<std::string>& v, bool quoted) {
+      if (!v) return;
+      options += ",\"" + std::string(key) + "\":";
+      if (quoted) relay::json::append_string(options, *v);
+      else options += *v;
+    };
+    add("priority", _o.priority, false);
+    add("delay_ms", _o.delay_ms, false);
+    add("max_attempts", _o.max_attempts, false);
+    add("lease_ms", _o.lease_ms, false);
+    std::string body;
+    if (_o.batch) {
+      if (_o.idempotency_key) return fail(usage_error, "--idempotency-key applies to single jobs");
+      std::vector<std::string> payloads;
+      if (!split_array(input, payloads, error)) return fail(usage_error, error);
+      body = "[";
+      for (size_t i = 0; i < payloads.size(); ++i) body += (i ? "," : "") + ("{\"payload\":" + payloads[i] + options + "}");
+      body += "]";
+    } else {
+      add("idempotency_key", _o.idempotency_key, true);
+      body = "{\"payload\":" + input + options + "}";
+    }
+    relay::http::client_response r;
+    if (int rc = request("POST", "/v1/queues/" + _o.args[0] + "/jobs", body, r)) return rc;
+    if (_o.json) {
+      std::printf("%s\n", r.body.c_str());
+      return ok;
+    }
+    simdjson::padded_string p(r.body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element root;
+    if (parser.parse(p).get(root)) return fail(relay_error, "unexpected answer: " + r.body);
+    simdjson::dom::array ids;
+    if (!root["ids"].get_array().get(ids)) {
+      for (simdjson::dom::element id : ids) std::printf("%s\n", std::string(id.get_string().value_unsafe()).c_str());
+    } else {
+      std::printf("%s%s\n", field_str(root, "id").c_str(), r.status == 200 ? " (already submitted)" : "");
+    }
+    return ok;
+  }
+
+  // Prints a job; returns whether it is finished and succeeded/other.
+  void print_job(const std::string& body) {
+    if (_o.json) {
+      std::printf("%s\n", body.c_str());
+      return;
+    }
+    simdjson::padded_string p(body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element j;
+    if (parser.parse(p).get(j)) {
+      std::printf("%s\n", body.c_str());
+      return;
+    }
+    std::printf("job %s in %s: %s (attempt %s of %s)\n", field_str(j, "id").c_str(), field_str(j, "queue").c_str(),
+                field_str(j, "state").c_str(), field_str(j, "attempts").c_str(), field_str(j, "max_attempts").c_str());
+    std::string result = field_str(j, "result"), err = field_str(j, "error");
+    if (result != "null") std::printf("  result: %s\n", result.c_str());
+    if (err != "null") std::printf("  error: %s\n", err.c_str());
+  }
+
+  static std::string state_of(const std::string& body) {
+    simdjson::padded_string p(body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element j;
+    if (parser.parse(p).get(j)) return {};
+    return field_str(j, "state");
+  }
+  static bool terminal(const std::string& s) { return s == "succeeded" || s == "dead" || s == "cancelled"; }
+
+  int get() {
+    if (int rc = need_args(1, "JOB")) return rc;
+    std::string path = "/v1/jobs/" + _o.args[0];
+    uint32_t timeout = _o.timeout_ms;
+    if (_o.wait_ms) {
+      path += "?wait_ms=" + std::to_string(*_o.wait_ms);
+      timeout = *_o.wait_ms + _o.timeout_ms;
+    }
+    relay::http::client_response r;
+    if (int rc = request("GET", path, {}, r, timeout)) return rc;
+    print_job(r.body);
+    if (!_o.wait_ms) return ok;
+    std::string s = state_of(r.body);
+    if (!terminal(s)) return timed_out;
+    return s == "succeeded" ? ok : job_failed;
+  }
+
+  int wait() {
+    if (int rc = need_args(1, "JOB")) return rc;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(_o.timeout_ms);
+    int worst = ok;
+    for (const auto& id : _o.args) {
+      std::string body;
+      for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+        uint32_t wait_ms = static_cast<uint32_t>(std::clamp<long long>(left, 0, 60000));
+        relay::http::client_response r;
+        if (int rc = request("GET", "/v1/jobs/" + id + "?wait_ms=" + std::to_string(wait_ms), {}, r, wait_ms + 30000))
+          return rc;
+        body = r.body;
+        if (terminal(state_of(body)) || wait_ms == 0) break;
+      }
+      std::string s = state_of(body);
+      if (!terminal(s)) {
+        print_job(body);
+        return fail(timed_out, "timed out waiting for job " + id);
+      }
+      print_job(body);
+      if (s != "succeeded") worst = job_failed;
+    }
+    return worst;
+  }
+
+  int simple(const char* method, const std::string& prefix, size_t nargs, const std::string& body) {
+    if (int rc = need_args(nargs, "JOB")) return rc;
+    relay::http::client_response r;
+    if (int rc = request(method, prefix + _o.args[0], body, r)) return rc;
+    if (_o.json) std::printf("%s\n", r.body.c_str());
+    else std::printf("%s %s\n", _o.args[0].c_str(), state_of(r.body).c_str());
+    return ok;
+  }
+
+  int queues() {
+    relay::http::client_response r;
+    std::string path = _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0];
+    if (int rc = request("GET", path, {}, r)) return rc;
+    if (_o.json) {
+      std::printf("%s\n", r.body.c_str());
+      return ok;
+    }
+    simdjson::padded_string p(r.body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element root;
+    if (parser.parse(p).get(root)) return fail(relay_error, "unexpected answer");
+    std::vector<simdjson::dom::element> list;
+    simdjson::dom::array arr;
+    if (!root["queues"].get_array().get(arr)) {
+      for (simdjson::dom::element q : arr) list.push_back(q);
+    } else {
+      list.push_back(root);
+    }
+    std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %14s\n", "QUEUE", "QUEUED", "DELAYED", "LEASED", "SUCCEEDED",
+                "FAILED", "DEAD", "CANCELLED", "WAITING", "OLDEST_READY");
+    for (auto q : list) {
+      auto c = q["counts"];
+      auto n = [&](const char* k) { return field_str(c.value_unsafe(), k); };
+      std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %12sms\n", field_str(q, "name").c_str(), n("queued").c_str(),
+                  n("delayed").c_str(), n("leased").c_str(), n("succeeded").c_str(), n("failed").c_str(),
+                  n("dead").c_str(), n("cancelled").c_str(), field_str(q, "waiting_workers").c_str(),
+                  field_str(q, "oldest_ready_age_ms").c_str());
+    }
+    return ok;
+  }
+
+  int dead() {
+    if (int rc = need_args(1, "QUEUE")) return rc;
+    relay::http::client_response r;
+    std::string path = "/v1/queues/" + _o.args[0] + "/dead";
+    if (_o.limit) path += "?limit=" + std::to_string(*_o.limit);
+    if (int rc = request("GET", path, {}, r)) return rc;
+    if (_o.json) {
+      std::printf("%s\n", r.body.c_str());
+      return ok;
+    }
+    simdjson::padded_string p(r.body);
+    simdjson::dom::parser parser;
+    simdjson::dom::element root;
+    simdjson::dom::array jobs;
+    if (parser.parse(p).get(root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
+    for (simdjson::dom::element j : jobs)
+      std::printf("%s  attempts=%s  error=%s\n", field_str(j, "id").c_str(), field_str(j, "attempts").c_str(),
+                  field_str(j, "error").c_str());
+    return ok;
+  }
+
+  int requeue() {
+    if (int rc = need_args(1, "QUEUE")) return rc;
+    std::string body = "{";
+    if (_o.args.size() > 1) {
+      body += "\"ids\":[";
+      for (size_t i = 1; i < _o.args.size(); ++i) body += (i > 1 ? ",\"" : "\"") + _o.args[i] + "\"";
+      body += "]";
+    } else if (_o.max) {
+      body += "\"max\":" + std::to_string(*_o.max);
+    }
+    body += "}";
+    relay::http::client_response r;
+    if (int rc = request("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body, r)) return rc;
+    std::printf("%s\n", r.body.c_str());
+    return ok;
+  }
+
+  options _o;
+  std::unique_ptr<client> _client;
+};
+
+bool parse_number(const std::string& s, uint32_t& out) {
+  char* end = nullptr;
+  unsigned long v = std::strtoul(s.c_str(), &end, 10);
+  if (s.empty() || *end || v > 0xffffffffUL) return false;
+  out = static_cast<uint32_t>(v);
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);
+  options o;
+  o.url = env("RELAY_URL", "https://localhost:8443");
+  o.cert = env("RELAYCTL_CERT");
+  o.key = env("RELAYCTL_KEY");
+  o.ca = env("RELAYCTL_CA");
+  std::string command;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](std::string& out) {
+      if (i + 1 >= argc) return false;
+      out = argv[++i];
+      return true;
+    };
+    auto number = [&](std::optional<uint32_t>& out) {
+      std::string v;
+      uint32_t n = 0;
+      if (!value(v) || !parse_number(v, n)) return false;
+      out = n;
+      return true;
+    };
+    auto text = [&](std::optional<std::string>& out) {
+      std::string v;
+      if (!value(v)) return false;
+      out = v;
+      return true;
+    };
+    bool good = true;
+    if (a == "-h" || a == "--help") {
+      std::fputs(usage, stdout);
+      return ok;
+    } else if (a == "--url") good = value(o.url);
+    else if (a == "--server-name") good = value(o.server_name);
+    else if (a == "--cert") good = value(o.cert);
+    else if (a == "--key") good = value(o.key);
+    else if (a == "--ca") good = value(o.ca);
+    else if (a == "--file") good = value(o.file);
+    else if (a == "--json") o.json = true;
+    else if (a == "--batch") o.batch = true;
+    else if (a == "--timeout") {
+      std::optional<uint32_t> t;
+      good = number(t);
+      if (good) o.timeout_ms = *t;
+    } else if (a == "--wait") good = number(o.wait_ms);
+    else if (a == "--limit") good = number(o.limit);
+    else if (a == "--max") good = number(o.max);
+    else if (a == "--priority") good = text(o.priority);
+    else if (a == "--delay-ms") good = text(o.delay_ms);
+    else if (a == "--max-attempts") good = text(o.max_attempts);
+    else if (a == "--lease-ms") good = text(o.lease_ms);
+    else if (a == "--idempotency-key") good = text(o.idempotency_key);
+    else if (a.size() > 1 && a[0] == '-' && a != "-") {
+      std::fprintf(stderr, "relayctl: unknown option %s\n%s", a.c_str(), usage);
+      return usage_error;
+    } else if (command.empty()) command = a;
+    else o.args.push_back(a);
+    if (!good) {
+      std::fprintf(stderr, "relayctl: %s needs a valid value\n", a.c_str());
+      return usage_error;
+    }
+  }
+  if (command.empty()) {
+    std::fputs(usage, stderr);
+    return usage_error;
+  }
+  if (o.ca.empty()) {
+    std::fprintf(stderr, "relayctl: --ca (or RELAYCTL_CA) is required: relay's certificate is always verified\n");
+    return usage_error;
+  }
+  for (const auto* numeric : {&o.priority, &o.delay_ms, &o.max_attempts, &o.lease_ms}) {
+    uint32_t n;
+    if (*numeric && !parse_number(**numeric, n)) {
+      std::fprintf(stderr, "relayctl: job options take whole numbers\n");
+      return usage_error;
+    }
+  }
+  return tool(std::move(o)).run(command);
+}
