@@ -293,3 +293,61 @@ TEST_CASE("relayctl: exit codes scripts can trust") {
   CHECK_EQ(stats.exit_code, 0);
   CHECK(stats.out.find("render") != std::string::npos);
 }
+
+TEST_CASE("a heartbeat answered 'no such lease' stops the handler and drops the job") {
+  // A relay restarted without its journal has forgotten the lease: the next
+  // heartbeat is refused and bunny stops work nobody will accept.
+  uint16_t port = test::free_port();
+  std::vector<std::string> listen{"--listen", "127.0.0.1:" + std::to_string(port)};
+  auto first = std::make_unique<relay_process>(listen);
+  submit(*first, "render", "1");
+  bunny_process b(port, {.concurrency = 1, .lease_ms = 1200,
+                         .handler = R"({"exec": [")" + test::handler_path("sleepy.sh") + R"("], "kill_grace_ms": 200})"});
+  REQUIRE(b.proc->wait_for_line("\"event\":\"job_started\"").has_value());
+  first.reset();  // SIGKILL
+  relay_process second(listen);
+  auto lost = b.proc->wait_for_line("\"event\":\"lease_lost\"", 15000);
+  REQUIRE(lost.has_value());
+  auto finished = b.proc->wait_for_line("\"event\":\"job_finished\"", 15000);
+  REQUIRE(finished.has_value());
+  CHECK(finished->find("\"error\":\"lease lost\"") != std::string::npos);
+  CHECK(b.metrics().find("bunny_jobs_lease_lost_total 1") != std::string::npos);
+  // The slot is free again: the next job is taken.
+  std::string id = submit(second, "render", "3");
+  CHECK(b.proc->wait_for_line("\"job\":\"" + id + "\",\"queue\":\"render\",\"attempt\":1", 15000).has_value());
+  CHECK_EQ(field(second.curl("producer", "GET", "/v1/jobs/" + id).body, "state"), "leased");
+}
+
+TEST_CASE("a result relay cannot take is retried, then abandoned once its lease has certainly expired") {
+  uint16_t port = test::free_port();
+  std::vector<std::string> listen{"--listen", "127.0.0.1:" + std::to_string(port)};
+  auto relay = std::make_unique<relay_process>(listen);
+  submit(*relay, "render", "[6, 1]");
+  bunny_process b(port, {.concurrency = 1, .lease_ms = 1500});
+  REQUIRE(b.proc->wait_for_line("\"event\":\"job_started\"").has_value());
+  relay.reset();  // relay is gone while the job runs; nothing answers
+  auto abandoned = b.proc->wait_for_line("\"event\":\"result_abandoned\"", 20000);
+  REQUIRE(abandoned.has_value());
+  std::string log = b.proc->log();
+  CHECK(log.find("\"event\":\"relay_unreachable\"") != std::string::npos);
+  CHECK(log.find("\"event\":\"result_delivered\"") == std::string::npos);
+  CHECK(b.metrics().find("bunny_results_abandoned_total 1") != std::string::npos);
+  // bunny is still there, waiting for relay to come back.
+  CHECK_EQ(b.proc->wait(0), -1);
+}
+
+TEST_CASE("relayctl lists and requeues dead jobs") {
+  relay_process relay;
+  std::string id = submit(relay, "render", "1", R"(,"max_attempts":1)");
+  auto l = relay.curl("worker", "POST", "/v1/queues/render/lease", "{}");
+  relay.curl("worker", "POST", "/v1/jobs/" + id + "/fail", R"({"lease":")" + field(l.body, "lease") + R"(","error":"bad input"})");
+  auto dead = test::relayctl(relay, "admin", {"dead", "render"});
+  CHECK_EQ(dead.exit_code, 0);
+  CHECK_EQ(dead.out, id + "  attempts=1  error=bad input\n");
+  auto requeue = test::relayctl(relay, "admin", {"requeue", "render", id});
+  CHECK_EQ(requeue.exit_code, 0);
+  CHECK(requeue.out.find(id) != std::string::npos);
+  CHECK_EQ(field(relay.curl("producer", "GET", "/v1/jobs/" + id).body, "state"), "queued");
+  auto denied = test::relayctl(relay, "producer", {"requeue", "render"});
+  CHECK_EQ(denied.exit_code, 1);
+}
