@@ -96,6 +96,9 @@ enum class record_type : uint8_t {
   cancel = 6,     // id
   expire = 7,     // id: the lease ran out
   requeue = 8,    // id: a dead job is given fresh attempts
+  snapshot = 9,   // a job's whole state (compaction): id, queue, state, attempts, max_attempts, priority,
+                  // lease_ms, created, at (updated), due, lease, owner, idempotency_key, payload, text (outcome)
+  meta = 10,      // id: the next job id to hand out (written at the start of each segment)
 };
 
 struct record {
@@ -106,6 +109,9 @@ struct record {
   uint8_t priority = default_priority;
   uint16_t max_attempts = 0;
   uint32_t lease_ms = 0;
+  job_state state = job_state::queued;  // snapshot
+  uint16_t attempts = 0;                // snapshot
+  time_ms created = 0;                  // snapshot
   lease_token lease;
   std::string_view queue;
   std::string_view owner;
@@ -274,8 +280,17 @@ class broker {
   // The earliest time advance() has work to do, if any.
   std::optional<time_ms> next_deadline() const;
 
-  // Replays one journal record (issue 4); live changes go through the methods above.
-  void apply(const record& r);
+  // Replays one journal record; live changes go through the methods above.
+  // Records come from disk, so they are checked: one that does not fit the
+  // current state (unknown job, wrong state, a repeated submit) is not
+  // applied and false is returned.
+  bool apply(const record& r);
+
+  // For compaction: the ids of every job held, and a record that recreates
+  // a job's whole state (replay upserts it).
+  std::vector<job_id> job_ids() const;
+  record snapshot_of(const job& j) const;
+  record meta_record(time_ms now) const;
 
   const job* find(job_id id) const;
   const job_queue* find_queue(std::string_view name) const;
@@ -304,6 +319,8 @@ class broker {
   void forget(job& j);
   void grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now);
   void set_outcome(job& j, std::string_view text);
+  bool apply_snapshot(const record& r);
+  void place(job& j);
 
   // Timed heap: delayed, failed (awaiting retry) and leased jobs by due_ms.
   void timed_push(job& j);

@@ -245,7 +245,8 @@ std::vector<const job*> broker::dead_jobs(std::string_view queue, size_t limit) 
 
 void broker::commit(const record& r) {
   if (_sink) _sink->append(r);
-  apply(r);
+  [[maybe_unused]] bool applied = apply(r);
+  assert(applied && "live records always fit the state they were made from");
 }
 
 submit_result broker::submit(const submit_params& p, time_ms now) {
@@ -585,17 +586,20 @@ void broker::forget(job& j) {
   _jobs.erase(j.id);
 }
 
-void broker::apply(const record& r) {
+bool broker::apply(const record& r) {
+  if (r.type == record_type::meta) {
+    _next_id = std::max(_next_id, r.id);
+    return true;
+  }
+  if (r.type == record_type::snapshot) return apply_snapshot(r);
   if (r.type == record_type::submit) {
+    if (r.id == 0 || _jobs.count(r.id) || r.priority >= priority_levels || r.max_attempts == 0) return false;
     op_error err;
     bool was_replay = _applying_replay;
     _applying_replay = true;  // limits were checked before the record was made
     job_queue* q = queue_for(r.queue, true, err);
     _applying_replay = was_replay;
-    auto [it, inserted] = _jobs.try_emplace(r.id);
-    assert(inserted && "job ids are never reused");
-    (void)inserted;
-    job& j = it->second;
+    job& j = _jobs.try_emplace(r.id).first->second;
     j.id = r.id;
     j.queue = q;
     j.priority = r.priority;
@@ -617,16 +621,34 @@ void broker::apply(const record& r) {
     } else {
       make_ready(j, true);
     }
-    return;
+    return true;
   }
 
   job* jp = find_mutable(r.id);
-  assert(jp && "records name existing jobs");
-  if (!jp) return;
+  if (!jp) return false;
   job& j = *jp;
+  // Each change has one state it may start from.
   switch (r.type) {
     case record_type::lease:
-      assert(j.state == job_state::queued);
+      if (j.state != job_state::queued) return false;
+      break;
+    case record_type::heartbeat:
+    case record_type::complete:
+    case record_type::fail:
+    case record_type::expire:
+      if (j.state != job_state::leased) return false;
+      break;
+    case record_type::cancel:
+      if (j.state == job_state::leased || is_terminal(j.state)) return false;
+      break;
+    case record_type::requeue:
+      if (j.state != job_state::dead) return false;
+      break;
+    default:
+      return false;
+  }
+  switch (r.type) {
+    case record_type::lease:
       remove_from_container(j);
       ++j.attempts;
       set_state(j, job_state::leased);
@@ -687,9 +709,113 @@ void broker::apply(const record& r) {
       ++j.queue->_counters.requeued;
       make_ready(j, false);
       break;
-    case record_type::submit:
+    default:
       break;
   }
+  return true;
+}
+
+void broker::place(job& j) {
+  // Puts a job whose fields are set into the container its state calls for.
+  job_queue& q = *j.queue;
+  switch (j.state) {
+    case job_state::queued:
+      j.state = job_state::delayed;  // make_ready() counts the move
+      ++q._counts[static_cast<size_t>(job_state::delayed)];
+      make_ready(j, false);
+      return;
+    case job_state::delayed:
+    case job_state::failed:
+    case job_state::leased:
+      ++q._counts[static_cast<size_t>(j.state)];
+      timed_push(j);
+      return;
+    case job_state::dead:
+      ++q._counts[static_cast<size_t>(j.state)];
+      list_append(q._dead.head, q._dead.tail, &j);
+      j.where = in_dead;
+      _retention.emplace_back(j.updated_ms + _limits.result_ttl_ms, j.id);
+      return;
+    case job_state::succeeded:
+    case job_state::cancelled:
+      ++q._counts[static_cast<size_t>(j.state)];
+      j.where = in_none;
+      _retention.emplace_back(j.updated_ms + _limits.result_ttl_ms, j.id);
+      return;
+  }
+}
+
+bool broker::apply_snapshot(const record& r) {
+  if (r.id == 0 || r.priority >= priority_levels || r.max_attempts == 0 ||
+      static_cast<size_t>(r.state) >= job_state_count)
+    return false;
+  if (r.state == job_state::leased && r.owner.empty()) return false;
+  // Upsert: a snapshot may follow records for the same job when a crash
+  // interrupted compaction before the old segments were deleted.
+  if (job* old = find_mutable(r.id)) forget(*old);
+  op_error err;
+  bool was_replay = _applying_replay;
+  _applying_replay = true;
+  job_queue* q = queue_for(r.queue, true, err);
+  _applying_replay = was_replay;
+  job& j = _jobs.try_emplace(r.id).first->second;
+  j.id = r.id;
+  j.queue = q;
+  j.state = r.state;
+  j.priority = r.priority;
+  j.attempts = r.attempts;
+  j.max_attempts = r.max_attempts;
+  j.lease_ms = r.lease_ms;
+  j.created_ms = r.created;
+  j.updated_ms = r.at;
+  j.due_ms = r.due;
+  j.lease = r.lease;
+  j.lease_owner = r.state == job_state::leased ? intern(r.owner) : nullptr;
+  j.payload.assign(r.payload);
+  j.outcome.assign(r.text);
+  j.idempotency_key.assign(r.idempotency_key);
+  _held_bytes += j.payload.size() + j.outcome.size();
+  _next_id = std::max(_next_id, r.id + 1);
+  if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
+  place(j);
+  return true;
+}
+
+std::vector<job_id> broker::job_ids() const {
+  std::vector<job_id> ids;
+  ids.reserve(_jobs.size());
+  for (const auto& [id, j] : _jobs) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+record broker::snapshot_of(const job& j) const {
+  record r;
+  r.type = record_type::snapshot;
+  r.id = j.id;
+  r.queue = j.queue->name();
+  r.state = j.state;
+  r.attempts = j.attempts;
+  r.max_attempts = j.max_attempts;
+  r.priority = j.priority;
+  r.lease_ms = j.lease_ms;
+  r.created = j.created_ms;
+  r.at = j.updated_ms;
+  r.due = j.due_ms;
+  r.lease = j.lease;
+  r.owner = j.lease_owner ? std::string_view(*j.lease_owner) : std::string_view();
+  r.idempotency_key = j.idempotency_key;
+  r.payload = j.payload;
+  r.text = j.outcome;
+  return r;
+}
+
+record broker::meta_record(time_ms now) const {
+  record r;
+  r.type = record_type::meta;
+  r.id = _next_id;
+  r.at = now;
+  return r;
 }
 
 }  // namespace relay::queue

@@ -401,3 +401,73 @@ TEST_CASE("limits: bytes held, counting payloads and results until forgotten") {
   CHECK_EQ(b.held_bytes(), 0u);
   CHECK_EQ(b.submit(p, 101).error, op_error::none);
 }
+
+TEST_CASE_FIXTURE(fixture, "snapshots recreate every job's state, and upsert over older records") {
+  job_id a = submit("{\"a\":1}", 1, 0, 5, "key-a");
+  job_id d = submit("2", 5, 60000);
+  job_id l = submit("3");
+  job_id x = submit("4", 5, 0, 1);
+  auto got = lease(2, 10000);  // a, l
+  b.complete(a, got[0]->lease, worker, "\"ok\"", now);
+  auto gx = lease(1, 10000);  // x
+  b.fail(x, gx[0]->lease, worker, "broken", 10, now);  // dead
+
+  broker replica(broker_limits{}, counting_random());
+  // Old records first (as after a crash mid-compaction), then the snapshot.
+  sink.replay_into(replica);
+  for (job_id id : b.job_ids()) CHECK(replica.apply(b.snapshot_of(*b.find(id))));
+  CHECK(replica.apply(b.meta_record(now)));
+  broker fresh(broker_limits{}, counting_random());
+  for (job_id id : b.job_ids()) CHECK(fresh.apply(b.snapshot_of(*b.find(id))));
+  CHECK(fresh.apply(b.meta_record(now)));
+  for (broker* r : {&replica, &fresh}) {
+    CHECK_EQ(r->job_count(), b.job_count());
+    CHECK_EQ(r->held_bytes(), b.held_bytes());
+    for (job_id id : {a, d, l, x}) {
+      const job* p = b.find(id);
+      const job* q = r->find(id);
+      REQUIRE(q);
+      CHECK_EQ(p->state, q->state);
+      CHECK_EQ(p->attempts, q->attempts);
+      CHECK_EQ(p->due_ms, q->due_ms);
+      CHECK_EQ(p->outcome, q->outcome);
+      CHECK(p->lease.equals(q->lease));
+    }
+    for (size_t s = 0; s < job_state_count; ++s)
+      CHECK_EQ(b.find_queue("q")->count(job_state(s)), r->find_queue("q")->count(job_state(s)));
+    CHECK_EQ(r->dead_jobs("q", 10).size(), 1u);
+    // The leased job's lease still works on the copy, for its owner only.
+    CHECK_EQ(r->complete(l, b.find(l)->lease, r->intern("spiffe://test/other"), "1", now), op_error::wrong_owner);
+    CHECK_EQ(r->complete(l, b.find(l)->lease, r->intern("spiffe://test/worker"), "1", now), op_error::none);
+    // Ids continue after the highest, and keys still resolve.
+    submit_params p;
+    p.queue = "q";
+    p.payload = "9";
+    p.idempotency_key = "key-a";
+    CHECK_EQ(r->submit(p, now).j->id, a);
+    p.idempotency_key = {};
+    CHECK_GT(r->submit(p, now).j->id, x);
+  }
+}
+
+TEST_CASE_FIXTURE(fixture, "records that do not fit the state are refused, not applied") {
+  job_id id = submit("1");
+  record r;
+  r.type = record_type::complete;
+  r.id = id;
+  CHECK_FALSE(b.apply(r));  // not leased
+  r.id = 999;
+  CHECK_FALSE(b.apply(r));  // unknown job
+  record dup;
+  dup.type = record_type::submit;
+  dup.id = id;
+  dup.queue = "q";
+  dup.payload = "1";
+  dup.max_attempts = 1;
+  CHECK_FALSE(b.apply(dup));  // repeated submit
+  dup.id = 500;
+  dup.priority = 12;
+  CHECK_FALSE(b.apply(dup));  // out of range
+  CHECK_EQ(state(id), job_state::queued);
+  CHECK_EQ(b.job_count(), 1u);
+}
