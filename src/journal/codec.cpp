@@ -1,0 +1,149 @@
+#include <cstring>
+
+#include "relay/journal.h"
+
+namespace relay::journal {
+namespace {
+
+// CRC32C (Castagnoli), reflected polynomial 0x82F63B78.
+struct crc_table {
+  uint32_t t[256];
+  constexpr crc_table() : t() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+      t[i] = c;
+    }
+  }
+};
+constexpr crc_table table;
+
+uint32_t crc_soft(const uint8_t* p, size_t n, uint32_t crc) {
+  for (size_t i = 0; i < n; ++i) crc = table.t[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+  return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) uint32_t crc_hw(const uint8_t* p, size_t n, uint32_t crc) {
+  uint64_t c = crc;
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = __builtin_ia32_crc32di(c, v);
+    p += 8;
+    n -= 8;
+  }
+  uint32_t c32 = static_cast<uint32_t>(c);
+  while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return c32;
+}
+const bool have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+
+void put8(std::string& out, uint8_t v) { out.push_back(static_cast<char>(v)); }
+void put16(std::string& out, uint16_t v) {
+  for (int i = 0; i < 2; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void put32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void put64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
+}
+void put_bytes(std::string& out, std::string_view s) {
+  put32(out, static_cast<uint32_t>(s.size()));
+  out.append(s);
+}
+
+// Bounds-checked little-endian reader over a record body.
+struct reader {
+  std::string_view in;
+  size_t pos = 0;
+  bool ok = true;
+  uint64_t get(int bytes) {
+    if (pos + static_cast<size_t>(bytes) > in.size()) {
+      ok = false;
+      return 0;
+    }
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; ++i) v |= static_cast<uint64_t>(static_cast<uint8_t>(in[pos + static_cast<size_t>(i)])) << (8 * i);
+    pos += static_cast<size_t>(bytes);
+    return v;
+  }
+  std::string_view bytes() {
+    auto n = static_cast<size_t>(get(4));
+    if (!ok || pos + n > in.size()) {
+      ok = false;
+      return {};
+    }
+    std::string_view s = in.substr(pos, n);
+    pos += n;
+    return s;
+  }
+};
+
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+  auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+#if defined(__x86_64__)
+  crc = have_sse42 ? crc_hw(p, n, crc) : crc_soft(p, n, crc);
+#else
+  crc = crc_soft(p, n, crc);
+#endif
+  return ~crc;
+}
+
+void encode(const queue::record& r, std::string& out) {
+  size_t start = out.size();
+  out.resize(start + record_header_bytes);  // length and CRC, filled below
+  put8(out, static_cast<uint8_t>(r.type));
+  put64(out, r.id);
+  put64(out, static_cast<uint64_t>(r.at));
+  put64(out, static_cast<uint64_t>(r.due));
+  put64(out, static_cast<uint64_t>(r.created));
+  put8(out, r.priority);
+  put8(out, static_cast<uint8_t>(r.state));
+  put16(out, r.max_attempts);
+  put16(out, r.attempts);
+  put32(out, r.lease_ms);
+  out.append(reinterpret_cast<const char*>(r.lease.bytes.data()), r.lease.bytes.size());
+  put_bytes(out, r.queue);
+  put_bytes(out, r.owner);
+  put_bytes(out, r.idempotency_key);
+  put_bytes(out, r.payload);
+  put_bytes(out, r.text);
+  auto len = static_cast<uint32_t>(out.size() - start - record_header_bytes);
+  uint32_t crc = crc32c(out.data() + start + record_header_bytes, len);
+  for (int i = 0; i < 4; ++i) {
+    out[start + static_cast<size_t>(i)] = static_cast<char>(len >> (8 * i));
+    out[start + 4 + static_cast<size_t>(i)] = static_cast<char>(crc >> (8 * i));
+  }
+}
+
+bool decode(std::string_view body, queue::record& r) {
+  reader in{body};
+  auto type = static_cast<uint8_t>(in.get(1));
+  if (type < static_cast<uint8_t>(queue::record_type::submit) || type > static_cast<uint8_t>(queue::record_type::meta))
+    return false;
+  r.type = static_cast<queue::record_type>(type);
+  r.id = in.get(8);
+  r.at = static_cast<queue::time_ms>(in.get(8));
+  r.due = static_cast<queue::time_ms>(in.get(8));
+  r.created = static_cast<queue::time_ms>(in.get(8));
+  r.priority = static_cast<uint8_t>(in.get(1));
+  r.state = static_cast<queue::job_state>(in.get(1));
+  r.max_attempts = static_cast<uint16_t>(in.get(2));
+  r.attempts = static_cast<uint16_t>(in.get(2));
+  r.lease_ms = static_cast<uint32_t>(in.get(4));
+  for (auto& b : r.lease.bytes) b = static_cast<uint8_t>(in.get(1));
+  r.queue = in.bytes();
+  r.owner = in.bytes();
+  r.idempotency_key = in.bytes();
+  r.payload = in.bytes();
+  r.text = in.bytes();
+  return in.ok && in.pos == body.size();
+}
+
+}  // namespace relay::journal

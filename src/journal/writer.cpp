@@ -1,0 +1,406 @@
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cassert>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "journal/segment.h"
+#include "relay/journal.h"
+#include "relay/log.h"
+
+namespace relay::journal {
+namespace {
+
+std::vector<double> count_bounds() {
+  std::vector<double> b;
+  for (double v = 1; v <= 65536; v *= 2) b.push_back(v);
+  return b;
+}
+
+}  // namespace
+
+writer::writer(uv_loop_t* loop, options o, ops::registry& m)
+    : _loop(loop),
+      _o(std::move(o)),
+      _current(std::make_unique<batch>()),
+      _ring(new batch*[ring_size]),
+      _records(m.get_counter("relay_journal_records_total", "Records appended to the journal.")),
+      _fsyncs(m.get_counter("relay_journal_fsyncs_total", "fsync calls on journal segments.")),
+      _write_errors(m.get_counter("relay_journal_write_errors_total", "Failed journal writes or fsyncs.")),
+      _fsync_seconds(m.get_histogram("relay_journal_fsync_seconds", "Time per journal fsync.", ops::latency_bounds_seconds())),
+      _records_per_fsync(m.get_histogram("relay_journal_records_per_fsync", "Records made durable by one fsync (group commit).", count_bounds())),
+      _bytes_gauge(m.get_gauge("relay_journal_bytes", "Bytes in journal segments on disk.")),
+      _segments_gauge(m.get_gauge("relay_journal_segments", "Journal segment files.")),
+      _failing_gauge(m.get_gauge("relay_journal_failing", "1 while journal writes fail and changes are refused.")) {
+  _current->seq = _next_seq++;
+}
+
+writer::~writer() {
+  assert(!_thread.joinable() && "close() the writer before destroying it");
+  delete[] _ring;
+}
+
+bool writer::open(uint64_t first_segment, std::string& error) {
+  if (mkdir(_o.dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    error = "journal.dir " + _o.dir + ": " + std::strerror(errno);
+    return false;
+  }
+  // The first segment is opened here, before the thread starts, so that a
+  // bad directory is a start-up error rather than a runtime one.
+  if (!open_segment(first_segment, error)) return false;
+  uint64_t bytes = 0, count = 0;
+  for (uint64_t n : list_segments(_o.dir)) {
+    struct stat st;
+    if (stat(segment_path(_o.dir, n).c_str(), &st) == 0) bytes += static_cast<uint64_t>(st.st_size);
+    ++count;
+  }
+  _disk_bytes = bytes;
+  _segments = count;
+  _next_segment = first_segment + 1;
+  // Batches leave at the end of every loop phase that can append records:
+  // the check handle runs after I/O callbacks (requests), the prepare handle
+  // before the loop blocks (after timers such as lease expiry).
+  uv_check_init(_loop, &_check);
+  _check.data = this;
+  uv_check_start(&_check, on_check);
+  uv_prepare_init(_loop, &_prepare);
+  _prepare.data = this;
+  uv_prepare_start(&_prepare, [](uv_prepare_t* h) { static_cast<writer*>(h->data)->hand_off(); });
+  uv_async_init(_loop, &_async, on_async);
+  _async.data = this;
+  uv_timer_init(_loop, &_batch_timer);
+  _batch_timer.data = this;
+  if (_o.fsync == fsync_mode::batch)
+    uv_timer_start(&_batch_timer, on_batch_timer, _o.batch_interval_ms, _o.batch_interval_ms);
+  _open = true;
+  _thread = std::thread([this] { run(); });
+  return true;
+}
+
+// ---- Loop side ----
+
+void writer::append(const queue::record& r) {
+  size_t before = _current->bytes.size();
+  encode(r, _current->bytes);
+  ++_current->records;
+  ++_appended;
+  _last_record_seq = _current->seq;
+  _unwritten_bytes += _current->bytes.size() - before;
+  _records.inc();
+  // Large batches go at once rather than at the end of the iteration.
+  if (_current->bytes.size() >= (4u << 20)) hand_off();
+}
+
+void writer::when_durable(std::function<void(bool)> fn) {
+  if (_failing) {
+    fn(false);
+    return;
+  }
+  // In batch and off modes an answer does not wait for the disk.
+  if (_o.fsync != fsync_mode::always || _last_record_seq <= _durable_seq.load(std::memory_order_acquire)) {
+    fn(true);
+    return;
+  }
+  _waiters.push_back({_last_record_seq, std::move(fn)});
+}
+
+uint64_t writer::roll() {
+  uint64_t n = _next_segment++;
+  if (!_current->bytes.empty() || _current->roll_to) hand_off();
+  _current->roll_to = n;
+  hand_off();
+  return n;
+}
+
+void writer::delete_before(uint64_t segment) {
+  _current->delete_before = segment;
+  hand_off();
+}
+
+void writer::hand_off() {
+  if (_current->bytes.empty() && !_current->roll_to && !_current->delete_before && !_current->sync) return;
+  _overflow.push_back(std::move(_current));
+  _current = std::make_unique<batch>();
+  _current->seq = _next_seq++;
+  // Move what fits into the ring; the writer owns a batch once it is there.
+  uint64_t head = _ring_head.load(std::memory_order_relaxed);
+  while (!_overflow.empty() && head - _ring_tail.load(std::memory_order_acquire) < ring_size) {
+    _ring[head % ring_size] = _overflow.front().release();
+    _overflow.pop_front();
+    ++head;
+  }
+  _ring_head.store(head, std::memory_order_release);
+  _ring_head.notify_one();
+}
+
+void writer::on_check(uv_check_t* h) { static_cast<writer*>(h->data)->hand_off(); }
+
+void writer::on_batch_timer(uv_timer_t* t) {
+  auto* w = static_cast<writer*>(t->data);
+  // batch mode: an fsync marker every interval; while failing: a nudge to retry.
+  w->_current->sync = true;
+  w->hand_off();
+}
+
+void writer::on_async(uv_async_t* h) {
+  auto* w = static_cast<writer*>(h->data);
+  uint64_t durable = w->_durable_seq.load(std::memory_order_acquire);
+  bool failing = w->_writer_failing.load(std::memory_order_acquire);
+  uint64_t written = w->_written_bytes.exchange(0, std::memory_order_acq_rel);
+  w->_unwritten_bytes -= std::min(written, w->_unwritten_bytes);
+  w->_bytes_gauge.set(static_cast<int64_t>(w->_disk_bytes.load()));
+  w->_segments_gauge.set(static_cast<int64_t>(w->_segments.load()));
+  while (!w->_waiters.empty() && w->_waiters.front().seq <= durable) {
+    auto fn = std::move(w->_waiters.front().fn);
+    w->_waiters.pop_front();
+    fn(true);
+  }
+  if (failing) {
+    if (!w->_failing) {
+      while (w->_error_lock.test_and_set(std::memory_order_acquire)) {
+      }
+      w->_failure = w->_writer_error;
+      w->_error_lock.clear(std::memory_order_release);
+      log::error("journal_write_failed").str("reason", w->_failure).str("effect", "refusing changes until writes succeed");
+      w->_failing = true;
+      w->_failing_gauge.set(1);
+      if (w->_o.fsync != fsync_mode::batch) uv_timer_start(&w->_batch_timer, on_batch_timer, w->_o.retry_ms, w->_o.retry_ms);
+    }
+    // Nothing appended so far can be promised: the answers say so.
+    std::deque<waiter> failed;
+    failed.swap(w->_waiters);
+    for (auto& x : failed) x.fn(false);
+  } else if (w->_failing) {
+    w->_failing = false;
+    w->_failing_gauge.set(0);
+    log::info("journal_recovered");
+    if (w->_o.fsync != fsync_mode::batch) uv_timer_stop(&w->_batch_timer);
+  }
+}
+
+void writer::close() {
+  if (!_open) return;
+  _open = false;
+  hand_off();
+  // Whatever is still in the overflow must reach the ring before the stop.
+  while (!_overflow.empty()) {
+    uint64_t head = _ring_head.load(std::memory_order_relaxed);
+    while (!_overflow.empty() && head - _ring_tail.load(std::memory_order_acquire) < ring_size) {
+      _ring[head % ring_size] = _overflow.front().release();
+      _overflow.pop_front();
+      ++head;
+    }
+    _ring_head.store(head, std::memory_order_release);
+    _ring_head.notify_one();
+    if (!_overflow.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  // The stop flag first, then a marker batch: the writer waits for the
+  // ring head to change, so it must see a new batch to wake up.
+  _stop.store(true, std::memory_order_release);
+  _current->sync = true;
+  hand_off();
+  // Blocks only at shutdown, while the last batches are written and synced.
+  _thread.join();
+  on_async(&_async);
+  uv_check_stop(&_check);
+  uv_prepare_stop(&_prepare);
+  uv_timer_stop(&_batch_timer);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_check), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_prepare), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_async), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_batch_timer), nullptr);
+  if (_fd >= 0) ::close(_fd);
+  _fd = -1;
+}
+
+// ---- Writer thread ----
+
+bool writer::open_segment(uint64_t number, std::string& error) {
+  std::string path = segment_path(_o.dir, number);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    error = path + ": " + std::strerror(errno);
+    return false;
+  }
+  std::string header;
+  write_segment_header(header, number);
+  if (::write(fd, header.data(), header.size()) != static_cast<ssize_t>(header.size())) {
+    error = path + ": cannot write the header: " + std::strerror(errno);
+    ::close(fd);
+    return false;
+  }
+  if (_fd >= 0) ::close(_fd);
+  _fd = fd;
+  _segment = number;
+  _segment_size = _synced_size = header.size();
+  _disk_bytes.fetch_add(header.size());
+  _segments.fetch_add(1);
+  // The new file's name must be durable too.
+  int dfd = ::open(_o.dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return true;
+}
+
+bool writer::write_batch(batch& b, std::string& error) {
+  if (_o.fault) {
+    if (int e = _o.fault("write")) {
+      error = std::string("write ") + segment_path(_o.dir, _segment) + ": " + std::strerror(e);
+      return false;
+    }
+  }
+  const char* p = b.bytes.data();
+  size_t left = b.bytes.size();
+  while (left > 0) {
+    ssize_t n = ::write(_fd, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      error = std::string("write ") + segment_path(_o.dir, _segment) + ": " + std::strerror(n < 0 ? errno : ENOSPC);
+      return false;
+    }
+    p += n;
+    left -= static_cast<size_t>(n);
+  }
+  _segment_size += b.bytes.size();
+  _disk_bytes.fetch_add(b.bytes.size());
+  return true;
+}
+
+bool writer::sync(std::string& error) {
+  if (_o.fault) {
+    if (int e = _o.fault("fsync")) {
+      error = std::string("fsync ") + segment_path(_o.dir, _segment) + ": " + std::strerror(e);
+      return false;
+    }
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  if (::fdatasync(_fd) != 0) {
+    error = std::string("fsync ") + segment_path(_o.dir, _segment) + ": " + std::strerror(errno);
+    return false;
+  }
+  _fsync_seconds.observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  _fsyncs.inc();
+  _synced_size = _segment_size;
+  return true;
+}
+
+void writer::report(uint64_t durable, bool failed, const std::string& error) {
+  if (failed) {
+    while (_error_lock.test_and_set(std::memory_order_acquire)) {
+    }
+    _writer_error = error;
+    _error_lock.clear(std::memory_order_release);
+  }
+  if (durable) _durable_seq.store(durable, std::memory_order_release);
+  _writer_failing.store(failed, std::memory_order_release);
+  uv_async_send(&_async);
+}
+
+void writer::run() {
+  std::deque<std::unique_ptr<batch>> todo;  // received, not yet written
+  std::vector<std::unique_ptr<batch>> unsynced;
+  bool failing = false;
+  for (;;) {
+    uint64_t tail = _ring_tail.load(std::memory_order_relaxed);
+    uint64_t head = _ring_head.load(std::memory_order_acquire);
+    bool nudged = false;
+    while (tail != head) {
+      std::unique_ptr<batch> b(_ring[tail % ring_size]);
+      ++tail;
+      nudged = nudged || b->sync;
+      todo.push_back(std::move(b));
+    }
+    _ring_tail.store(tail, std::memory_order_release);
+    bool stopping = _stop.load(std::memory_order_acquire);
+    if (todo.empty() && unsynced.empty() && !nudged) {
+      if (stopping) break;
+      _ring_head.wait(head, std::memory_order_acquire);
+      continue;
+    }
+
+    std::string error;
+    bool ok = true;
+    uint64_t written_seq = 0, records = 0, bytes = 0;
+    while (ok && !todo.empty()) {
+      batch& b = *todo.front();
+      if (b.roll_to && b.roll_to != _segment) {
+        // Finish the old segment before the new one takes writes.
+        if (_o.fsync != fsync_mode::off && _segment_size != _synced_size) ok = sync(error);
+        if (ok) {
+          for (auto& u : unsynced) written_seq = std::max(written_seq, u->seq);
+          unsynced.clear();
+          ok = open_segment(b.roll_to, error);
+        }
+        if (!ok) break;
+      }
+      if (!b.bytes.empty()) {
+        ok = write_batch(b, error);
+        if (!ok) {
+          // Cut a partial write off so that a retry does not leave garbage
+          // in the middle of the segment.
+          if (::ftruncate(_fd, static_cast<off_t>(_segment_size)) != 0 || ::lseek(_fd, 0, SEEK_END) < 0) {
+            std::string ignored;
+            open_segment(_segment + 1000000, ignored);  // a fresh file; replay treats the old tail as torn
+          }
+          break;
+        }
+        records += b.records;
+        bytes += b.bytes.size();
+      }
+      if (b.delete_before) {
+        // Deleting is safe only once everything before it is on disk.
+        if (_o.fsync != fsync_mode::off && _segment_size != _synced_size) ok = sync(error);
+        if (!ok) break;
+        for (uint64_t n : list_segments(_o.dir)) {
+          if (n >= b.delete_before || n == _segment) continue;
+          std::string path = segment_path(_o.dir, n);
+          struct stat st;
+          if (stat(path.c_str(), &st) == 0 && ::unlink(path.c_str()) == 0) {
+            _disk_bytes.fetch_sub(static_cast<uint64_t>(st.st_size));
+            _segments.fetch_sub(1);
+          }
+        }
+      }
+      written_seq = std::max(written_seq, b.seq);
+      unsynced.push_back(std::move(todo.front()));
+      todo.pop_front();
+    }
+    bool want_sync = _o.fsync == fsync_mode::always || (_o.fsync == fsync_mode::batch && (nudged || stopping));
+    if (ok && want_sync && _segment_size != _synced_size) {
+      ok = sync(error);
+      if (ok) _records_per_fsync.observe(static_cast<double>(records));
+      if (!ok) {
+        // What was written since the last good fsync is in doubt: cut it and
+        // write it again on the next attempt.
+        _disk_bytes.fetch_sub(_segment_size - _synced_size);
+        if (::ftruncate(_fd, static_cast<off_t>(_synced_size)) == 0 && ::lseek(_fd, 0, SEEK_END) >= 0) {
+          _segment_size = _synced_size;
+          for (auto it = unsynced.rbegin(); it != unsynced.rend(); ++it) todo.push_front(std::move(*it));
+          unsynced.clear();
+          written_seq = 0;
+        }
+      }
+    }
+    if (ok) {
+      if (_o.fsync == fsync_mode::always || _segment_size == _synced_size) unsynced.clear();
+      else if (_o.fsync == fsync_mode::off) unsynced.clear();
+    } else {
+      _write_errors.inc();
+    }
+    _written_bytes.fetch_add(bytes, std::memory_order_relaxed);
+    // Only a cycle that fully succeeded (in always mode: fsync included)
+    // may move the durable mark; a failure never acknowledges anything.
+    uint64_t durable = ok ? written_seq : 0;
+    if (!ok || failing || durable) report(durable, !ok, error);
+    failing = !ok;
+    if (stopping && (ok || todo.empty())) break;
+    if (stopping && !ok) break;  // give up at shutdown: unwritten changes were never acknowledged
+  }
+}
+
+}  // namespace relay::journal
