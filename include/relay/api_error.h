@@ -28,6 +28,7 @@ enum class api_error : uint8_t {
   queue_full,
   too_many_queues,
   draining,
+  unavailable,
   internal,
 };
 

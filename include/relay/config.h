@@ -35,6 +35,9 @@ struct relay_config {
   struct {
     std::string dir = "/var/lib/relay";
     std::string fsync = "always";
+    uint64_t batch_interval_ms = 100;        // fsync period in "batch" mode (the window a crash may lose)
+    uint64_t segment_bytes = 64ull << 20;    // roll to a new segment past this size
+    uint64_t compact_min_bytes = 64ull << 20;  // compact once the journal exceeds this and twice the live data
   } journal;
   struct {
     uint64_t max_body_bytes = 1048576;

@@ -241,6 +241,8 @@ class broker {
   ~broker();
 
   principal_ref intern(std::string_view principal);
+  // Where records go from now on (null: nowhere, e.g. during replay).
+  void set_sink(record_sink* sink) { _sink = sink; }
 
   submit_result submit(const submit_params& p, time_ms now);
 

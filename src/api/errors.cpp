@@ -7,7 +7,7 @@ namespace relay {
 namespace {
 
 // Indexed by api_error; keep in enum order.
-constexpr std::array<api_error_info, 18> table{{
+constexpr std::array<api_error_info, 19> table{{
     {400, "bad_request", "the request is malformed"},
     {400, "invalid_json", "the body is not valid JSON"},
     {400, "invalid_field", "a field has the wrong type or value"},
@@ -25,6 +25,7 @@ constexpr std::array<api_error_info, 18> table{{
     {429, "queue_full", "relay holds as many jobs (or job bytes) as it may; retry later"},
     {429, "too_many_queues", "relay holds as many queues as it may"},
     {503, "draining", "relay is shutting down"},
+    {503, "unavailable", "relay cannot make changes durable right now; retry later"},
     {500, "internal", "internal error"},
 }};
 
@@ -51,6 +52,7 @@ std::string_view api_error_headers(api_error e) {
     case api_error::queue_full:
     case api_error::too_many_queues: return "Retry-After: 1\r\n";
     case api_error::draining: return "Retry-After: 1\r\nConnection: close\r\n";
+    case api_error::unavailable: return "Retry-After: 1\r\n";
     default: return {};
   }
 }

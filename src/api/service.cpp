@@ -8,9 +8,11 @@
 
 namespace relay::api {
 
-service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics)
+service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
+                 journal::writer* journal)
     : _loop(loop),
       _broker(broker),
+      _journal(journal),
       _policy(std::move(policy)),
       _metrics(metrics),
       _denials(metrics.get_counter("relay_authz_denials_total", "Requests denied by the policy.")) {
@@ -49,8 +51,37 @@ void service::count(route r, int status) {
 }
 
 void service::respond(context& c, int status, std::string_view body, std::string_view extra) {
-  count(c.match.which, status);
-  c.conn.respond(status, body, extra);
+  send(c.conn, c.match.which, status, std::string(body), extra);
+}
+
+void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra) {
+  if (!_journal) {
+    count(r, status);
+    conn.respond(status, body, extra);
+    return;
+  }
+  struct held {
+    net::server_conn* conn;
+    route r;
+    int status;
+    std::string body, extra;
+  };
+  auto* h = new held{&conn, r, status, std::move(body), std::string(extra)};
+  // If the client goes away first, the answer is dropped, not sent.
+  conn.set_abandon_hook([h] { h->conn = nullptr; });
+  _journal->when_durable([this, h](bool ok) {
+    if (h->conn) {
+      if (ok) {
+        count(h->r, h->status);
+        h->conn->respond(h->status, h->body, h->extra);
+      } else {
+        count(h->r, describe(api_error::unavailable).status);
+        h->conn->respond_error(api_error::unavailable,
+                               "the change may not be durable: the journal write failed (" + _journal->failure() + ")");
+      }
+    }
+    delete h;
+  });
 }
 
 void service::respond_error(context& c, api_error e, std::string_view detail) {
@@ -114,6 +145,14 @@ void service::on_request(net::server_conn& conn, http::request& req) {
   c.policy_principal = c.policy ? c.policy->match(conn.peer()) : nullptr;
   if (!c.policy) {
     respond_error(c, api_error::internal, "no policy loaded");
+    return;
+  }
+  bool changes = c.match.which != route::get_job && c.match.which != route::list_queues &&
+                 c.match.which != route::get_queue && c.match.which != route::list_dead;
+  if (changes && _journal && !_journal->accepting()) {
+    respond_error(c, api_error::unavailable,
+                  _journal->failure().empty() ? "the journal is behind; retry later"
+                                              : "the journal cannot be written: " + _journal->failure());
     return;
   }
   switch (c.match.which) {

@@ -17,6 +17,7 @@
 #include "api/decode.h"
 #include "api/router.h"
 #include "relay/auth.h"
+#include "relay/journal.h"
 #include "relay/metrics.h"
 #include "relay/queue.h"
 #include "relay/server.h"
@@ -27,7 +28,9 @@ class service final : public net::request_handler {
  public:
   using policy_source = std::function<std::shared_ptr<const auth::policy>()>;
 
-  service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics);
+  // `journal` may be null (no durability, as in unit tests).
+  service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
+          journal::writer* journal = nullptr);
   service(const service&) = delete;
   service& operator=(const service&) = delete;
   ~service() override;
@@ -59,6 +62,10 @@ class service final : public net::request_handler {
   bool authorize(context& c, auth::permission p, std::string_view queue);
   void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
   void respond(context& c, int status, std::string_view body, std::string_view extra = {});
+  // Every answer goes out through here: while records appended so far are
+  // not yet durable, the answer waits for them (so that no client ever sees
+  // a change a crash could undo), and becomes a 503 if writing them failed.
+  void send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra = {});
   void respond_error(context& c, api_error e, std::string_view detail = {});
   void count(route r, int status);
   // The job a /v1/jobs/{id} route names, after checking `p` on its queue;
@@ -85,6 +92,7 @@ class service final : public net::request_handler {
 
   uv_loop_t* _loop;
   queue::broker& _broker;
+  journal::writer* _journal;
   policy_source _policy;
   ops::registry& _metrics;
   decoder _decoder;

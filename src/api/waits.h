@@ -24,15 +24,13 @@ struct service::lease_wait final : queue::lease_waiter {
     svc._lease_waits.insert(this);
   }
   void on_leased(const std::vector<queue::job*>& jobs) override {
-    svc.count(route::lease, 200);
-    conn.respond(200, leased_jobs_json(jobs));
     svc.finish_lease_wait(this);
+    svc.send(conn, route::lease, 200, leased_jobs_json(jobs));
   }
   void expire() {
     svc._broker.unpark(*this);
-    svc.count(route::lease, 200);
-    conn.respond(200, "{\"jobs\":[]}");
     svc.finish_lease_wait(this);
+    svc.send(conn, route::lease, 200, "{\"jobs\":[]}");
   }
   void abandon() {
     svc._broker.unpark(*this);
@@ -67,15 +65,14 @@ struct service::job_wait final : queue::job_watcher {
     answer(svc._broker.find(id));
   }
   void answer(const queue::job* j) {
-    svc.count(route::get_job, j ? 200 : 404);
+    svc.finish_job_wait(this);
     if (j) {
       std::string body;
       append_job_json(body, *j);
-      conn.respond(200, body);
+      svc.send(conn, route::get_job, 200, std::move(body));
     } else {
-      conn.respond_error(api_error::not_found, "no such job");
+      svc.send(conn, route::get_job, 404, api_error_body(api_error::not_found, "no such job"));
     }
-    svc.finish_job_wait(this);
   }
   void abandon() {
     svc._broker.unwatch(*this);

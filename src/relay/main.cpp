@@ -15,14 +15,16 @@ namespace {
 
 constexpr const char* usage =
     "usage: relay [--config FILE] [--listen ADDR] [--ops-listen ADDR] [--journal-dir DIR]\n"
-    "             [--set dotted.key=value]... [--check-config]\n"
+    "             [--set dotted.key=value]... [--check-config] [--repair-journal]\n"
     "\n"
     "  --config FILE        JSON configuration file\n"
     "  --listen ADDR        API listener (mTLS), IP:port; port 0 picks one\n"
     "  --ops-listen ADDR    ops listener (/healthz /readyz /metrics), plain HTTP\n"
     "  --journal-dir DIR    journal directory\n"
     "  --set KEY=VALUE      override any configuration key, e.g. limits.max_body_bytes=65536\n"
-    "  --check-config       validate, print the effective configuration and exit\n";
+    "  --check-config       validate, print the effective configuration and exit\n"
+    "  --repair-journal     if the journal is corrupt before its tail, cut it there and start\n"
+    "                       (the log says what was dropped); without it relay refuses to start\n";
 
 int fail(const std::string& msg, int code = 2) {
   std::fprintf(stderr, "relay: %s\n", msg.c_str());
@@ -35,6 +37,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> config_file;
   relay::config::override_list overrides;
   bool check_only = false;
+  bool repair_journal = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&](const char* flag) -> std::optional<std::string> {
@@ -47,6 +50,8 @@ int main(int argc, char** argv) {
       return 0;
     } else if (arg == "--check-config") {
       check_only = true;
+    } else if (arg == "--repair-journal") {
+      repair_journal = true;
     } else if (arg == "--config" || arg == "--listen" || arg == "--ops-listen" || arg == "--journal-dir" ||
                arg == "--set") {
       auto v = value(arg.c_str());
@@ -85,7 +90,7 @@ int main(int argc, char** argv) {
   uv_loop_init(&loop);
   int rc = 0;
   {
-    relay::relay_server server(&loop, cfg);
+    relay::relay_server server(&loop, cfg, repair_journal);
     if (!server.start(error)) {
       relay::log::error("start_failed").str("reason", error);
       rc = 1;

@@ -1,5 +1,9 @@
 #include "relay/relay_server.h"
 
+#include <sys/resource.h>
+
+#include <chrono>
+
 #include "relay/log.h"
 
 namespace relay {
@@ -27,13 +31,15 @@ net::conn_options conn_options(const config::relay_config& cfg) {
 
 }  // namespace
 
-relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg)
+relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repair_journal)
     : _loop(loop),
       _cfg(std::move(cfg)),
+      _repair_journal(repair_journal),
       _reloads_ok(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
                                        "result=\"ok\"")),
       _reloads_failed(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
-                                           "result=\"failed\"")) {}
+                                           "result=\"failed\"")),
+      _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")) {}
 
 relay_server::~relay_server() = default;
 
@@ -63,7 +69,8 @@ bool relay_server::start(std::string& error) {
   limits.max_queues = _cfg.limits.max_queues;
   limits.result_ttl_ms = static_cast<queue::time_ms>(_cfg.limits.result_ttl_ms);
   _broker = std::make_unique<queue::broker>(limits, tls::random_bytes);
-  _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics);
+  if (!open_journal(error)) return false;
+  _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics, _journal.get());
   _ops = std::make_unique<ops::ops_handler>(_metrics, [this] { return readiness(); });
 
   net::listener_options api_opts;
@@ -88,14 +95,102 @@ bool relay_server::start(std::string& error) {
       .str("tls_library", tls::library_version())
       .str("policy", _cfg.policy)
       .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
-  // TODO(durability): the journal (journal.dir, journal.fsync) is issue 4;
-  // until then jobs live in memory only. Say so where operators look.
-  log::warn("journal_disabled").str("journal_dir", _cfg.journal.dir).str("reason", "durability not built yet: jobs are held in memory only");
   return true;
+}
+
+bool relay_server::open_journal(std::string& error) {
+  // Replay first: nothing listens until the queues are what they were.
+  auto t0 = std::chrono::steady_clock::now();
+  journal::replay_result res;
+  if (!journal::replay(_cfg.journal.dir, _repair_journal, [this](const queue::record& r) { return _broker->apply(r); },
+                       res, error))
+    return false;
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  _metrics.get_gauge("relay_journal_replay_milliseconds", "How long the last start-up replay took.")
+      .set(static_cast<int64_t>(seconds * 1000));
+  log::info("journal_replayed")
+      .str("dir", _cfg.journal.dir)
+      .num("segments", static_cast<int64_t>(res.segments))
+      .num("records", static_cast<int64_t>(res.records))
+      .num("bytes", static_cast<int64_t>(res.bytes))
+      .num("jobs", static_cast<int64_t>(_broker->job_count()))
+      .num("milliseconds", static_cast<int64_t>(seconds * 1000))
+      .num("max_rss_kb", ru.ru_maxrss);
+  if (res.skipped)
+    log::info("journal_records_superseded")
+        .num("records", static_cast<int64_t>(res.skipped))
+        .str("why", "records written before a compaction snapshot of the same job; the snapshot holds their effect");
+  if (!res.note.empty()) log::warn(res.truncated ? "journal_tail_truncated" : "journal_repaired").str("detail", res.note);
+
+  journal::options o;
+  o.dir = _cfg.journal.dir;
+  o.fsync = _cfg.journal.fsync == "always" ? journal::fsync_mode::always
+            : _cfg.journal.fsync == "batch" ? journal::fsync_mode::batch
+                                            : journal::fsync_mode::off;
+  o.batch_interval_ms = static_cast<uint32_t>(_cfg.journal.batch_interval_ms);
+  o.segment_bytes = _cfg.journal.segment_bytes;
+  _journal = std::make_unique<journal::writer>(_loop, o, _metrics);
+  if (!_journal->open(res.next_segment, error)) return false;
+  _broker->set_sink(_journal.get());
+  // Every segment starts with the id counter, so ids are never reused even
+  // after compaction deletes the segments that handed them out.
+  _journal->append(_broker->meta_record(api::service::now()));
+  // Leases that ran out while relay was down expire now, as records.
+  _broker->advance(api::service::now());
+  uv_timer_init(_loop, &_compact_timer);
+  _compact_timer.data = this;
+  uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
+  return true;
+}
+
+void relay_server::on_compact_tick(uv_timer_t* t) {
+  auto* self = static_cast<relay_server*>(t->data);
+  if (self->_compact_segment) {
+    self->compact_step();
+    return;
+  }
+  // Compact when the journal is large both in absolute terms and against
+  // what is live (payloads, results and per-job overhead).
+  uint64_t live = self->_broker->held_bytes() + self->_broker->job_count() * 160;
+  uint64_t disk = self->_journal->disk_bytes();
+  if (disk < self->_cfg.journal.compact_min_bytes || disk < 2 * live) return;
+  self->_compact_bytes_before = disk;
+  self->_compact_segment = self->_journal->roll();
+  self->_journal->append(self->_broker->meta_record(api::service::now()));
+  self->_compact_ids = self->_broker->job_ids();
+  self->_compact_next = 0;
+  log::info("journal_compaction_started")
+      .num("bytes", static_cast<int64_t>(disk))
+      .num("live_jobs", static_cast<int64_t>(self->_compact_ids.size()));
+  // Copy in slices so that the loop keeps serving requests meanwhile.
+  uv_timer_start(t, on_compact_tick, 0, 1);
+}
+
+void relay_server::compact_step() {
+  // A job's snapshot holds every change made to it so far; changes made
+  // later follow it in the journal. A job forgotten meanwhile is skipped.
+  constexpr size_t slice = 20000;
+  size_t end = std::min(_compact_next + slice, _compact_ids.size());
+  for (; _compact_next < end; ++_compact_next)
+    if (const queue::job* j = _broker->find(_compact_ids[_compact_next])) _journal->append(_broker->snapshot_of(*j));
+  if (_compact_next < _compact_ids.size()) return;
+  _journal->delete_before(_compact_segment);
+  _compactions.inc();
+  log::info("journal_compaction_finished")
+      .num("bytes_before", static_cast<int64_t>(_compact_bytes_before))
+      .num("jobs_copied", static_cast<int64_t>(_compact_ids.size()));
+  _compact_segment = 0;
+  _compact_ids.clear();
+  _compact_ids.shrink_to_fit();
+  uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
 }
 
 std::string relay_server::readiness() const {
   if (_draining) return "draining";
+  if (_journal && !_journal->accepting())
+    return "journal cannot take writes: " + (_journal->failure().empty() ? std::string("behind") : _journal->failure());
   if (!_tls) return "TLS material not loaded";
   if (!_policy) return "policy not loaded";
   return {};
@@ -154,6 +249,12 @@ void relay_server::stop() {
   if (_api) _api->close();
   if (_api_listener) _api_listener->close();
   if (_ops_listener) _ops_listener->close();
+  if (_journal) {
+    uv_timer_stop(&_compact_timer);
+    uv_close(reinterpret_cast<uv_handle_t*>(&_compact_timer), nullptr);
+    _broker->set_sink(nullptr);
+    _journal->close();  // writes and syncs what is left, then joins the writer thread
+  }
 }
 
 }  // namespace relay

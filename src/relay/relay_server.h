@@ -20,7 +20,7 @@ namespace relay {
 
 class relay_server {
  public:
-  relay_server(uv_loop_t* loop, config::relay_config cfg);
+  relay_server(uv_loop_t* loop, config::relay_config cfg, bool repair_journal = false);
   relay_server(const relay_server&) = delete;
   relay_server& operator=(const relay_server&) = delete;
   ~relay_server();
@@ -44,6 +44,9 @@ class relay_server {
   static void on_signal(uv_signal_t* s, int signum);
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
+  bool open_journal(std::string& error);
+  static void on_compact_tick(uv_timer_t* t);
+  void compact_step();
 
   uv_loop_t* _loop;
   config::relay_config _cfg;
@@ -51,6 +54,14 @@ class relay_server {
   std::shared_ptr<const tls::context> _tls;
   std::shared_ptr<const auth::policy> _policy;
   std::unique_ptr<queue::broker> _broker;
+  std::unique_ptr<journal::writer> _journal;
+  bool _repair_journal;
+  uv_timer_t _compact_timer{};
+  // Compaction in progress: the segment it started and the ids still to copy.
+  uint64_t _compact_segment = 0;
+  std::vector<queue::job_id> _compact_ids;
+  size_t _compact_next = 0;
+  uint64_t _compact_bytes_before = 0;
   std::unique_ptr<api::service> _api;
   std::unique_ptr<ops::ops_handler> _ops;
   std::unique_ptr<net::listener> _api_listener;
@@ -62,6 +73,7 @@ class relay_server {
   bool _stopped = false;
   ops::counter& _reloads_ok;
   ops::counter& _reloads_failed;
+  ops::counter& _compactions;
 };
 
 }  // namespace relay
