@@ -55,7 +55,10 @@ void service::respond(context& c, int status, std::string_view body, std::string
 }
 
 void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra) {
-  if (!_journal) {
+  // While the journal fails, changes are refused up front; reads go on
+  // being served (they can show nothing that was acknowledged and lost).
+  bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
+  if (!_journal || (read && !_journal->accepting())) {
     count(r, status);
     conn.respond(status, body, extra);
     return;
