@@ -131,6 +131,7 @@ class writer final : public queue::record_sink {
   };
 
   void hand_off();
+  void publish();
   static void on_check(uv_check_t* h);
   static void on_async(uv_async_t* h);
   static void on_batch_timer(uv_timer_t* t);

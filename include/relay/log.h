@@ -17,6 +17,8 @@ enum class level : uint8_t { debug, info, warn, error };
 
 // Lines below `min` are discarded. Defaults to info.
 void set_min_level(level min);
+// "debug", "info", "warn" or "error"; anything else is info.
+level parse_level(std::string_view name);
 bool enabled(level l);
 
 // A log line under construction; written when it goes out of scope.

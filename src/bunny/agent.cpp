@@ -125,18 +125,22 @@ agent::agent(uv_loop_t* loop, config::bunny_config cfg, ops::registry& m)
 
 agent::~agent() = default;
 
+tls::client_options agent::tls_options(const config::bunny_config& cfg) {
+  tls::client_options o;
+  o.cert_file = cfg.tls.cert;
+  o.key_file = cfg.tls.key;
+  o.ca_file = cfg.tls.ca;
+  o.min_version = cfg.tls.min_version;
+  return o;
+}
+
 bool agent::start(std::string& error) {
   for (const auto& u : _cfg.relay.urls) {
     config::url parsed;
     if (!config::parse_url(u, parsed, error)) return false;
     _urls.push_back(parsed);
   }
-  tls::client_options o;
-  o.cert_file = _cfg.tls.cert;
-  o.key_file = _cfg.tls.key;
-  o.ca_file = _cfg.tls.ca;
-  o.min_version = _cfg.tls.min_version;
-  _tls = tls::context::make_client(o, error);
+  _tls = tls::context::make_client(tls_options(_cfg), error);
   if (!_tls) return false;
   if (_cfg.api_key_file) {
     std::ifstream in(*_cfg.api_key_file, std::ios::binary);
@@ -442,13 +446,8 @@ void agent::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const 
 }
 
 void agent::reload_tls() {
-  tls::client_options o;
-  o.cert_file = _cfg.tls.cert;
-  o.key_file = _cfg.tls.key;
-  o.ca_file = _cfg.tls.ca;
-  o.min_version = _cfg.tls.min_version;
   std::string error;
-  auto ctx = tls::context::make_client(o, error);
+  auto ctx = tls::context::make_client(tls_options(_cfg), error);
   if (!ctx) {
     // Mid-rotation the key may not match the certificate yet; the next
     // change retries. Meanwhile the old context stays in use.

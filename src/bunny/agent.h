@@ -41,6 +41,8 @@ class agent {
   void reload_tls();
   // Empty when ready, else why not.
   std::string readiness() const;
+  // bunny's client TLS settings from its configuration.
+  static tls::client_options tls_options(const config::bunny_config& cfg);
 
   std::function<void()> on_stopped;
 

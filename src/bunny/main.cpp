@@ -67,20 +67,11 @@ int main(int argc, char** argv) {
   std::string error;
   if (!relay::config::load(config_file, overrides, cfg, error)) return fail(error);
   if (check_only) {
-    relay::tls::client_options o;
-    o.cert_file = cfg.tls.cert;
-    o.key_file = cfg.tls.key;
-    o.ca_file = cfg.tls.ca;
-    o.min_version = cfg.tls.min_version;
-    if (!relay::tls::context::make_client(o, error)) return fail(error, 1);
+    if (!relay::tls::context::make_client(relay::bunny::agent::tls_options(cfg), error)) return fail(error, 1);
     std::fputs(relay::config::to_json(cfg).c_str(), stdout);
     return 0;
   }
-  using relay::log::level;
-  relay::log::set_min_level(cfg.log.level == "debug"  ? level::debug
-                            : cfg.log.level == "warn" ? level::warn
-                            : cfg.log.level == "error" ? level::error
-                                                       : level::info);
+  relay::log::set_min_level(relay::log::parse_level(cfg.log.level));
   std::signal(SIGPIPE, SIG_IGN);
 
   uv_loop_t loop;

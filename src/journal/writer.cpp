@@ -125,6 +125,10 @@ void writer::hand_off() {
   _overflow.push_back(std::move(_current));
   _current = std::make_unique<batch>();
   _current->seq = _next_seq++;
+  publish();
+}
+
+void writer::publish() {
   // Move what fits into the ring; the writer owns a batch once it is there.
   uint64_t head = _ring_head.load(std::memory_order_relaxed);
   while (!_overflow.empty() && head - _ring_tail.load(std::memory_order_acquire) < ring_size) {
@@ -187,14 +191,7 @@ void writer::close() {
   hand_off();
   // Whatever is still in the overflow must reach the ring before the stop.
   while (!_overflow.empty()) {
-    uint64_t head = _ring_head.load(std::memory_order_relaxed);
-    while (!_overflow.empty() && head - _ring_tail.load(std::memory_order_acquire) < ring_size) {
-      _ring[head % ring_size] = _overflow.front().release();
-      _overflow.pop_front();
-      ++head;
-    }
-    _ring_head.store(head, std::memory_order_release);
-    _ring_head.notify_one();
+    publish();
     if (!_overflow.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   // The stop flag first, then a marker batch: the writer waits for the

@@ -25,6 +25,13 @@ std::string_view level_name(level l) {
 }  // namespace
 
 void set_min_level(level min) { g_min_level = min; }
+
+level parse_level(std::string_view name) {
+  if (name == "debug") return level::debug;
+  if (name == "warn") return level::warn;
+  if (name == "error") return level::error;
+  return level::info;
+}
 bool enabled(level l) { return l >= g_min_level; }
 
 line::line(level l, std::string_view event) : _level(l), _enabled(enabled(l)) {

@@ -78,11 +78,7 @@ int main(int argc, char** argv) {
     std::fputs(relay::config::to_json(cfg).c_str(), stdout);
     return 0;
   }
-  using relay::log::level;
-  relay::log::set_min_level(cfg.log.level == "debug"  ? level::debug
-                            : cfg.log.level == "warn" ? level::warn
-                            : cfg.log.level == "error" ? level::error
-                                                       : level::info);
+  relay::log::set_min_level(relay::log::parse_level(cfg.log.level));
   // Writes to a socket the peer closed must fail with EPIPE, not kill relay.
   std::signal(SIGPIPE, SIG_IGN);
 
