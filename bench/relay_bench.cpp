@@ -1,22 +1,37 @@
-// Load generator for relay on the project's own client code (libuv, the
-// TLS session, llhttp): keep-alive mutual-TLS connections, one request in
-// flight per connection. Prints one key=value line per run.
+// Load generator for relay on the project's own client code (libuv, the TLS
+// session, llhttp): keep-alive mutual-TLS connections presenting the PKI's
+// client certificates. Each run prints one key=value line.
 //
-//   relay_bench submit --port P --pki DIR [--connections 64] [--batch 1]
-//                      [--seconds 5] [--payload-bytes 200] [--server-pid PID]
-//   relay_bench fill   --port P --pki DIR --count N [--batch 1000] [--connections 4]
+//   relay_bench SCENARIO --port P --pki DIR [options]
 //
-// server_cpu_us_per_job comes from the server's utime+stime in /proc, the
-// figure that stays stable on a shared machine.
+// scenarios:
+//   submit     single submits, or arrays of --batch, for --seconds
+//   fill       --count jobs in arrays of --batch (preloading)
+//   drain      preload --count jobs, then lease --batch at a time and
+//              complete them (single completes, or one /v1/results per lease)
+//   e2e        --producers submitting and --workers long-polling and
+//              completing; jobs/s and submit→complete latency
+//   idle       --connections workers parked in a long-poll lease; relay's RSS
+//              per parked connection; then a burst of submits and the
+//              wake-up latency (submit sent → lease answer received)
+//   handshake  a new connection (full mTLS handshake) per request
+//
+// options: --host H --queue Q --connections N --batch B --seconds S
+//          --payload-bytes N --count N --producers N --workers N
+//          --server-pid PID (adds server CPU per job, from /proc)
+//          --host-header NAME (the TLS name to verify; default localhost)
 #include <uv.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <algorithm>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -26,14 +41,17 @@
 
 namespace {
 
+using clock_type = std::chrono::steady_clock;
+
 struct args {
-  std::string mode, pki, host = "127.0.0.1", queue = "bench";
+  std::string mode, pki, host = "127.0.0.1", queue = "bench", server_name = "localhost";
   uint16_t port = 0;
-  int connections = 64, batch = 1, payload_bytes = 200;
+  int connections = 64, batch = 1, payload_bytes = 200, producers = 4, workers = 4;
   double seconds = 5;
-  long count = 0, server_pid = 0;
+  long count = 100000, server_pid = 0;
 };
 
+// Reads utime+stime (seconds) or VmRSS (KiB) of the server process.
 double server_cpu_seconds(long pid) {
   if (pid <= 0) return 0;
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
@@ -50,95 +68,358 @@ double server_cpu_seconds(long pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
-class runner {
+long server_rss_kb(long pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::atol(line.c_str() + 6);
+  return 0;
+}
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch()).count());
+}
+
+// "key":"value" or "key":number from a small JSON answer, starting at `from`.
+std::string field(const std::string& json, const std::string& key, size_t from = 0) {
+  std::string pat = "\"" + key + "\":";
+  auto p = json.find(pat, from);
+  if (p == std::string::npos) return {};
+  p += pat.size();
+  if (json[p] == '"') return json.substr(p + 1, json.find('"', p + 1) - p - 1);
+  return json.substr(p, json.find_first_of(",}]", p) - p);
+}
+
+class bench_run {
  public:
-  explicit runner(const args& a) : _a(a) {
+  explicit bench_run(const args& a) : _a(a) {
     uv_loop_init(&_loop);
-    relay::tls::client_options o;
-    o.cert_file = a.pki + "/producer.crt";
-    o.key_file = a.pki + "/producer.key";
-    o.ca_file = a.pki + "/ca.crt";
-    std::string error;
-    auto ctx = relay::tls::context::make_client(o, error);
-    if (!ctx) {
-      std::fprintf(stderr, "relay_bench: %s\n", error.c_str());
-      std::exit(2);
-    }
-    for (int i = 0; i < a.connections; ++i) {
-      relay::http::client_conn::options co;
-      co.host = a.host;
-      co.port = a.port;
-      co.server_name = "localhost";
-      co.tls = ctx;
-      _conns.push_back(relay::http::client_conn::create(&_loop, co));
-    }
-    std::string payload = "\"" + std::string(static_cast<size_t>(std::max(a.payload_bytes - 2, 0)), 'p') + "\"";
-    if (a.batch <= 1) {
-      _body = "{\"payload\":" + payload + "}";
-    } else {
-      _body = "[";
-      for (int i = 0; i < a.batch; ++i) _body += std::string(i ? "," : "") + "{\"payload\":" + payload + "}";
-      _body += "]";
-    }
+    _producer_tls = tls_for("producer");
+    _worker_tls = tls_for("worker");
+    _payload = std::string(static_cast<size_t>(std::max(a.payload_bytes - 2, 0)), 'p');
   }
-  ~runner() {
+  ~bench_run() {
     for (auto* c : _conns) c->close();
     uv_run(&_loop, UV_RUN_DEFAULT);
     uv_loop_close(&_loop);
   }
 
   int run() {
-    auto t0 = std::chrono::steady_clock::now();
-    _deadline = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(_a.seconds));
-    double cpu0 = server_cpu_seconds(_a.server_pid);
-    for (size_t i = 0; i < _conns.size(); ++i) next(i);
-    while (_in_flight > 0) uv_run(&_loop, UV_RUN_ONCE);
-    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    double cpu = server_cpu_seconds(_a.server_pid) - cpu0;
-    double jobs = static_cast<double>(_jobs);
-    std::printf("scenario=%s connections=%d batch=%d payload_bytes=%d requests=%llu jobs=%llu errors=%llu seconds=%.3f "
-                "jobs_per_sec=%.0f p50_us=%.1f p99_us=%.1f p999_us=%.1f",
-                _a.mode.c_str(), _a.connections, _a.batch, _a.payload_bytes, static_cast<unsigned long long>(_requests),
-                static_cast<unsigned long long>(_jobs), static_cast<unsigned long long>(_errors), elapsed, jobs / elapsed,
-                static_cast<double>(_latency.quantile(0.5)) / 1000, static_cast<double>(_latency.quantile(0.99)) / 1000,
-                static_cast<double>(_latency.quantile(0.999)) / 1000);
-    if (_a.server_pid > 0) std::printf(" server_cpu_s=%.3f server_cpu_us_per_job=%.2f", cpu, jobs > 0 ? cpu * 1e6 / jobs : 0);
-    std::printf("\n");
+    _cpu0 = server_cpu_seconds(_a.server_pid);
+    _t0 = clock_type::now();
+    if (_a.mode == "submit" || _a.mode == "fill") submit_load();
+    else if (_a.mode == "drain") drain();
+    else if (_a.mode == "e2e") e2e();
+    else if (_a.mode == "idle") idle();
+    else if (_a.mode == "handshake") handshake();
+    else return usage();
     return _errors ? 1 : 0;
   }
 
  private:
-  bool more() const {
-    if (_a.mode == "fill") return _issued_jobs < static_cast<uint64_t>(_a.count);
-    return std::chrono::steady_clock::now() < _deadline;
+  static int usage() {
+    std::fprintf(stderr, "relay_bench: unknown scenario\n");
+    return 2;
   }
-  void next(size_t i) {
-    if (!more()) return;
-    ++_in_flight;
-    _issued_jobs += static_cast<uint64_t>(std::max(_a.batch, 1));
-    auto sent = std::chrono::steady_clock::now();
-    _conns[i]->request("POST", "/v1/queues/" + _a.queue + "/jobs", _body,
-                       [this, i, sent](const std::string& e, relay::http::client_response& r) {
-                         --_in_flight;
-                         ++_requests;
-                         if (!e.empty() || r.status != 201) {
-                           if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s %d %s\n", e.c_str(), r.status, r.body.substr(0, 200).c_str());
-                           return;
-                         }
-                         _jobs += static_cast<uint64_t>(std::max(_a.batch, 1));
-                         _latency.add(static_cast<uint64_t>(
-                             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - sent).count()));
-                         next(i);
-                       },
-                       60000);
+
+  std::shared_ptr<const relay::tls::context> tls_for(const std::string& who) {
+    relay::tls::client_options o;
+    o.cert_file = _a.pki + "/" + who + ".crt";
+    o.key_file = _a.pki + "/" + who + ".key";
+    o.ca_file = _a.pki + "/ca.crt";
+    std::string error;
+    auto ctx = relay::tls::context::make_client(o, error);
+    if (!ctx) {
+      std::fprintf(stderr, "relay_bench: %s\n", error.c_str());
+      std::exit(2);
+    }
+    return ctx;
+  }
+
+  relay::http::client_conn* connect(const std::shared_ptr<const relay::tls::context>& tls) {
+    relay::http::client_conn::options co;
+    co.host = _a.host;
+    co.port = _a.port;
+    co.server_name = _a.server_name;
+    co.tls = tls;
+    co.connect_timeout_ms = 60000;
+    auto* c = relay::http::client_conn::create(&_loop, co);
+    _conns.push_back(c);
+    return c;
+  }
+
+  std::string job_body(int n, const std::string& marker = {}) const {
+    std::string one = "{\"payload\":\"" + marker + _payload.substr(std::min(marker.size(), _payload.size())) + "\"}";
+    if (n <= 1) return one;
+    std::string b = "[";
+    for (int i = 0; i < n; ++i) b += (i ? "," : "") + one;
+    return b + "]";
+  }
+
+  void error(const std::string& what, const std::string& e, const relay::http::client_response& r) {
+    if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s: %s %d %s\n", what.c_str(), e.c_str(), r.status, r.body.substr(0, 200).c_str());
+  }
+
+  void report(const std::string& extra = {}) {
+    double elapsed = std::chrono::duration<double>(clock_type::now() - _t0).count();
+    double cpu = server_cpu_seconds(_a.server_pid) - _cpu0;
+    double jobs = static_cast<double>(_jobs);
+    std::printf("scenario=%s connections=%zu batch=%d payload_bytes=%d requests=%llu jobs=%llu errors=%llu seconds=%.3f "
+                "jobs_per_sec=%.0f p50_us=%.1f p99_us=%.1f p999_us=%.1f",
+                _a.mode.c_str(), _conns.size(), _a.batch, _a.payload_bytes, static_cast<unsigned long long>(_requests),
+                static_cast<unsigned long long>(_jobs), static_cast<unsigned long long>(_errors), elapsed, jobs / elapsed,
+                static_cast<double>(_latency.quantile(0.5)) / 1000, static_cast<double>(_latency.quantile(0.99)) / 1000,
+                static_cast<double>(_latency.quantile(0.999)) / 1000);
+    if (_a.server_pid > 0) std::printf(" server_cpu_s=%.3f server_cpu_us_per_job=%.2f", cpu, jobs > 0 ? cpu * 1e6 / jobs : 0);
+    std::printf("%s\n", extra.c_str());
+  }
+
+  bool time_left() const { return clock_type::now() - _t0 < std::chrono::duration<double>(_a.seconds); }
+  void run_until(const std::function<bool()>& done) {
+    while (!done() && uv_run(&_loop, UV_RUN_ONCE)) {
+    }
+  }
+
+  // ---- submit / fill ----
+  void submit_load() {
+    std::string body = job_body(_a.batch);
+    bool fill = _a.mode == "fill";
+    uint64_t issued = 0;
+    std::function<void(relay::http::client_conn*)> next = [&](relay::http::client_conn* c) {
+      if (fill ? issued >= static_cast<uint64_t>(_a.count) : !time_left()) return;
+      issued += static_cast<uint64_t>(_a.batch);
+      ++_in_flight;
+      uint64_t sent = now_ns();
+      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const std::string& e, relay::http::client_response& r) {
+        --_in_flight;
+        ++_requests;
+        if (!e.empty() || r.status != 201) return error("submit", e, r);
+        _jobs += static_cast<uint64_t>(_a.batch);
+        _latency.add(now_ns() - sent);
+        next(c);
+      }, 60000);
+    };
+    for (int i = 0; i < _a.connections; ++i) next(connect(_producer_tls));
+    run_until([&] { return _in_flight == 0; });
+    report();
+  }
+
+  // ---- drain ----
+  void preload() {
+    uint64_t loaded = 0;
+    auto* p = connect(_producer_tls);
+    std::string body = job_body(500);
+    std::function<void()> next = [&] {
+      if (loaded >= static_cast<uint64_t>(_a.count)) return;
+      ++_in_flight;
+      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&](const std::string& e, relay::http::client_response& r) {
+        --_in_flight;
+        if (!e.empty() || r.status != 201) return error("preload", e, r);
+        loaded += 500;
+        next();
+      }, 60000);
+    };
+    next();
+    run_until([&] { return _in_flight == 0; });
+  }
+
+  void drain() {
+    preload();
+    _cpu0 = server_cpu_seconds(_a.server_pid);
+    _t0 = clock_type::now();
+    int empty_workers = 0;
+    std::function<void(relay::http::client_conn*)> lease = [&](relay::http::client_conn* c) {
+      ++_in_flight;
+      uint64_t sent = now_ns();
+      c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":" + std::to_string(_a.batch) + "}",
+                 [&, c, sent](const std::string& e, relay::http::client_response& r) {
+                   --_in_flight;
+                   ++_requests;
+                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   std::vector<std::pair<std::string, std::string>> got;
+                   for (size_t at = r.body.find("{\"id\":\""); at != std::string::npos; at = r.body.find("{\"id\":\"", at + 1))
+                     got.emplace_back(field(r.body, "id", at), field(r.body, "lease", at));
+                   if (got.empty()) {
+                     ++empty_workers;
+                     return;
+                   }
+                   auto done = [&, c, sent, n = got.size()](const std::string& e2, relay::http::client_response& r2) {
+                     --_in_flight;
+                     ++_requests;
+                     if (!e2.empty() || r2.status != 200) return error("complete", e2, r2);
+                     _jobs += n;
+                     _latency.add(now_ns() - sent);
+                     lease(c);
+                   };
+                   if (got.size() == 1) {
+                     ++_in_flight;
+                     c->request("POST", "/v1/jobs/" + got[0].first + "/complete",
+                                "{\"lease\":\"" + got[0].second + "\",\"result\":true}", done, 60000);
+                   } else {
+                     std::string body = "[";
+                     for (size_t i = 0; i < got.size(); ++i)
+                       body += (i ? "," : "") + ("{\"id\":\"" + got[i].first + "\",\"lease\":\"" + got[i].second + "\",\"result\":true}");
+                     ++_in_flight;
+                     c->request("POST", "/v1/results", body + "]", done, 60000);
+                   }
+                 },
+                 60000);
+    };
+    for (int i = 0; i < _a.workers; ++i) lease(connect(_worker_tls));
+    run_until([&] { return _in_flight == 0; });
+    report();
+  }
+
+  // ---- e2e ----
+  void e2e() {
+    // Workers stop once every producer has stopped and a lease comes back empty.
+    int producing = _a.producers;
+    bool stopping = false;
+    std::function<void(relay::http::client_conn*)> produce = [&](relay::http::client_conn* c) {
+      if (!time_left()) {
+        stopping = --producing == 0;
+        return;
+      }
+      ++_in_flight;
+      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(_a.batch, "t" + std::to_string(now_ns()) + "_"),
+                 [&, c](const std::string& e, relay::http::client_response& r) {
+                   --_in_flight;
+                   ++_requests;
+                   if (!e.empty() || r.status != 201) return error("submit", e, r);
+                   produce(c);
+                 }, 60000);
+    };
+    std::function<void(relay::http::client_conn*)> work = [&](relay::http::client_conn* c) {
+      ++_in_flight;
+      c->request("POST", "/v1/queues/" + _a.queue + "/lease",
+                 "{\"max\":" + std::to_string(_a.batch) + ",\"wait_ms\":" + std::string(stopping ? "0" : "1000") + "}",
+                 [&, c](const std::string& e, relay::http::client_response& r) {
+                   --_in_flight;
+                   ++_requests;
+                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   std::string body = "[";
+                   size_t n = 0;
+                   std::vector<uint64_t> stamps;
+                   for (size_t at = r.body.find("{\"id\":\""); at != std::string::npos; at = r.body.find("{\"id\":\"", at + 1)) {
+                     body += (n++ ? "," : "") + ("{\"id\":\"" + field(r.body, "id", at) + "\",\"lease\":\"" + field(r.body, "lease", at) + "\",\"result\":1}");
+                     stamps.push_back(std::strtoull(field(r.body, "payload", at).c_str() + 1, nullptr, 10));
+                   }
+                   if (n == 0) {
+                     if (!stopping) work(c);
+                     return;
+                   }
+                   ++_in_flight;
+                   c->request("POST", "/v1/results", body + "]", [&, c, n, stamps](const std::string& e2, relay::http::client_response& r2) {
+                     --_in_flight;
+                     ++_requests;
+                     if (!e2.empty() || r2.status != 200) return error("results", e2, r2);
+                     _jobs += n;
+                     uint64_t t = now_ns();
+                     for (uint64_t s : stamps) _latency.add(t - s);
+                     work(c);
+                   }, 60000);
+                 }, 60000);
+    };
+    for (int i = 0; i < _a.producers; ++i) _producer_conns.push_back(connect(_producer_tls));
+    for (auto* c : _producer_conns) produce(c);
+    for (int i = 0; i < _a.workers; ++i) work(connect(_worker_tls));
+    run_until([&] { return _in_flight == 0; });
+    report(" producers=" + std::to_string(_a.producers) + " workers=" + std::to_string(_a.workers) + " latency=submit_to_complete");
+  }
+
+  // ---- idle ----
+  void idle() {
+    long rss0 = server_rss_kb(_a.server_pid);
+    int parked = 0, woken = 0, answered = 0;
+    std::vector<relay::http::client_conn*> waiters;
+    for (int i = 0; i < _a.connections; ++i) waiters.push_back(connect(_worker_tls));
+    // Connect and park in waves so that handshakes do not time out.
+    for (size_t i = 0; i < waiters.size(); ++i) {
+      auto* c = waiters[i];
+      ++_in_flight;
+      c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":1,\"wait_ms\":60000}",
+                 [&](const std::string& e, relay::http::client_response& r) {
+                   --_in_flight;
+                   ++answered;
+                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   auto at = r.body.find("\"payload\":\"t");
+                   if (at == std::string::npos) return;
+                   ++woken;
+                   _latency.add(now_ns() - std::strtoull(r.body.c_str() + at + 12, nullptr, 10));
+                 }, 120000);
+      if (i % 200 == 199) {
+        auto until = clock_type::now() + std::chrono::milliseconds(150);
+        while (clock_type::now() < until) uv_run(&_loop, UV_RUN_NOWAIT);
+      }
+    }
+    // Wait until relay has parked them all (its RSS stops growing).
+    auto until = clock_type::now() + std::chrono::seconds(30);
+    long last = 0;
+    int stable = 0;
+    while (clock_type::now() < until && stable < 10) {
+      auto t = clock_type::now() + std::chrono::milliseconds(100);
+      while (clock_type::now() < t) uv_run(&_loop, UV_RUN_NOWAIT);
+      long rss = server_rss_kb(_a.server_pid);
+      stable = rss == last ? stable + 1 : 0;
+      last = rss;
+    }
+    parked = _a.connections - answered;
+    long rss1 = server_rss_kb(_a.server_pid);
+    // Burst: one job per parked worker (at most 2,000), each stamped.
+    int burst = std::min(parked, 2000);
+    auto* p = connect(_producer_tls);
+    _t0 = clock_type::now();
+    for (int i = 0; i < burst; ++i) {
+      ++_in_flight;
+      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(1, "t" + std::to_string(now_ns()) + "_"),
+                 [&](const std::string& e, relay::http::client_response& r) {
+                   --_in_flight;
+                   if (!e.empty() || r.status != 201) error("submit", e, r);
+                 }, 60000);
+    }
+    auto wake_until = clock_type::now() + std::chrono::seconds(30);
+    while (woken < burst && clock_type::now() < wake_until) uv_run(&_loop, UV_RUN_ONCE);
+    _jobs = static_cast<uint64_t>(woken);
+    char extra[256];
+    std::snprintf(extra, sizeof extra, " parked=%d rss_before_kb=%ld rss_parked_kb=%ld rss_per_idle_conn_bytes=%.0f burst=%d woken=%d latency=wake",
+                  parked, rss0, rss1, parked ? static_cast<double>(rss1 - rss0) * 1024 / parked : 0.0, burst, woken);
+    report(extra);
+    // The rest are answered when the bench closes its connections.
+    _in_flight = 0;
+  }
+
+  // ---- handshake ----
+  void handshake() {
+    std::function<void()> next = [&] {
+      if (!time_left()) return;
+      auto* c = connect(_producer_tls);
+      ++_in_flight;
+      uint64_t sent = now_ns();
+      c->request("GET", "/v1/jobs/0000000000000001", {}, [&, c, sent](const std::string& e, relay::http::client_response& r) {
+        --_in_flight;
+        ++_requests;
+        if (!e.empty()) return error("handshake", e, r);
+        _jobs += 1;  // one full handshake (and one request)
+        _latency.add(now_ns() - sent);
+        _conns.erase(std::find(_conns.begin(), _conns.end(), c));
+        c->close();
+        next();
+      }, 60000);
+    };
+    for (int i = 0; i < _a.connections; ++i) next();
+    run_until([&] { return _in_flight == 0; });
+    report(" unit=handshake");
   }
 
   args _a;
   uv_loop_t _loop;
-  std::vector<relay::http::client_conn*> _conns;
-  std::string _body;
-  std::chrono::steady_clock::time_point _deadline;
-  uint64_t _requests = 0, _jobs = 0, _errors = 0, _issued_jobs = 0;
+  std::shared_ptr<const relay::tls::context> _producer_tls, _worker_tls;
+  std::string _payload;
+  std::vector<relay::http::client_conn*> _conns, _producer_conns;
+  clock_type::time_point _t0;
+  double _cpu0 = 0;
+  uint64_t _requests = 0, _jobs = 0, _errors = 0;
   int _in_flight = 0;
   bench::log_histogram _latency;
 };
@@ -148,7 +429,7 @@ class runner {
 int main(int argc, char** argv) {
   args a;
   if (argc < 2) {
-    std::fprintf(stderr, "usage: relay_bench submit|fill --port P --pki DIR [options]\n");
+    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake --port P --pki DIR [options]\n");
     return 2;
   }
   a.mode = argv[1];
@@ -156,22 +437,25 @@ int main(int argc, char** argv) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--port") a.port = static_cast<uint16_t>(std::stoi(v));
     else if (k == "--host") a.host = v;
+    else if (k == "--server-name") a.server_name = v;
     else if (k == "--pki") a.pki = v;
     else if (k == "--queue") a.queue = v;
     else if (k == "--connections") a.connections = std::stoi(v);
-    else if (k == "--batch") a.batch = std::stoi(v);
+    else if (k == "--batch") a.batch = std::max(1, std::stoi(v));
     else if (k == "--seconds") a.seconds = std::stod(v);
     else if (k == "--payload-bytes") a.payload_bytes = std::stoi(v);
     else if (k == "--count") a.count = std::stol(v);
+    else if (k == "--producers") a.producers = std::stoi(v);
+    else if (k == "--workers") a.workers = std::stoi(v);
     else if (k == "--server-pid") a.server_pid = std::stol(v);
     else {
       std::fprintf(stderr, "relay_bench: unknown option %s\n", k.c_str());
       return 2;
     }
   }
-  if ((a.mode != "submit" && a.mode != "fill") || !a.port || a.pki.empty()) {
-    std::fprintf(stderr, "relay_bench: need a mode (submit|fill), --port and --pki\n");
+  if (!a.port || a.pki.empty()) {
+    std::fprintf(stderr, "relay_bench: need --port and --pki\n");
     return 2;
   }
-  return runner(a).run();
+  return bench_run(a).run();
 }

@@ -53,6 +53,9 @@ void request::clear() {
   verb = method::other;
   target.clear();
   body.clear();
+  // A connection that once carried a large body must not keep its buffer
+  // while it idles (thousands of idle long-polling workers).
+  if (body.capacity() > 16 * 1024) std::string().swap(body);
   authorization.clear();
   keep_alive = true;
   expect_continue = false;

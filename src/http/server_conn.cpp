@@ -170,9 +170,11 @@ void server_conn::process() {
     uv_timer_stop(&_timer);
     _owner._handler.on_request(*this, _parser.current());  // may respond now
   }
-  // Drop consumed input; keep any partial next request.
+  // Drop consumed input; keep any partial next request. An empty buffer is
+  // released: SSL_read grows it in 16 KiB steps, and an idle connection
+  // should cost little.
   if (_in_offset == _in.size()) {
-    _in.clear();
+    std::string().swap(_in);
     _in_offset = 0;
   } else if (_in_offset > 0 && _in_offset >= _in.size() / 2) {
     _in.erase(0, _in_offset);
@@ -271,8 +273,9 @@ void server_conn::flush() {
       }
       _in_flight += w->data.size();
     }
-    _out.clear();
+    std::string().swap(_out);
   }
+  if (_pending.capacity() > 16 * 1024) std::string().swap(_pending);
   if (_close_after_write && _in_flight == 0) linger();
   else update_reading();
 }
