@@ -23,6 +23,7 @@
 #include <uv.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -427,6 +428,7 @@ class bench_run {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);  // a write to a closed connection fails, not kills
   args a;
   if (argc < 2) {
     std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake --port P --pki DIR [options]\n");

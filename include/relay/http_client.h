@@ -6,6 +6,10 @@
 // protocol error, or a request timing out, fails every outstanding request
 // with the same error and closes the connection; whether to reconnect is the
 // owner's decision. The host name is resolved again on every connect.
+//
+// The process must ignore SIGPIPE (relay, bunny, relayctl and the tests do):
+// libuv writes to sockets with write(2), which raises it when the peer has
+// gone.
 #pragma once
 
 #include <llhttp.h>

@@ -25,6 +25,7 @@ struct echo final : relay::net::request_handler {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);
   uv_loop_t loop;
   uv_loop_init(&loop);
   relay::ops::registry metrics;
