@@ -50,6 +50,7 @@ struct args {
   int connections = 64, batch = 1, payload_bytes = 200, producers = 4, workers = 4;
   double seconds = 5;
   long count = 100000, server_pid = 0;
+  int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
 };
 
 // Reads utime+stime (seconds) or VmRSS (KiB) of the server process.
@@ -186,6 +187,7 @@ class bench_run {
   void submit_load() {
     std::string body = job_body(_a.batch);
     bool fill = _a.mode == "fill";
+    long rss0 = fill ? server_rss_kb(_a.server_pid) : 0;
     uint64_t issued = 0;
     std::function<void(relay::http::client_conn*)> next = [&](relay::http::client_conn* c) {
       if (fill ? issued >= static_cast<uint64_t>(_a.count) : !time_left()) return;
@@ -195,7 +197,7 @@ class bench_run {
       c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const std::string& e, relay::http::client_response& r) {
         --_in_flight;
         ++_requests;
-        if (!e.empty() || r.status != 201) return error("submit", e, r);
+        if (!e.empty() || r.status != _a.expect_status) return error("submit", e, r);
         _jobs += static_cast<uint64_t>(_a.batch);
         _latency.add(now_ns() - sent);
         next(c);
@@ -203,6 +205,14 @@ class bench_run {
     };
     for (int i = 0; i < _a.connections; ++i) next(connect(_producer_tls));
     run_until([&] { return _in_flight == 0; });
+    if (fill && _a.server_pid > 0 && _jobs > 0) {
+      long rss1 = server_rss_kb(_a.server_pid);
+      char extra[160];
+      std::snprintf(extra, sizeof extra, " rss_before_kb=%ld rss_after_kb=%ld rss_per_job_bytes=%.0f", rss0, rss1,
+                    static_cast<double>(rss1 - rss0) * 1024 / static_cast<double>(_jobs));
+      report(extra);
+      return;
+    }
     report();
   }
 
@@ -450,6 +460,7 @@ int main(int argc, char** argv) {
     else if (k == "--producers") a.producers = std::stoi(v);
     else if (k == "--workers") a.workers = std::stoi(v);
     else if (k == "--server-pid") a.server_pid = std::stol(v);
+    else if (k == "--expect-status") a.expect_status = std::stoi(v);
     else {
       std::fprintf(stderr, "relay_bench: unknown option %s\n", k.c_str());
       return 2;
