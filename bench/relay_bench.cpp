@@ -160,6 +160,7 @@ class bench_run {
   }
 
   void error(const std::string& what, const std::string& e, const relay::http::client_response& r) {
+    if (_quiet) return;
     if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s: %s %d %s\n", what.c_str(), e.c_str(), r.status, r.body.substr(0, 200).c_str());
   }
 
@@ -396,7 +397,8 @@ class bench_run {
     std::snprintf(extra, sizeof extra, " parked=%d rss_before_kb=%ld rss_parked_kb=%ld rss_per_idle_conn_bytes=%.0f burst=%d woken=%d latency=wake",
                   parked, rss0, rss1, parked ? static_cast<double>(rss1 - rss0) * 1024 / parked : 0.0, burst, woken);
     report(extra);
-    // The rest are answered when the bench closes its connections.
+    // The parked leases still open end when the bench closes its connections.
+    _quiet = true;
     _in_flight = 0;
   }
 
@@ -432,6 +434,7 @@ class bench_run {
   double _cpu0 = 0;
   uint64_t _requests = 0, _jobs = 0, _errors = 0;
   int _in_flight = 0;
+  bool _quiet = false;
   bench::log_histogram _latency;
 };
 
