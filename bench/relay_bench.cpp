@@ -378,18 +378,25 @@ class bench_run {
     }
     parked = _a.connections - answered;
     long rss1 = server_rss_kb(_a.server_pid);
-    // Burst: one job per parked worker (at most 2,000), each stamped.
+    // Then one job per parked worker (at most 2,000), submitted one after
+    // another, each stamped when sent: the latency is submit sent → lease
+    // answer received by the worker it woke, not the queueing of a burst.
     int burst = std::min(parked, 2000);
     auto* p = connect(_producer_tls);
     _t0 = clock_type::now();
-    for (int i = 0; i < burst; ++i) {
+    int sent = 0;
+    std::function<void()> submit_next = [&] {
+      if (sent >= burst) return;
+      ++sent;
       ++_in_flight;
       p->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(1, "t" + std::to_string(now_ns()) + "_"),
                  [&](const std::string& e, relay::http::client_response& r) {
                    --_in_flight;
                    if (!e.empty() || r.status != 201) error("submit", e, r);
+                   submit_next();
                  }, 60000);
-    }
+    };
+    submit_next();
     auto wake_until = clock_type::now() + std::chrono::seconds(30);
     while (woken < burst && clock_type::now() < wake_until) uv_run(&_loop, UV_RUN_ONCE);
     _jobs = static_cast<uint64_t>(woken);
