@@ -17,6 +17,8 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <ostream>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -58,6 +60,42 @@ struct lease_token {
 // Interned principal name: equal names share one pointer.
 using principal_ref = const std::string*;
 
+// An immutable string in one pointer: a heap block [u32 length][bytes], or
+// null when empty. A job holds three of these; a million queued jobs make the
+// 24 bytes saved on each (against std::string) count.
+class compact_string {
+ public:
+  compact_string() = default;
+  compact_string(const compact_string&) = delete;
+  compact_string& operator=(const compact_string&) = delete;
+  compact_string(compact_string&& o) noexcept : _p(o._p) { o._p = nullptr; }
+  compact_string& operator=(compact_string&& o) noexcept {
+    std::swap(_p, o._p);
+    return *this;
+  }
+  ~compact_string() { delete[] _p; }
+
+  void assign(std::string_view s);
+  void clear() {
+    delete[] _p;
+    _p = nullptr;
+  }
+  size_t size() const {
+    uint32_t n = 0;
+    if (_p) std::memcpy(&n, _p, sizeof n);
+    return n;
+  }
+  bool empty() const { return _p == nullptr; }
+  std::string_view view() const { return _p ? std::string_view(_p + sizeof(uint32_t), size()) : std::string_view(); }
+  operator std::string_view() const { return view(); }
+  friend bool operator==(const compact_string& a, std::string_view b) { return a.view() == b; }
+  friend bool operator==(const compact_string& a, const compact_string& b) { return a.view() == b.view(); }
+  friend std::ostream& operator<<(std::ostream& os, const compact_string& s) { return os << s.view(); }
+
+ private:
+  char* _p = nullptr;
+};
+
 class job_queue;
 
 struct job {
@@ -77,9 +115,9 @@ struct job {
   principal_ref lease_owner = nullptr;
   job* prev = nullptr;  // intrusive links: ready FIFO or dead list
   job* next = nullptr;
-  std::string payload;  // raw JSON as received
-  std::string outcome;  // succeeded: raw result JSON; failed/dead: error message
-  std::string idempotency_key;
+  compact_string payload;  // raw JSON as received
+  compact_string outcome;  // succeeded: raw result JSON; failed/dead: error message
+  compact_string idempotency_key;
 };
 
 // One state change. Views point into the caller's memory and are valid only

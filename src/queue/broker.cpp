@@ -101,6 +101,15 @@ std::string idempotency_slot(std::string_view queue, std::string_view key) {
 
 }  // namespace
 
+void compact_string::assign(std::string_view s) {
+  clear();
+  if (s.empty()) return;
+  auto n = static_cast<uint32_t>(s.size());
+  _p = new char[sizeof n + s.size()];
+  std::memcpy(_p, &n, sizeof n);
+  std::memcpy(_p + sizeof n, s.data(), s.size());
+}
+
 std::string_view to_string(job_state s) {
   switch (s) {
     case job_state::queued: return "queued";
@@ -572,6 +581,10 @@ void broker::finish(job& j, job_state terminal, time_ms at) {
 
 void broker::set_outcome(job& j, std::string_view text) {
   _held_bytes = _held_bytes - j.outcome.size() + text.size();
+  if (text.empty()) {
+    j.outcome.clear();
+    return;
+  }
   j.outcome.assign(text);
 }
 
