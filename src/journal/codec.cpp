@@ -40,20 +40,19 @@ __attribute__((target("sse4.2"))) uint32_t crc_hw(const uint8_t* p, size_t n, ui
 const bool have_sse42 = __builtin_cpu_supports("sse4.2");
 #endif
 
-void put8(std::string& out, uint8_t v) { out.push_back(static_cast<char>(v)); }
-void put16(std::string& out, uint16_t v) {
-  for (int i = 0; i < 2; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
-void put32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
-void put64(std::string& out, uint64_t v) {
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>(v >> (8 * i)));
-}
-void put_bytes(std::string& out, std::string_view s) {
-  put32(out, static_cast<uint32_t>(s.size()));
-  out.append(s);
-}
+// Little-endian writes into a buffer sized up front (one resize per record).
+struct writer_cursor {
+  char* p;
+  template <class T>
+  void put(T v) {
+    for (size_t i = 0; i < sizeof(T); ++i) *p++ = static_cast<char>(static_cast<uint64_t>(v) >> (8 * i));
+  }
+  void put_bytes(std::string_view s) {
+    put(static_cast<uint32_t>(s.size()));
+    std::memcpy(p, s.data(), s.size());
+    p += s.size();
+  }
+};
 
 // Bounds-checked little-endian reader over a record body.
 struct reader {
@@ -96,30 +95,32 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
 }
 
 void encode(const queue::record& r, std::string& out) {
+  constexpr size_t fixed = 1 + 8 + 8 + 8 + 8 + 1 + 1 + 2 + 2 + 4 + 16 + 5 * 4;
+  size_t len = fixed + r.queue.size() + r.owner.size() + r.idempotency_key.size() + r.payload.size() + r.text.size();
   size_t start = out.size();
-  out.resize(start + record_header_bytes);  // length and CRC, filled below
-  put8(out, static_cast<uint8_t>(r.type));
-  put64(out, r.id);
-  put64(out, static_cast<uint64_t>(r.at));
-  put64(out, static_cast<uint64_t>(r.due));
-  put64(out, static_cast<uint64_t>(r.created));
-  put8(out, r.priority);
-  put8(out, static_cast<uint8_t>(r.state));
-  put16(out, r.max_attempts);
-  put16(out, r.attempts);
-  put32(out, r.lease_ms);
-  out.append(reinterpret_cast<const char*>(r.lease.bytes.data()), r.lease.bytes.size());
-  put_bytes(out, r.queue);
-  put_bytes(out, r.owner);
-  put_bytes(out, r.idempotency_key);
-  put_bytes(out, r.payload);
-  put_bytes(out, r.text);
-  auto len = static_cast<uint32_t>(out.size() - start - record_header_bytes);
+  out.resize(start + record_header_bytes + len);
+  writer_cursor w{out.data() + start + record_header_bytes};
+  w.put(static_cast<uint8_t>(r.type));
+  w.put(r.id);
+  w.put(static_cast<uint64_t>(r.at));
+  w.put(static_cast<uint64_t>(r.due));
+  w.put(static_cast<uint64_t>(r.created));
+  w.put(r.priority);
+  w.put(static_cast<uint8_t>(r.state));
+  w.put(r.max_attempts);
+  w.put(r.attempts);
+  w.put(r.lease_ms);
+  std::memcpy(w.p, r.lease.bytes.data(), r.lease.bytes.size());
+  w.p += r.lease.bytes.size();
+  w.put_bytes(r.queue);
+  w.put_bytes(r.owner);
+  w.put_bytes(r.idempotency_key);
+  w.put_bytes(r.payload);
+  w.put_bytes(r.text);
   uint32_t crc = crc32c(out.data() + start + record_header_bytes, len);
-  for (int i = 0; i < 4; ++i) {
-    out[start + static_cast<size_t>(i)] = static_cast<char>(len >> (8 * i));
-    out[start + 4 + static_cast<size_t>(i)] = static_cast<char>(crc >> (8 * i));
-  }
+  writer_cursor h{out.data() + start};
+  h.put(static_cast<uint32_t>(len));
+  h.put(crc);
 }
 
 bool decode(std::string_view body, queue::record& r) {

@@ -113,16 +113,16 @@ void session::feed(const char* data, size_t len) {
 
 session::status session::read(std::string& out) {
   if (!_ssl) return status::error;
-  constexpr size_t chunk = 16384;
+  // Into a stack buffer, then append what arrived: growing `out` first would
+  // zero-fill 16 KiB per call (callgrind showed half of relay's instructions
+  // in that memset).
+  char buf[16384];
   for (;;) {
-    size_t old = out.size();
-    out.resize(old + chunk);
-    int n = SSL_read(_ssl, out.data() + old, static_cast<int>(chunk));
+    int n = SSL_read(_ssl, buf, static_cast<int>(sizeof buf));
     if (n > 0) {
-      out.resize(old + static_cast<size_t>(n));
+      out.append(buf, static_cast<size_t>(n));
       continue;
     }
-    out.resize(old);
     return fail(n);
   }
 }
