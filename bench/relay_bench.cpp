@@ -15,6 +15,9 @@
 //              per parked connection; then a burst of submits and the
 //              wake-up latency (submit sent → lease answer received)
 //   handshake  a new connection (full mTLS handshake) per request
+//   scale      submit cost as the queue grows (0, 100k, 1M queued), as the
+//              payload grows (100 B to ~1 MiB) and as connections grow (1 to
+//              1,024): one line per point
 //
 // options: --host H --queue Q --connections N --batch B --seconds S
 //          --payload-bytes N --count N --producers N --workers N
@@ -28,6 +31,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <algorithm>
+#include <iterator>
 #include <functional>
 #include <memory>
 #include <sstream>
@@ -115,6 +119,7 @@ class bench_run {
     else if (_a.mode == "e2e") e2e();
     else if (_a.mode == "idle") idle();
     else if (_a.mode == "handshake") handshake();
+    else if (_a.mode == "scale") return scale(_a);
     else return usage();
     return _errors ? 1 : 0;
   }
@@ -175,7 +180,13 @@ class bench_run {
                 static_cast<double>(_latency.quantile(0.5)) / 1000, static_cast<double>(_latency.quantile(0.99)) / 1000,
                 static_cast<double>(_latency.quantile(0.999)) / 1000);
     if (_a.server_pid > 0) std::printf(" server_cpu_s=%.3f server_cpu_us_per_job=%.2f", cpu, jobs > 0 ? cpu * 1e6 / jobs : 0);
+    // Points of the latency CDF, for plotting.
+    std::printf(" cdf_us=");
+    const double qs[] = {0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999};
+    for (size_t i = 0; i < std::size(qs); ++i)
+      std::printf("%s%g:%.1f", i ? "," : "", qs[i], static_cast<double>(_latency.quantile(qs[i])) / 1000);
     std::printf("%s\n", extra.c_str());
+    std::fflush(stdout);
   }
 
   bool time_left() const { return clock_type::now() - _t0 < std::chrono::duration<double>(_a.seconds); }
@@ -430,6 +441,49 @@ class bench_run {
     for (int i = 0; i < _a.connections; ++i) next();
     run_until([&] { return _in_flight == 0; });
     report(" unit=handshake");
+  }
+
+  // Each point is its own run (fresh connections), printed as it completes.
+  static int scale(const args& base) {
+    int failures = 0;
+    auto point = [&](args a, const std::string& label) {
+      a.mode = "submit";
+      a.seconds = std::min(base.seconds, 2.0);
+      std::printf("point=%s ", label.c_str());
+      failures += bench_run(a).run();
+    };
+    // Queue depth: preload to 100k and 1M, then measure submits.
+    args depth = base;
+    depth.queue = "scale-depth";
+    depth.connections = 16;
+    long loaded = 0;
+    for (long target : {0L, 100000L, 1000000L}) {
+      if (target > loaded) {
+        args fill = depth;
+        fill.mode = "fill";
+        fill.count = target - loaded;
+        fill.batch = 1000;
+        fill.connections = 4;
+        std::printf("point=preload_%ld ", target);
+        failures += bench_run(fill).run();
+        loaded = target;
+      }
+      point(depth, "depth_" + std::to_string(target));
+    }
+    for (int bytes : {100, 10000, 100000, 1000000}) {
+      args a = base;
+      a.queue = "scale-size";
+      a.connections = bytes >= 100000 ? 4 : 16;
+      a.payload_bytes = bytes;
+      point(a, "payload_" + std::to_string(bytes));
+    }
+    for (int c : {1, 16, 256, 1024}) {
+      args a = base;
+      a.queue = "scale-conns";
+      a.connections = c;
+      point(a, "connections_" + std::to_string(c));
+    }
+    return failures ? 1 : 0;
   }
 
   args _a;
