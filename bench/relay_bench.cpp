@@ -55,6 +55,7 @@ struct args {
   double seconds = 5;
   long count = 100000, server_pid = 0;
   int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
+  bool resume = false;      // handshake: offer the last session ticket
 };
 
 // Reads utime+stime (seconds) or VmRSS (KiB) of the server process.
@@ -422,16 +423,28 @@ class bench_run {
 
   // ---- handshake ----
   void handshake() {
+    auto tls = _producer_tls;
+    if (_a.resume) {
+      relay::tls::client_options o;
+      o.cert_file = _a.pki + "/producer.crt";
+      o.key_file = _a.pki + "/producer.key";
+      o.ca_file = _a.pki + "/ca.crt";
+      o.resume_sessions = true;
+      std::string error;
+      tls = relay::tls::context::make_client(o, error);
+    }
+    uint64_t resumed = 0;
     std::function<void()> next = [&] {
       if (!time_left()) return;
-      auto* c = connect(_producer_tls);
+      auto* c = connect(tls);
       ++_in_flight;
       uint64_t sent = now_ns();
       c->request("GET", "/v1/jobs/0000000000000001", {}, [&, c, sent](const std::string& e, relay::http::client_response& r) {
         --_in_flight;
         ++_requests;
         if (!e.empty()) return error("handshake", e, r);
-        _jobs += 1;  // one full handshake (and one request)
+        _jobs += 1;  // one handshake (and one request)
+        if (c->resumed()) ++resumed;
         _latency.add(now_ns() - sent);
         _conns.erase(std::find(_conns.begin(), _conns.end(), c));
         c->close();
@@ -440,7 +453,7 @@ class bench_run {
     };
     for (int i = 0; i < _a.connections; ++i) next();
     run_until([&] { return _in_flight == 0; });
-    report(" unit=handshake");
+    report(" unit=handshake resumed=" + std::to_string(resumed));
   }
 
   // Each point is its own run (fresh connections), printed as it completes.
@@ -525,6 +538,7 @@ int main(int argc, char** argv) {
     else if (k == "--workers") a.workers = std::stoi(v);
     else if (k == "--server-pid") a.server_pid = std::stol(v);
     else if (k == "--expect-status") a.expect_status = std::stoi(v);
+    else if (k == "--resume") a.resume = v == "1" || v == "yes";
     else {
       std::fprintf(stderr, "relay_bench: unknown option %s\n", k.c_str());
       return 2;

@@ -64,6 +64,8 @@ class client_conn {
   size_t outstanding() const { return _queue.size(); }
   // The verified server certificate's identity, once connected.
   const tls::identity& server_identity() const { return _server; }
+  // Whether the TLS session was resumed rather than fully negotiated.
+  bool resumed() const { return _tls && _tls->resumed(); }
 
  private:
   enum class state : uint8_t { idle, resolving, connecting, handshaking, ready, closed };

@@ -17,6 +17,7 @@
 
 struct ssl_ctx_st;
 struct ssl_st;
+struct ssl_session_st;
 struct bio_st;
 
 namespace relay::tls {
@@ -34,6 +35,9 @@ struct client_options {
   std::optional<std::string> key_file;
   std::string ca_file;  // PEM bundle the server's certificate must chain to
   std::string min_version = "1.3";
+  // Keep the latest session ticket and offer it on the next connection
+  // (TLS resumption: no certificate exchange, no signatures).
+  bool resume_sessions = false;
 };
 
 // An SSL_CTX built from files. Immutable once built: reloading certificates
@@ -52,11 +56,16 @@ class context {
 
   ssl_ctx_st* native() const { return _ctx; }
   bool is_server() const { return _server; }
+  // Client contexts with resume_sessions: the session to offer, or null.
+  // Loop-thread state (the cache is the context's only mutable part).
+  ssl_session_st* cached_session() const { return _session; }
 
  private:
   context(ssl_ctx_st* ctx, bool server) : _ctx(ctx), _server(server) {}
+  static int on_new_session(ssl_st* ssl, ssl_session_st* session);
   ssl_ctx_st* _ctx;
   bool _server;
+  mutable ssl_session_st* _session = nullptr;
 };
 
 // Who the peer's verified certificate says it is. The principal is the first

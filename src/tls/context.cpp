@@ -116,7 +116,17 @@ void common_settings(SSL_CTX* ctx) {
 
 }  // namespace
 
-context::~context() { SSL_CTX_free(_ctx); }
+context::~context() {
+  if (_session) SSL_SESSION_free(_session);
+  SSL_CTX_free(_ctx);
+}
+
+int context::on_new_session(SSL* ssl, SSL_SESSION* session) {
+  auto* self = static_cast<context*>(SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl)));
+  if (self->_session) SSL_SESSION_free(self->_session);
+  self->_session = session;
+  return 1;  // the context keeps the reference
+}
 
 std::shared_ptr<const context> context::make_server(const server_options& o, std::string& error) {
   SSL_CTX* ctx = new_ctx(error);
@@ -159,6 +169,11 @@ std::shared_ptr<const context> context::make_client(const client_options& o, std
   }
   if (!load_ca(ctx, o.ca_file, error)) return nullptr;
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+  if (o.resume_sessions) {
+    SSL_CTX_set_app_data(ctx, const_cast<context*>(result.get()));
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+  }
   return result;
 }
 

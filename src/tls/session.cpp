@@ -26,6 +26,7 @@ session::session(std::shared_ptr<const context> ctx, std::string_view server_nam
   assert(!_ctx->is_server());
   init(false);
   if (!_ssl) return;
+  if (SSL_SESSION* cached = _ctx->cached_session()) SSL_set_session(_ssl, cached);
   std::string name(server_name);
   if (is_ip_address(name)) {
     X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(_ssl), name.c_str());
