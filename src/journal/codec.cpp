@@ -49,6 +49,7 @@ struct writer_cursor {
   }
   void put_bytes(std::string_view s) {
     put(static_cast<uint32_t>(s.size()));
+    if (s.empty()) return;  // an empty view may hold a null pointer; memcpy must not see it
     std::memcpy(p, s.data(), s.size());
     p += s.size();
   }
