@@ -346,7 +346,10 @@ class broker {
   const broker_limits& limits() const { return _limits; }
 
  private:
-  job_queue* queue_for(std::string_view name, bool create, op_error& err);
+  // lookup: existing queues only. create: within limits.max_queues (a live
+  // request). restore: always (a record whose limits were checked when made).
+  enum class open_mode : uint8_t { lookup, create, restore };
+  job_queue* queue_for(std::string_view name, open_mode mode, op_error& err);
   void commit(const record& r);
   void set_state(job& j, job_state s);
   void make_ready(job& j, bool fresh);
@@ -370,7 +373,6 @@ class broker {
   broker_limits _limits;
   random_source _random;
   record_sink* _sink;
-  bool _applying_replay = false;
   job_id _next_id = 1;
   size_t _held_bytes = 0;
   std::unordered_map<job_id, job> _jobs;

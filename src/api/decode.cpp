@@ -62,7 +62,7 @@ bool each_field(ondemand::object obj, decode_error& err, Fn fn) {
   return true;
 }
 
-bool submit_object(ondemand::object obj, submit_item& item, decode_error& err) {
+bool submit_object(ondemand::object obj, queue::submit_params& item, decode_error& err) {
   bool has_payload = false;
   bool ok = each_field(obj, err, [&](std::string_view key, ondemand::value v) {
     int64_t n;
@@ -187,7 +187,7 @@ bool decoder::start(const std::string& body, decode_error& err) {
   return true;
 }
 
-bool decoder::submit(const std::string& body, std::vector<submit_item>& out, bool& batch, decode_error& err) {
+bool decoder::submit(const std::string& body, std::vector<queue::submit_params>& out, bool& batch, decode_error& err) {
   if (!start(body, err)) return false;
   ondemand::json_type t;
   if (_doc.type().get(t)) return set_error(err, api_error::invalid_json, {});
@@ -203,7 +203,7 @@ bool decoder::submit(const std::string& body, std::vector<submit_item>& out, boo
   batch = true;
   ondemand::array arr;
   if (_doc.get_array().get(arr)) return set_error(err, api_error::invalid_json, {});
-  if (!each_item(arr, out, "jobs", err, [&](ondemand::object obj, submit_item& item) {
+  if (!each_item(arr, out, "jobs", err, [&](ondemand::object obj, queue::submit_params& item) {
         return submit_object(obj, item, err);
       }))
     return false;

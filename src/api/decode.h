@@ -23,15 +23,6 @@ struct decode_error {
   std::string message;
 };
 
-struct submit_item {
-  std::string_view payload;
-  std::string_view idempotency_key;
-  uint8_t priority = queue::default_priority;
-  int64_t delay_ms = 0;
-  uint16_t max_attempts = 5;
-  uint32_t lease_ms = 30000;
-};
-
 struct lease_args {
   size_t max = 1;
   uint32_t wait_ms = 0;
@@ -74,7 +65,8 @@ struct value_limits {
 class decoder {
  public:
   // Single object → one item, batch=false; array of objects → batch=true.
-  bool submit(const std::string& body, std::vector<submit_item>& out, bool& batch, decode_error& err);
+  // The items' queue is left for the caller to set.
+  bool submit(const std::string& body, std::vector<queue::submit_params>& out, bool& batch, decode_error& err);
   bool lease(const std::string& body, lease_args& out, decode_error& err);
   bool heartbeat(const std::string& body, heartbeat_args& out, decode_error& err);
   bool complete(const std::string& body, outcome_args& out, decode_error& err);

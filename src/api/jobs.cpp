@@ -38,7 +38,7 @@ void append_job_json(std::string& out, const queue::job& j) {
 void service::submit(context& c) {
   std::string_view q = c.match.queue;
   if (!authorize(c, auth::permission::submit, q)) return;
-  std::vector<submit_item> items;
+  std::vector<queue::submit_params> items;
   bool batch = false;
   decode_error err;
   if (!_decoder.submit(c.req.body, items, batch, err)) {
@@ -57,15 +57,8 @@ void service::submit(context& c) {
   bool all_created = true;
   if (batch) body = "{\"ids\":[";
   for (size_t i = 0; i < items.size(); ++i) {
-    const submit_item& it = items[i];
-    queue::submit_params p;
+    queue::submit_params& p = items[i];
     p.queue = q;
-    p.payload = it.payload;
-    p.idempotency_key = it.idempotency_key;
-    p.priority = it.priority;
-    p.delay_ms = it.delay_ms;
-    p.max_attempts = it.max_attempts;
-    p.lease_ms = it.lease_ms;
     auto r = _broker.submit(p, t);
     if (r.error == queue::op_error::too_many_queues) {
       respond_error(c, api_error::too_many_queues);

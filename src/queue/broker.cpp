@@ -204,12 +204,12 @@ principal_ref broker::intern(std::string_view principal) {
   return &*it;
 }
 
-job_queue* broker::queue_for(std::string_view name, bool create, op_error& err) {
+job_queue* broker::queue_for(std::string_view name, open_mode mode, op_error& err) {
   err = op_error::none;
   auto it = _queues.find(std::string(name));
   if (it != _queues.end()) return it->second.get();
-  if (!create) return nullptr;
-  if (!_applying_replay && _queues.size() >= _limits.max_queues) {
+  if (mode == open_mode::lookup) return nullptr;
+  if (mode == open_mode::create && _queues.size() >= _limits.max_queues) {
     err = op_error::too_many_queues;
     return nullptr;
   }
@@ -267,7 +267,7 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
   }
   if (!has_room(1, p.payload.size())) return {op_error::queue_full, nullptr, false};
   op_error err;
-  job_queue* q = queue_for(p.queue, true, err);
+  job_queue* q = queue_for(p.queue, open_mode::create, err);
   if (!q) return {err, nullptr, false};
 
   record r;
@@ -311,7 +311,7 @@ void broker::grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now) 
 op_error broker::lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
                        time_ms now, std::vector<job*>& out) {
   op_error err;
-  job_queue* q = queue_for(queue, false, err);
+  job_queue* q = queue_for(queue, open_mode::lookup, err);
   if (!q) return op_error::none;
   while (out.size() < max) {
     job* j = pop_ready(*q);
@@ -325,7 +325,7 @@ op_error broker::lease(std::string_view queue, size_t max, uint32_t lease_ms, pr
 op_error broker::park(std::string_view queue, lease_waiter& w) {
   assert(!w._parked_on);
   op_error err;
-  job_queue* q = queue_for(queue, true, err);
+  job_queue* q = queue_for(queue, open_mode::create, err);
   if (!q) return err;
   w._parked_on = q;
   w._prev = q->_wait_tail;
@@ -441,7 +441,7 @@ std::vector<job_id> broker::requeue_dead(std::string_view queue, const std::vect
                                          size_t max, time_ms now) {
   std::vector<job_id> done;
   op_error err;
-  job_queue* q = queue_for(queue, false, err);
+  job_queue* q = queue_for(queue, open_mode::lookup, err);
   if (!q) return done;
   auto requeue = [&](job& j) {
     record r;
@@ -608,10 +608,7 @@ bool broker::apply(const record& r) {
   if (r.type == record_type::submit) {
     if (r.id == 0 || _jobs.count(r.id) || r.priority >= priority_levels || r.max_attempts == 0) return false;
     op_error err;
-    bool was_replay = _applying_replay;
-    _applying_replay = true;  // limits were checked before the record was made
-    job_queue* q = queue_for(r.queue, true, err);
-    _applying_replay = was_replay;
+    job_queue* q = queue_for(r.queue, open_mode::restore, err);
     job& j = _jobs.try_emplace(r.id).first->second;
     j.id = r.id;
     j.queue = q;
@@ -767,10 +764,7 @@ bool broker::apply_snapshot(const record& r) {
   // interrupted compaction before the old segments were deleted.
   if (job* old = find_mutable(r.id)) forget(*old);
   op_error err;
-  bool was_replay = _applying_replay;
-  _applying_replay = true;
-  job_queue* q = queue_for(r.queue, true, err);
-  _applying_replay = was_replay;
+  job_queue* q = queue_for(r.queue, open_mode::restore, err);
   job& j = _jobs.try_emplace(r.id).first->second;
   j.id = r.id;
   j.queue = q;

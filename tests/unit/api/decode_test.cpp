@@ -19,7 +19,7 @@ std::string padded(std::string s) {
 
 TEST_CASE("payloads are kept as the exact bytes sent") {
   decoder d;
-  std::vector<submit_item> items;
+  std::vector<queue::submit_params> items;
   bool batch = true;
   decode_error err;
   std::string body = padded(R"({ "priority" : 3, "payload" :  {"a" : [1, 2.0 ,"\u00e9"]}  , "delay_ms": 10 })");
@@ -40,7 +40,7 @@ TEST_CASE("payloads are kept as the exact bytes sent") {
 
 TEST_CASE("batches are arrays of job objects") {
   decoder d;
-  std::vector<submit_item> items;
+  std::vector<queue::submit_params> items;
   bool batch = false;
   decode_error err;
   std::string body = padded(R"([{"payload":1},{"payload":[2],"idempotency_key":"k"}])");
@@ -61,7 +61,7 @@ TEST_CASE("batches are arrays of job objects") {
 TEST_CASE("field errors name the field") {
   decoder d;
   decode_error err;
-  std::vector<submit_item> items;
+  std::vector<queue::submit_params> items;
   bool batch;
   std::string b1 = padded(R"({"payload":1,"max_attempts":0})");
   CHECK_FALSE(d.submit(b1, items, batch, err));
