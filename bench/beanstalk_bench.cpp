@@ -21,22 +21,12 @@
 #include <string>
 #include <vector>
 
+#include "proc.h"
+
 namespace {
 
-double server_cpu_seconds(long pid) {
-  if (pid <= 0) return 0;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string s((std::istreambuf_iterator<char>(in)), {});
-  auto close = s.rfind(')');
-  std::istringstream rest(s.substr(close + 2));
-  std::string f;
-  unsigned long long utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && rest >> f; ++i) {
-    if (i == 14) utime = std::stoull(f);
-    if (i == 15) stime = std::stoull(f);
-  }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
+using bench::server_cpu_seconds;
+
 
 // One connection: a state machine over a non-blocking socket.
 struct conn {

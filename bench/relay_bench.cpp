@@ -42,9 +42,13 @@
 
 #include "relay/http_client.h"
 #include "relay/tls.h"
+#include "proc.h"
 #include "stats.h"
 
 namespace {
+
+using bench::server_cpu_seconds;
+using bench::server_rss_kb;
 
 using clock_type = std::chrono::steady_clock;
 
@@ -58,30 +62,7 @@ struct args {
   bool resume = false;      // handshake: offer the last session ticket
 };
 
-// Reads utime+stime (seconds) or VmRSS (KiB) of the server process.
-double server_cpu_seconds(long pid) {
-  if (pid <= 0) return 0;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string s((std::istreambuf_iterator<char>(in)), {});
-  auto close = s.rfind(')');
-  if (close == std::string::npos) return 0;
-  std::istringstream rest(s.substr(close + 2));
-  std::string f;
-  unsigned long long utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && rest >> f; ++i) {
-    if (i == 14) utime = std::stoull(f);
-    if (i == 15) stime = std::stoull(f);
-  }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
 
-long server_rss_kb(long pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::atol(line.c_str() + 6);
-  return 0;
-}
 
 uint64_t now_ns() {
   return static_cast<uint64_t>(

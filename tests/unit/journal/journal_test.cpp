@@ -10,21 +10,15 @@
 
 #include "../../support/tmpdir.h"
 #include "journal/segment.h"
+#include "../../support/counting_random.h"
 #include "relay/journal.h"
 
 using namespace relay;
 using namespace relay::queue;
 
-namespace {
+using test::counting_random;
 
-broker::random_source counting_random() {
-  auto n = std::make_shared<uint64_t>(0);
-  return [n](uint8_t* out, size_t len) {
-    ++*n;
-    std::memset(out, 0, len);
-    std::memcpy(out, n.get(), std::min(len, sizeof(uint64_t)));
-  };
-}
+namespace {
 
 // A loop, a writer and a broker that journals into it.
 struct journaled {

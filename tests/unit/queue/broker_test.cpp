@@ -4,21 +4,14 @@
 #include <string>
 #include <vector>
 
+#include "../../support/counting_random.h"
 #include "relay/queue.h"
 
 using namespace relay::queue;
 
-namespace {
+using test::counting_random;
 
-// Deterministic "random" tokens: a counter, so tests can tell leases apart.
-broker::random_source counting_random() {
-  auto n = std::make_shared<uint64_t>(0);
-  return [n](uint8_t* out, size_t len) {
-    ++*n;
-    std::memset(out, 0, len);
-    std::memcpy(out, n.get(), std::min(len, sizeof(uint64_t)));
-  };
-}
+namespace {
 
 // Keeps copies of every record so a second broker can replay them.
 struct recording_sink : record_sink {
