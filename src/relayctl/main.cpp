@@ -197,11 +197,9 @@ class tool {
     if (!error.empty()) return fail(unreachable, error);
     if (r.status >= 200 && r.status < 300) return ok;
     std::string msg = "relay answered " + std::to_string(r.status);
-    simdjson::padded_string p(r.body);
-    simdjson::dom::parser parser;
     simdjson::dom::element root;
     std::string_view m;
-    if (!parser.parse(p).get(root) && !root["error"]["message"].get_string().get(m)) msg += ": " + std::string(m);
+    if (parse_answer(r.body, root) && !root["error"]["message"].get_string().get(m)) msg += ": " + std::string(m);
     return fail(relay_error, msg);
   }
 
@@ -245,10 +243,8 @@ class tool {
       std::printf("%s\n", r.body.c_str());
       return ok;
     }
-    simdjson::padded_string p(r.body);
-    simdjson::dom::parser parser;
     simdjson::dom::element root;
-    if (parser.parse(p).get(root)) return fail(relay_error, "unexpected answer: " + r.body);
+    if (!parse_answer(r.body, root)) return fail(relay_error, "unexpected answer: " + r.body);
     simdjson::dom::array ids;
     if (!root["ids"].get_array().get(ids)) {
       for (simdjson::dom::element id : ids) std::printf("%s\n", std::string(id.get_string().value_unsafe()).c_str());
@@ -264,10 +260,8 @@ class tool {
       std::printf("%s\n", body.c_str());
       return;
     }
-    simdjson::padded_string p(body);
-    simdjson::dom::parser parser;
     simdjson::dom::element j;
-    if (parser.parse(p).get(j)) {
+    if (!parse_answer(body, j)) {
       std::printf("%s\n", body.c_str());
       return;
     }
@@ -278,11 +272,9 @@ class tool {
     if (err != "null") std::printf("  error: %s\n", err.c_str());
   }
 
-  static std::string state_of(const std::string& body) {
-    simdjson::padded_string p(body);
-    simdjson::dom::parser parser;
+  std::string state_of(const std::string& body) {
     simdjson::dom::element j;
-    if (parser.parse(p).get(j)) return {};
+    if (!parse_answer(body, j)) return {};
     return field_str(j, "state");
   }
   static bool terminal(const std::string& s) { return s == "succeeded" || s == "dead" || s == "cancelled"; }
@@ -347,10 +339,8 @@ class tool {
       std::printf("%s\n", r.body.c_str());
       return ok;
     }
-    simdjson::padded_string p(r.body);
-    simdjson::dom::parser parser;
     simdjson::dom::element root;
-    if (parser.parse(p).get(root)) return fail(relay_error, "unexpected answer");
+    if (!parse_answer(r.body, root)) return fail(relay_error, "unexpected answer");
     std::vector<simdjson::dom::element> list;
     simdjson::dom::array arr;
     if (!root["queues"].get_array().get(arr)) {
@@ -381,11 +371,9 @@ class tool {
       std::printf("%s\n", r.body.c_str());
       return ok;
     }
-    simdjson::padded_string p(r.body);
-    simdjson::dom::parser parser;
     simdjson::dom::element root;
     simdjson::dom::array jobs;
-    if (parser.parse(p).get(root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
+    if (!parse_answer(r.body, root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
     for (simdjson::dom::element j : jobs)
       std::printf("%s  attempts=%s  error=%s\n", field_str(j, "id").c_str(), field_str(j, "attempts").c_str(),
                   field_str(j, "error").c_str());
@@ -409,8 +397,14 @@ class tool {
     return ok;
   }
 
+  // Parses one of relay's answers; `root` is valid until the next call.
+  bool parse_answer(const std::string& body, simdjson::dom::element& root) {
+    return !_parser.parse(body.data(), body.size()).get(root);
+  }
+
   options _o;
   std::unique_ptr<client> _client;
+  simdjson::dom::parser _parser;
 };
 
 bool parse_number(const std::string& s, uint32_t& out) {
