@@ -66,6 +66,8 @@ class client_conn {
   const tls::identity& server_identity() const { return _server; }
   // Whether the TLS session was resumed rather than fully negotiated.
   bool resumed() const { return _tls && _tls->resumed(); }
+  // The TLS context this connection was opened with (null: plain HTTP).
+  const std::shared_ptr<const tls::context>& tls_context() const { return _options.tls; }
 
  private:
   enum class state : uint8_t { idle, resolving, connecting, handshaking, ready, closed };

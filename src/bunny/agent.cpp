@@ -196,6 +196,9 @@ std::string agent::readiness() const {
 // ---- Connections ----
 
 http::client_conn* agent::connection(http::client_conn*& slot) {
+  // A connection opened before a certificate reload keeps presenting the old
+  // identity; replace it as soon as nothing is in flight on it.
+  if (slot && slot->tls_context() != _tls && slot->outstanding() == 0) drop(slot);
   if (!slot) {
     const config::url& u = _urls[_url_index % _urls.size()];
     http::client_conn::options o;
@@ -288,10 +291,6 @@ void agent::on_leased(const std::string& error, http::client_response& r) {
   _connected_gauge.set(1);
   _last_error.clear();
   _poll_failures = 0;
-  if (_recycle_poll) {
-    _recycle_poll = false;
-    drop(_poll_conn);
-  }
   std::string body = std::move(r.body);
   json::pad(body);
   simdjson::ondemand::parser parser;
@@ -457,10 +456,8 @@ void agent::reload_tls() {
   _tls = std::move(ctx);
   _tls_reloads.inc();
   log::info("tls_reloaded").str("cert", _cfg.tls.cert);
-  // New connections use the new certificate; running jobs keep going.
-  if (_polling) _recycle_poll = true;
-  else drop(_poll_conn);
-  if (_ctl_conn && _ctl_conn->outstanding() == 0) drop(_ctl_conn);
+  // Connections switch to the new certificate at their next idle moment
+  // (agent::connection); running jobs keep going.
 }
 
 // ---- Shutdown ----

@@ -75,7 +75,6 @@ class agent {
 
   http::client_conn* _poll_conn = nullptr;
   http::client_conn* _ctl_conn = nullptr;
-  bool _recycle_poll = false;
   bool _polling = false;
   size_t _queue_index = 0;
   size_t _empty_streak = 0;
