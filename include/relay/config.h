@@ -26,6 +26,10 @@ struct relay_config {
     std::string client_ca = "ca.crt";
     std::optional<std::string> crl;
     std::string min_version = "1.3";
+    // How often the TLS files and the policy are checked for changes, which
+    // reload them as SIGHUP does (a Kubernetes Secret or ConfigMap update,
+    // a renewed certificate). 0: only SIGHUP reloads.
+    uint64_t reload_check_ms = 2000;
   } tls;
   struct {
     std::string mode = "mtls";

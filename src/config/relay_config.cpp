@@ -15,6 +15,7 @@ const schema& relay_schema() {
       {"tls.client_ca", kind::path, field<c>([](c& x) { return &x.tls.client_ca; })},
       {"tls.crl", kind::optional_path, field<c>([](c& x) { return &x.tls.crl; })},
       {"tls.min_version", kind::choice, field<c>([](c& x) { return &x.tls.min_version; }), {"1.2", "1.3"}},
+      {"tls.reload_check_ms", kind::number, field<c>([](c& x) { return &x.tls.reload_check_ms; }), {}, 0, 3600000},
       {"auth.mode", kind::choice, field<c>([](c& x) { return &x.auth.mode; }), {"mtls"}, 0, 0, "api_key mtls+api_key"},
       {"auth.api_keys", kind::optional_path, field<c>([](c& x) { return &x.auth.api_keys; })},
       {"policy", kind::path, field<c>([](c& x) { return &x.policy; })},

@@ -35,9 +35,9 @@ relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repai
     : _loop(loop),
       _cfg(std::move(cfg)),
       _repair_journal(repair_journal),
-      _reloads_ok(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
+      _reloads_ok(_metrics.get_counter("relay_reloads_total", "Reloads of TLS material and policy (SIGHUP or a file change).",
                                        "result=\"ok\"")),
-      _reloads_failed(_metrics.get_counter("relay_reloads_total", "SIGHUP reloads of TLS material and policy.",
+      _reloads_failed(_metrics.get_counter("relay_reloads_total", "Reloads of TLS material and policy (SIGHUP or a file change).",
                                            "result=\"failed\"")),
       _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")) {}
 
@@ -90,6 +90,7 @@ bool relay_server::start(std::string& error) {
   _ops_listener = std::make_unique<net::listener>(_loop, ops_opts, *_ops, _metrics);
 
   if (!_api_listener->start(error) || !_ops_listener->start(error)) return false;
+  watch_files();
 
   log::info("relay_started")
       .str("tls_library", tls::library_version())
@@ -202,6 +203,35 @@ void relay_server::on_signal(uv_signal_t* s, int signum) {
   else self->begin_drain();
 }
 
+void relay_server::watch_files() {
+  if (_cfg.tls.reload_check_ms == 0) return;
+  std::vector<const std::string*> paths{&_cfg.tls.cert, &_cfg.tls.key, &_cfg.tls.client_ca, &_cfg.policy};
+  if (_cfg.tls.crl) paths.push_back(&*_cfg.tls.crl);
+  // Polling stat() rather than inotify: Kubernetes updates a mounted Secret
+  // by swapping a symlinked directory, which a watch on the file misses.
+  for (const std::string* path : paths) {
+    uv_fs_poll_t* w = &_file_watches[_file_watch_count++];
+    uv_fs_poll_init(_loop, w);
+    w->data = this;
+    uv_fs_poll_start(w, on_file_change, path->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
+  }
+}
+
+void relay_server::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const uv_stat_t*) {
+  auto* self = static_cast<relay_server*>(h->data);
+  if (status < 0) {
+    // Gone or unreadable: keep serving with what is loaded; the next change
+    // (the file coming back) reloads.
+    char path[4096];
+    size_t len = sizeof path;
+    log::warn("watched_file_unreadable")
+        .str("path", uv_fs_poll_getpath(h, path, &len) == 0 ? std::string(path, len) : std::string())
+        .str("reason", uv_strerror(status));
+    return;
+  }
+  self->reload();
+}
+
 void relay_server::reload() {
   std::string error;
   auto ctx = tls::context::make_server(tls_options(_cfg), error);
@@ -246,6 +276,7 @@ void relay_server::stop() {
   uv_timer_stop(&_drain_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_drain_timer), nullptr);
   for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+  for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
   if (_api) _api->close();
   if (_api_listener) _api_listener->close();
   if (_ops_listener) _ops_listener->close();

@@ -4,6 +4,7 @@
 
 #include <uv.h>
 
+#include <array>
 #include <memory>
 #include <string>
 
@@ -31,8 +32,8 @@ class relay_server {
   // SIGTERM: stop accepting, answer parked requests, let in-flight requests
   // finish (up to limits.drain_timeout_ms), then close everything.
   void begin_drain();
-  // SIGHUP: rebuild the TLS context and policy aside and swap them in;
-  // on any error keep the ones in use.
+  // SIGHUP, or a change to one of their files: rebuild the TLS context and
+  // policy aside and swap them in; on any error keep the ones in use.
   void reload();
   // Closes everything now; the loop then runs out of handles and returns.
   void stop();
@@ -42,6 +43,8 @@ class relay_server {
 
  private:
   static void on_signal(uv_signal_t* s, int signum);
+  static void on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const uv_stat_t*);
+  void watch_files();
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
@@ -67,6 +70,9 @@ class relay_server {
   std::unique_ptr<net::listener> _api_listener;
   std::unique_ptr<net::listener> _ops_listener;
   uv_signal_t _sigterm{}, _sigint{}, _sighup{};
+  // cert, key, client CA, CRL, policy
+  std::array<uv_fs_poll_t, 5> _file_watches{};
+  size_t _file_watch_count = 0;
   uv_timer_t _drain_timer{};
   uint64_t _drain_started = 0;
   bool _draining = false;

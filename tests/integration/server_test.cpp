@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <thread>
 
 #include "../support/relay_fixture.h"
@@ -120,7 +121,8 @@ TEST_CASE("SIGTERM drains: parked long polls are answered, then relay exits 0") 
 }
 
 TEST_CASE("SIGHUP reloads the policy; a broken policy is refused and the old one kept") {
-  relay_process relay;
+  // Only the signal reloads here, so each log line below answers one signal.
+  relay_process relay({"--set", "tls.reload_check_ms=0"});
   CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 403);
   std::string policy = test::default_policy();
   policy.insert(policy.find("\"grants\": [") + 11,
@@ -136,6 +138,20 @@ TEST_CASE("SIGHUP reloads the policy; a broken policy is refused and the old one
   REQUIRE(failed.has_value());
   CHECK(failed->find("unknown key \\\"grantz\\\"") != std::string::npos);
   CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 201);
+}
+
+TEST_CASE("a changed policy file is reloaded without a signal, as a Kubernetes ConfigMap update does") {
+  relay_process relay({"--set", "tls.reload_check_ms=100"});
+  CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 403);
+  std::string policy = test::default_policy();
+  policy.insert(policy.find("\"grants\": [") + 11,
+                R"({"principal": "nobody", "allow": ["submit"], "queues": ["render"]},)");
+  // Replaced whole, by rename, as the kubelet swaps a mounted volume's files.
+  test::write_file(relay.dir / "policy.json.new", policy);
+  std::filesystem::rename(relay.dir / "policy.json.new", relay.dir / "policy.json");
+  REQUIRE(relay.proc->wait_for_line("\"event\":\"reloaded\"").has_value());
+  CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 201);
+  CHECK_FALSE(relay.proc->log().find("reload_failed") != std::string::npos);
 }
 
 TEST_CASE("configuration errors name the file and the key") {
