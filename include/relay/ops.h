@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <string>
+#include <string_view>
 
 #include "relay/metrics.h"
 #include "relay/server.h"
@@ -22,5 +23,13 @@ class ops_handler final : public net::request_handler {
   registry& _metrics;
   std::function<std::string()> _ready;
 };
+
+// Tells the service manager about a state change in systemd's notification
+// protocol ("READY=1", "STOPPING=1", "STATUS=…", newline-separated), so that
+// a Type=notify unit is started only once the process really serves. Sends
+// one datagram to $NOTIFY_SOCKET without blocking; without that variable it
+// does nothing and returns false, as it does when the send fails (the
+// manager then sees no readiness, which a unit timeout reports).
+bool notify_service_manager(std::string_view state);
 
 }  // namespace relay::ops

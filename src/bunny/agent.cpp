@@ -8,6 +8,7 @@
 #include "relay/json.h"
 #include "relay/json_read.h"
 #include "relay/log.h"
+#include "relay/ops.h"
 
 namespace relay::bunny {
 namespace {
@@ -183,6 +184,9 @@ bool agent::start(std::string& error) {
       .num("concurrency", static_cast<int64_t>(_cfg.concurrency))
       .str("handler", _cfg.handler.exec.empty() ? "http" : "exec")
       .str("tls_library", tls::library_version());
+  // Ready means configured and running; reaching relay is a matter of
+  // /readyz and bunny_relay_connected, since bunny waits for relay forever.
+  ops::notify_service_manager("READY=1\nSTATUS=running");
   poll();
   return true;
 }
@@ -465,6 +469,7 @@ void agent::reload_tls() {
 void agent::begin_drain() {
   if (_draining) return;
   _draining = true;
+  ops::notify_service_manager("STOPPING=1\nSTATUS=draining");
   log::info("draining").num("running", static_cast<int64_t>(_running)).num("grace_ms", static_cast<int64_t>(_cfg.drain_timeout_ms));
   uv_timer_stop(&_poll_timer);
   drop(_poll_conn);  // relay forgets the parked lease when its connection closes

@@ -96,6 +96,9 @@ bool relay_server::start(std::string& error) {
       .str("tls_library", tls::library_version())
       .str("policy", _cfg.policy)
       .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+  // The journal is replayed and both listeners are open: a Type=notify unit
+  // counts as started only now.
+  ops::notify_service_manager("READY=1\nSTATUS=serving");
   return true;
 }
 
@@ -256,6 +259,7 @@ void relay_server::begin_drain() {
   }
   _draining = true;
   _drain_started = uv_now(_loop);
+  ops::notify_service_manager("STOPPING=1\nSTATUS=draining");
   log::info("draining").num("open_connections", static_cast<int64_t>(_api_listener->open_connections()));
   _api->drain();
   _api_listener->drain();

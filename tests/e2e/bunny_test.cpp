@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "../support/bunny_fixture.h"
+#include "../support/notify_socket.h"
 
 using test::bunny_options;
 using test::bunny_process;
@@ -259,6 +260,21 @@ TEST_CASE("bunny reloads its certificate when the files change, without dropping
   std::string job = test::wait_job(relay, id);
   CHECK_EQ(field(job, "state"), "succeeded");
   CHECK(job.find("\"square\":16") != std::string::npos);
+}
+
+TEST_CASE("bunny tells systemd (Type=notify) it runs, even before relay answers, and when it drains") {
+  relay_process relay;  // before the socket exists: its READY=1 is not bunny's
+  test::notify_socket manager;
+  REQUIRE(manager.ok());
+  bunny_process b(relay, {});
+  auto ready = manager.next();
+  REQUIRE(ready.has_value());
+  CHECK_EQ(*ready, "READY=1\nSTATUS=running");
+  b.proc->signal(SIGTERM);
+  auto stopping = manager.next();
+  REQUIRE(stopping.has_value());
+  CHECK_EQ(*stopping, "STOPPING=1\nSTATUS=draining");
+  CHECK_EQ(b.proc->wait(20000), 0);
 }
 
 TEST_CASE("relayctl: exit codes scripts can trust") {

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "../support/notify_socket.h"
 #include "../support/relay_fixture.h"
 
 using test::field;
@@ -118,6 +119,20 @@ TEST_CASE("SIGTERM drains: parked long polls are answered, then relay exits 0") 
   CHECK_EQ(relay.proc->wait(10000), 0);
   CHECK(relay.proc->wait_for_line("\"event\":\"draining\"").has_value());
   CHECK(relay.proc->wait_for_line("\"event\":\"stopped\"").has_value());
+}
+
+TEST_CASE("relay tells systemd (Type=notify) it is ready once it serves, and when it starts draining") {
+  test::notify_socket manager;
+  REQUIRE(manager.ok());
+  relay_process relay;
+  auto ready = manager.next();
+  REQUIRE(ready.has_value());
+  CHECK_EQ(*ready, "READY=1\nSTATUS=serving");
+  relay.proc->signal(SIGTERM);
+  auto stopping = manager.next();
+  REQUIRE(stopping.has_value());
+  CHECK_EQ(*stopping, "STOPPING=1\nSTATUS=draining");
+  CHECK_EQ(relay.proc->wait(10000), 0);
 }
 
 TEST_CASE("SIGHUP reloads the policy; a broken policy is refused and the old one kept") {
