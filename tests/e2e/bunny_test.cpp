@@ -14,17 +14,10 @@
 using test::bunny_options;
 using test::bunny_process;
 using test::field;
+using test::lines;
 using test::relay_process;
 
 namespace {
-
-std::vector<std::string> lines(const std::string& s) {
-  std::vector<std::string> out;
-  std::istringstream in(s);
-  for (std::string l; std::getline(in, l);)
-    if (!l.empty()) out.push_back(l);
-  return out;
-}
 
 std::string submit(const relay_process& relay, const std::string& queue, const std::string& payload,
                    const std::string& extra = {}) {
@@ -245,9 +238,7 @@ TEST_CASE("relay sees bunny's certificate identity as the principal") {
 
 TEST_CASE("bunny reloads its certificate when the files change, without dropping jobs") {
   // Only worker2's identity may consume "only2".
-  std::string policy = test::default_policy();
-  policy.insert(policy.find("\"grants\": [") + 11,
-                R"({"principal": "bunny2", "allow": ["consume"], "queues": ["only2"]},)");
+  std::string policy = test::policy_with_grant(R"({"principal": "bunny2", "allow": ["consume"], "queues": ["only2"]})");
   relay_process relay({}, policy);
   bunny_process b(relay, {.who = "worker", .queues = R"(["only2"])"});
   REQUIRE(b.proc->wait_for_line("\"event\":\"lease_refused\"").has_value());

@@ -20,7 +20,6 @@
 #include <map>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <thread>
 
 #include "../support/relay_fixture.h"
@@ -33,14 +32,6 @@ constexpr int api_port = 8443;
 constexpr int ops_port = 9090;
 constexpr int other_port = 7000;  // some other service in "aws"
 constexpr int wan_delay_ms = 40;
-
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  for (std::string l; std::getline(in, l);)
-    if (!l.empty()) out.push_back(l);
-  return out;
-}
 
 // The two namespaces, their link and their firewall; all removed on scope
 // exit (deleting a namespace deletes its end of the veth pair).
@@ -159,7 +150,7 @@ struct scenario {
     test::write_file(dir / "batch.json", batch + "]");
     auto r = producer({"submit", "render", "--batch", "--max-attempts", "10", "--file", dir / "batch.json"});
     REQUIRE_MESSAGE(r.exit_code == 0, r.err);
-    auto ids = lines_of(r.out);
+    auto ids = test::lines(r.out);
     REQUIRE_EQ(ids.size(), static_cast<size_t>(count));
     std::map<std::string, int> jobs;
     for (int i = 0; i < count; ++i) jobs[ids[static_cast<size_t>(i)]] = first + i;
@@ -175,7 +166,7 @@ struct scenario {
     CHECK_MESSAGE(r.exit_code == 0, "relayctl wait: " << r.err);
     std::set<std::string> seen;
     std::vector<int> attempts;
-    for (const auto& line : lines_of(r.out)) {
+    for (const auto& line : test::lines(r.out)) {
       std::string id = test::field(line, "id");
       REQUIRE_MESSAGE(jobs.count(id) == 1, "a result for a job never submitted: " << line);
       CHECK_MESSAGE(seen.insert(id).second, "two results for " << id);
@@ -191,7 +182,7 @@ struct scenario {
   long metric(const std::string& name) const {
     auto r = clouds.run(clouds.aws, {"curl", "-sS", "--max-time", "5", "http://127.0.0.1:" + std::to_string(ops_port) + "/metrics"});
     long total = 0;
-    for (const auto& line : lines_of(r.out))
+    for (const auto& line : test::lines(r.out))
       if (line.rfind(name, 0) == 0 && (line[name.size()] == '{' || line[name.size()] == ' '))
         total += std::stol(line.substr(line.rfind(' ') + 1));
     return total;

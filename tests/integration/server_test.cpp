@@ -121,6 +121,13 @@ TEST_CASE("SIGTERM drains: parked long polls are answered, then relay exits 0") 
   CHECK(relay.proc->wait_for_line("\"event\":\"stopped\"").has_value());
 }
 
+namespace {
+// The default policy plus a grant for the "nogrant" client (CN nobody).
+std::string nobody_may_submit() {
+  return test::policy_with_grant(R"({"principal": "nobody", "allow": ["submit"], "queues": ["render"]})");
+}
+}  // namespace
+
 TEST_CASE("relay tells systemd (Type=notify) it is ready once it serves, and when it starts draining") {
   test::notify_socket manager;
   REQUIRE(manager.ok());
@@ -139,9 +146,7 @@ TEST_CASE("SIGHUP reloads the policy; a broken policy is refused and the old one
   // Only the signal reloads here, so each log line below answers one signal.
   relay_process relay({"--set", "tls.reload_check_ms=0"});
   CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 403);
-  std::string policy = test::default_policy();
-  policy.insert(policy.find("\"grants\": [") + 11,
-                R"({"principal": "nobody", "allow": ["submit"], "queues": ["render"]},)");
+  std::string policy = nobody_may_submit();
   test::write_file(relay.dir / "policy.json", policy);
   relay.proc->signal(SIGHUP);
   REQUIRE(relay.proc->wait_for_line("\"event\":\"reloaded\"").has_value());
@@ -158,9 +163,7 @@ TEST_CASE("SIGHUP reloads the policy; a broken policy is refused and the old one
 TEST_CASE("a changed policy file is reloaded without a signal, as a Kubernetes ConfigMap update does") {
   relay_process relay({"--set", "tls.reload_check_ms=100"});
   CHECK_EQ(relay.curl("nogrant", "POST", "/v1/queues/render/jobs", R"({"payload":1})").status, 403);
-  std::string policy = test::default_policy();
-  policy.insert(policy.find("\"grants\": [") + 11,
-                R"({"principal": "nobody", "allow": ["submit"], "queues": ["render"]},)");
+  std::string policy = nobody_may_submit();
   // Replaced whole, by rename, as the kubelet swaps a mounted volume's files.
   test::write_file(relay.dir / "policy.json.new", policy);
   std::filesystem::rename(relay.dir / "policy.json.new", relay.dir / "policy.json");

@@ -135,6 +135,15 @@ class child {
   std::string _log;
 };
 
+// The non-empty lines of a command's output.
+inline std::vector<std::string> lines(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string l; std::getline(in, l);)
+    if (!l.empty()) out.push_back(l);
+  return out;
+}
+
 // The value of "key":"..." in a JSON log line.
 inline std::string json_field(const std::string& line, const std::string& key) {
   std::string pat = "\"" + key + "\":\"";

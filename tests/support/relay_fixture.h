@@ -61,6 +61,14 @@ inline std::string default_policy() {
 })";
 }
 
+// default_policy() with one more grant (a JSON object) at the front.
+inline std::string policy_with_grant(const std::string& grant) {
+  std::string policy = default_policy();
+  const std::string anchor = "\"grants\": [";
+  policy.insert(policy.find(anchor) + anchor.size(), grant + ",");
+  return policy;
+}
+
 struct http_result {
   int status = 0;
   std::string body;
