@@ -19,6 +19,9 @@ tls::server_options tls_options(const config::relay_config& cfg) {
   return o;
 }
 
+// How long watched files must stay unchanged before they are reloaded.
+constexpr uint64_t reload_settle_ms = 200;
+
 net::conn_options conn_options(const config::relay_config& cfg) {
   net::conn_options o;
   o.http.max_body_bytes = cfg.limits.max_body_bytes;
@@ -208,6 +211,8 @@ void relay_server::on_signal(uv_signal_t* s, int signum) {
 
 void relay_server::watch_files() {
   if (_cfg.tls.reload_check_ms == 0) return;
+  uv_timer_init(_loop, &_reload_settle);
+  _reload_settle.data = this;
   std::vector<const std::string*> paths{&_cfg.tls.cert, &_cfg.tls.key, &_cfg.tls.client_ca, &_cfg.policy};
   if (_cfg.tls.crl) paths.push_back(&*_cfg.tls.crl);
   // Polling stat() rather than inotify: Kubernetes updates a mounted Secret
@@ -232,7 +237,8 @@ void relay_server::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*,
         .str("reason", uv_strerror(status));
     return;
   }
-  self->reload();
+  uv_timer_start(&self->_reload_settle, [](uv_timer_t* t) { static_cast<relay_server*>(t->data)->reload(); },
+                 reload_settle_ms, 0);
 }
 
 void relay_server::reload() {
@@ -280,7 +286,10 @@ void relay_server::stop() {
   uv_timer_stop(&_drain_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_drain_timer), nullptr);
   for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
-  for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
+  if (_file_watch_count > 0) {
+    for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
+    uv_close(reinterpret_cast<uv_handle_t*>(&_reload_settle), nullptr);
+  }
   if (_api) _api->close();
   if (_api_listener) _api_listener->close();
   if (_ops_listener) _ops_listener->close();

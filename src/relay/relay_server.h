@@ -73,6 +73,9 @@ class relay_server {
   // cert, key, client CA, CRL, policy
   std::array<uv_fs_poll_t, 5> _file_watches{};
   size_t _file_watch_count = 0;
+  // One reload for files that change together (a Secret swap, a key and
+  // its certificate written one after the other).
+  uv_timer_t _reload_settle{};
   uv_timer_t _drain_timer{};
   uint64_t _drain_started = 0;
   bool _draining = false;
