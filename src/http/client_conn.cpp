@@ -393,6 +393,15 @@ void client_conn::on_timer(uv_timer_t* t) {
 
 void client_conn::close() {
   if (_closing) return;
+  // End the TLS stream with close_notify. Besides being polite, it keeps the
+  // session resumable: OpenSSL marks a session whose connection was dropped
+  // without one as not resumable.
+  if (_tls && _state == state::ready) {
+    _tls->shutdown();
+    std::string bytes;
+    _tls->take_output(bytes);
+    write_out(bytes);
+  }
   drop("closed");
   _closing = true;
   uv_timer_stop(&_timer);

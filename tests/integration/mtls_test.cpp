@@ -153,9 +153,7 @@ TEST_CASE("a resumed TLS session is still the same principal, held to the same p
 
   auto* second = relay::http::client_conn::create(&loop, co);
   CHECK_EQ(call(second, "POST", "/v1/queues/work/lease", "{}").status, 200);
-  // TODO(resumption): relay built with OpenSSL 3 does not resume these
-  // sessions yet; the identity checks below hold either way.
-  if (relay::tls::library_version() == "BoringSSL") CHECK(second->resumed());
+  CHECK(second->resumed());
   CHECK_EQ(call(second, "POST", "/v1/queues/work/jobs", R"({"payload":2})").status, 403);
   second->close();
   uv_run(&loop, UV_RUN_DEFAULT);
