@@ -46,12 +46,15 @@ inline constexpr int default_priority = 5;
 
 // Job ids are 64-bit, shown as 16 lowercase hex digits.
 std::string format_job_id(job_id id);
+// The same, appended to `out` (no temporary: responses list many ids).
+void append_job_id(std::string& out, job_id id);
 std::optional<job_id> parse_job_id(std::string_view s);
 
 // 128 random bits naming one lease of one job; shown as 32 hex digits.
 struct lease_token {
   std::array<uint8_t, 16> bytes{};
   std::string hex() const;
+  void append_hex(std::string& out) const;
   static std::optional<lease_token> parse(std::string_view hex);
   // Constant time, so that a probe cannot learn a token byte by byte.
   bool equals(const lease_token& other) const;

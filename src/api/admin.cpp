@@ -43,7 +43,7 @@ void service::list_queues(context& c) {
     append_queue_json(body, q, t);
   });
   body += "]}";
-  respond(c, 200, body);
+  respond(c, 200, std::move(body));
 }
 
 void service::get_queue(context& c) {
@@ -55,7 +55,7 @@ void service::get_queue(context& c) {
   }
   std::string body;
   append_queue_json(body, *q, now());
-  respond(c, 200, body);
+  respond(c, 200, std::move(body));
 }
 
 void service::list_dead(context& c) {
@@ -79,7 +79,7 @@ void service::list_dead(context& c) {
     body += ",\"created_ms\":" + std::to_string(j->created_ms) + ",\"updated_ms\":" + std::to_string(j->updated_ms) + "}";
   }
   body += "]}";
-  respond(c, 200, body);
+  respond(c, 200, std::move(body));
 }
 
 void service::requeue_dead(context& c) {
@@ -97,7 +97,7 @@ void service::requeue_dead(context& c) {
     body += '"' + queue::format_job_id(done[i]) + '"';
   }
   body += "]}";
-  respond(c, 200, body);
+  respond(c, 200, std::move(body));
 }
 
 }  // namespace relay::api

@@ -9,7 +9,7 @@ namespace relay::api {
 
 void append_job_json(std::string& out, const queue::job& j) {
   out += "{\"id\":\"";
-  out += queue::format_job_id(j.id);
+  queue::append_job_id(out, j.id);
   out += "\",\"queue\":";
   json::append_string(out, j.queue->name());
   out += ",\"state\":\"";
@@ -72,7 +72,7 @@ void service::submit(context& c) {
     if (batch) {
       if (i) body += ',';
       body += '"';
-      body += queue::format_job_id(r.j->id);
+      queue::append_job_id(body, r.j->id);
       body += '"';
     } else {
       body = "{\"id\":\"" + queue::format_job_id(r.j->id) + "\",\"state\":\"" +
@@ -81,7 +81,7 @@ void service::submit(context& c) {
   }
   if (batch) body += "]}";
   // A repeated idempotency key answers 200 with the first job, not 201.
-  respond(c, batch || all_created ? 201 : 200, body);
+  respond(c, batch || all_created ? 201 : 200, std::move(body));
 }
 
 void service::get_job(context& c) {
@@ -102,7 +102,7 @@ void service::get_job(context& c) {
   }
   std::string body;
   append_job_json(body, *j);
-  respond(c, 200, body);
+  respond(c, 200, std::move(body));
 }
 
 void service::cancel_job(context& c) {

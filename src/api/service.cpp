@@ -50,8 +50,8 @@ void service::count(route r, int status) {
   it->second->inc();
 }
 
-void service::respond(context& c, int status, std::string_view body, std::string_view extra) {
-  send(c.conn, c.match.which, status, std::string(body), extra);
+void service::respond(context& c, int status, std::string body, std::string_view extra) {
+  send(c.conn, c.match.which, status, std::move(body), extra);
 }
 
 void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra) {

@@ -61,7 +61,9 @@ class service final : public net::request_handler {
 
   bool authorize(context& c, auth::permission p, std::string_view queue);
   void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
-  void respond(context& c, int status, std::string_view body, std::string_view extra = {});
+  // Takes the body by value: an answer built by the handler is moved, not
+  // copied, into the journal wait.
+  void respond(context& c, int status, std::string body, std::string_view extra = {});
   // Every answer goes out through here: while records appended so far are
   // not yet durable, the answer waits for them (so that no client ever sees
   // a change a crash could undo), and becomes a 503 if writing them failed.

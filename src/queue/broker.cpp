@@ -1,5 +1,7 @@
 #include <algorithm>
+#include <array>
 #include <cassert>
+#include <cstring>
 
 #include "relay/queue.h"
 
@@ -11,11 +13,24 @@ enum where_t : uint8_t { in_none = 0, in_fresh = 1, in_returned = 2, in_timed = 
 
 constexpr char hex_digits[] = "0123456789abcdef";
 
-int hex_value(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  return -1;
-}
+// Lowercase hex digit → value, anything else → -1 (ids and tokens arrive
+// from clients; parsing them is on every result's path).
+constexpr std::array<int8_t, 256> hex_values = [] {
+  std::array<int8_t, 256> t{};
+  t.fill(-1);
+  for (int i = 0; i < 10; ++i) t['0' + i] = static_cast<int8_t>(i);
+  for (int i = 0; i < 6; ++i) t['a' + i] = static_cast<int8_t>(10 + i);
+  return t;
+}();
+
+int hex_value(char c) { return hex_values[static_cast<unsigned char>(c)]; }
+
+// Byte → its two hex digits, so formatting copies pairs.
+constexpr std::array<std::array<char, 2>, 256> hex_pairs = [] {
+  std::array<std::array<char, 2>, 256> t{};
+  for (int i = 0; i < 256; ++i) t[static_cast<size_t>(i)] = {hex_digits[i >> 4], hex_digits[i & 0xf]};
+  return t;
+}();
 
 // Indexed binary heap over job pointers; job::heap_pos tracks each job's
 // slot so that any job can be removed in O(log n).
@@ -123,9 +138,15 @@ std::string_view to_string(job_state s) {
   return "unknown";
 }
 
+void append_job_id(std::string& out, job_id id) {
+  char s[16];
+  for (int i = 7; i >= 0; --i, id >>= 8) std::memcpy(s + 2 * i, hex_pairs[id & 0xff].data(), 2);
+  out.append(s, sizeof s);
+}
+
 std::string format_job_id(job_id id) {
-  std::string s(16, '0');
-  for (int i = 15; i >= 0; --i, id >>= 4) s[static_cast<size_t>(i)] = hex_digits[id & 0xf];
+  std::string s;
+  append_job_id(s, id);
   return s;
 }
 
@@ -141,13 +162,15 @@ std::optional<job_id> parse_job_id(std::string_view s) {
   return id;
 }
 
+void lease_token::append_hex(std::string& out) const {
+  char s[2 * sizeof bytes];
+  for (size_t i = 0; i < sizeof bytes; ++i) std::memcpy(s + 2 * i, hex_pairs[bytes[i]].data(), 2);
+  out.append(s, sizeof s);
+}
+
 std::string lease_token::hex() const {
   std::string s;
-  s.reserve(32);
-  for (uint8_t b : bytes) {
-    s += hex_digits[b >> 4];
-    s += hex_digits[b & 0xf];
-  }
+  append_hex(s);
   return s;
 }
 
