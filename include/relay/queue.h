@@ -366,6 +366,10 @@ class broker {
   void grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now);
   void set_outcome(job& j, std::string_view text);
   bool apply_snapshot(const record& r);
+  // A job created from a submit or snapshot record: its queue, identity,
+  // limits, payload and idempotency key, counted and indexed; the caller
+  // sets its state.
+  job& restore_job(const record& r);
   void place(job& j);
 
   // Timed heap: delayed, failed (awaiting retry) and leased jobs by due_ms.

@@ -630,20 +630,9 @@ bool broker::apply(const record& r) {
   if (r.type == record_type::snapshot) return apply_snapshot(r);
   if (r.type == record_type::submit) {
     if (r.id == 0 || _jobs.count(r.id) || r.priority >= priority_levels || r.max_attempts == 0) return false;
-    op_error err;
-    job_queue* q = queue_for(r.queue, open_mode::restore, err);
-    job& j = _jobs.try_emplace(r.id).first->second;
-    j.id = r.id;
-    j.queue = q;
-    j.priority = r.priority;
-    j.max_attempts = r.max_attempts;
-    j.lease_ms = r.lease_ms;
+    job& j = restore_job(r);
+    job_queue* q = j.queue;
     j.created_ms = j.updated_ms = r.at;
-    j.payload.assign(r.payload);
-    _held_bytes += r.payload.size();
-    j.idempotency_key.assign(r.idempotency_key);
-    _next_id = std::max(_next_id, r.id + 1);
-    if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
     ++q->_counters.submitted;
     // A new job enters as delayed; make_ready() moves it on when it is due now.
     j.state = job_state::delayed;
@@ -786,29 +775,35 @@ bool broker::apply_snapshot(const record& r) {
   // Upsert: a snapshot may follow records for the same job when a crash
   // interrupted compaction before the old segments were deleted.
   if (job* old = find_mutable(r.id)) forget(*old);
-  op_error err;
-  job_queue* q = queue_for(r.queue, open_mode::restore, err);
-  job& j = _jobs.try_emplace(r.id).first->second;
-  j.id = r.id;
-  j.queue = q;
+  job& j = restore_job(r);
   j.state = r.state;
-  j.priority = r.priority;
   j.attempts = r.attempts;
-  j.max_attempts = r.max_attempts;
-  j.lease_ms = r.lease_ms;
   j.created_ms = r.created;
   j.updated_ms = r.at;
   j.due_ms = r.due;
   j.lease = r.lease;
   j.lease_owner = r.state == job_state::leased ? intern(r.owner) : nullptr;
-  j.payload.assign(r.payload);
   j.outcome.assign(r.text);
-  j.idempotency_key.assign(r.idempotency_key);
-  _held_bytes += j.payload.size() + j.outcome.size();
-  _next_id = std::max(_next_id, r.id + 1);
-  if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
+  _held_bytes += j.outcome.size();
   place(j);
   return true;
+}
+
+job& broker::restore_job(const record& r) {
+  op_error err;
+  job_queue* q = queue_for(r.queue, open_mode::restore, err);
+  job& j = _jobs.try_emplace(r.id).first->second;
+  j.id = r.id;
+  j.queue = q;
+  j.priority = r.priority;
+  j.max_attempts = r.max_attempts;
+  j.lease_ms = r.lease_ms;
+  j.payload.assign(r.payload);
+  _held_bytes += j.payload.size();
+  j.idempotency_key.assign(r.idempotency_key);
+  _next_id = std::max(_next_id, r.id + 1);
+  if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
+  return j;
 }
 
 std::vector<job_id> broker::job_ids() const {
