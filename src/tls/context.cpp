@@ -101,17 +101,28 @@ bool load_crl(SSL_CTX* ctx, const std::string& path, std::string& error) {
   return true;
 }
 
-SSL_CTX* new_ctx(std::string& error) {
+// A context with what servers and clients share: options, the lowest
+// protocol version and the TLS 1.2 ciphers. Null (and `error`) on failure.
+SSL_CTX* new_ctx(const std::string& min_version, std::string& error) {
   SSL_CTX* ctx = SSL_CTX_new(TLS_method());
-  if (!ctx) error = "SSL_CTX_new: " + compat::drain_error_queue();
-  return ctx;
-}
-
-void common_settings(SSL_CTX* ctx) {
+  if (!ctx) {
+    error = "SSL_CTX_new: " + compat::drain_error_queue();
+    return nullptr;
+  }
   SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
                                SSL_OP_CIPHER_SERVER_PREFERENCE);
   // Idle long-polling connections should not pin 32 KiB of record buffers.
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  if (!set_min_version(ctx, min_version, error)) {
+    SSL_CTX_free(ctx);
+    return nullptr;
+  }
+  if (SSL_CTX_set_cipher_list(ctx, tls12_ciphers) != 1) {
+    error = "cipher list: " + compat::drain_error_queue();
+    SSL_CTX_free(ctx);
+    return nullptr;
+  }
+  return ctx;
 }
 
 }  // namespace
@@ -129,15 +140,9 @@ int context::on_new_session(SSL* ssl, SSL_SESSION* session) {
 }
 
 std::shared_ptr<const context> context::make_server(const server_options& o, std::string& error) {
-  SSL_CTX* ctx = new_ctx(error);
+  SSL_CTX* ctx = new_ctx(o.min_version, error);
   if (!ctx) return nullptr;
   std::shared_ptr<const context> result(new context(ctx, true));
-  common_settings(ctx);
-  if (!set_min_version(ctx, o.min_version, error)) return nullptr;
-  if (SSL_CTX_set_cipher_list(ctx, tls12_ciphers) != 1) {
-    error = "cipher list: " + compat::drain_error_queue();
-    return nullptr;
-  }
   if (!load_identity(ctx, o.cert_file, o.key_file, error)) return nullptr;
   if (!load_ca(ctx, o.client_ca_file, error)) return nullptr;
   if (o.crl_file && !load_crl(ctx, *o.crl_file, error)) return nullptr;
@@ -151,15 +156,9 @@ std::shared_ptr<const context> context::make_server(const server_options& o, std
 }
 
 std::shared_ptr<const context> context::make_client(const client_options& o, std::string& error) {
-  SSL_CTX* ctx = new_ctx(error);
+  SSL_CTX* ctx = new_ctx(o.min_version, error);
   if (!ctx) return nullptr;
   std::shared_ptr<const context> result(new context(ctx, false));
-  common_settings(ctx);
-  if (!set_min_version(ctx, o.min_version, error)) return nullptr;
-  if (SSL_CTX_set_cipher_list(ctx, tls12_ciphers) != 1) {
-    error = "cipher list: " + compat::drain_error_queue();
-    return nullptr;
-  }
   if (o.cert_file || o.key_file) {
     if (!o.cert_file || !o.key_file) {
       error = "a client certificate needs both a certificate and a key file";
