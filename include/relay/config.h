@@ -101,6 +101,10 @@ struct bunny_config {
 // A --set dotted.key=value override, or one of the named flags mapped to its key.
 using override_list = std::vector<std::pair<std::string, std::string>>;
 
+// Adds the value of a --set flag, "dotted.key=value", to `out`; false, with
+// `error` quoting it, when it has no '=' or no key.
+bool add_set_override(const std::string& arg, override_list& out, std::string& error);
+
 // Reads `file` (if any), then applies `overrides` in order. On failure
 // returns false and `error` names the file (or flag) and the key.
 bool load(const std::optional<std::string>& file, const override_list& overrides, relay_config& out,

@@ -54,10 +54,8 @@ int main(int argc, char** argv) {
       std::string v = argv[++i];
       if (arg == "--config") {
         config_file = v;
-      } else {
-        auto eq = v.find('=');
-        if (eq == std::string::npos || eq == 0) return fail("--set wants KEY=VALUE, got \"" + v + "\"");
-        overrides.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+      } else if (std::string error; !relay::config::add_set_override(v, overrides, error)) {
+        return fail(error);
       }
     } else {
       return fail("unknown or incomplete argument \"" + arg + "\"\n" + usage);

@@ -231,6 +231,16 @@ void append_value(std::string& out, const key_spec& k, void* cfg) {
 
 }  // namespace
 
+bool add_set_override(const std::string& arg, override_list& out, std::string& error) {
+  auto eq = arg.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    error = "--set wants KEY=VALUE, got \"" + arg + "\"";
+    return false;
+  }
+  out.emplace_back(arg.substr(0, eq), arg.substr(eq + 1));
+  return true;
+}
+
 bool load(const schema& keys, const std::optional<std::string>& file, const override_list& overrides, void* cfg,
           std::string& error) {
   if (file) {

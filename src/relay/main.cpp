@@ -40,9 +40,8 @@ int main(int argc, char** argv) {
   bool repair_journal = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    auto value = [&](const char* flag) -> std::optional<std::string> {
+    auto value = [&]() -> std::optional<std::string> {
       if (i + 1 >= argc) return std::nullopt;
-      (void)flag;
       return std::string(argv[++i]);
     };
     if (arg == "--help" || arg == "-h") {
@@ -54,17 +53,13 @@ int main(int argc, char** argv) {
       repair_journal = true;
     } else if (arg == "--config" || arg == "--listen" || arg == "--ops-listen" || arg == "--journal-dir" ||
                arg == "--set") {
-      auto v = value(arg.c_str());
+      auto v = value();
       if (!v) return fail(arg + " needs a value\n" + usage);
       if (arg == "--config") config_file = *v;
       else if (arg == "--listen") overrides.emplace_back("listen", *v);
       else if (arg == "--ops-listen") overrides.emplace_back("ops_listen", *v);
       else if (arg == "--journal-dir") overrides.emplace_back("journal.dir", *v);
-      else {
-        auto eq = v->find('=');
-        if (eq == std::string::npos || eq == 0) return fail("--set wants KEY=VALUE, got \"" + *v + "\"");
-        overrides.emplace_back(v->substr(0, eq), v->substr(eq + 1));
-      }
+      else if (std::string error; !relay::config::add_set_override(*v, overrides, error)) return fail(error);
     } else {
       return fail("unknown argument \"" + arg + "\"\n" + usage);
     }
