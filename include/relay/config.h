@@ -55,6 +55,14 @@ struct relay_config {
     uint64_t max_queues = 10000;
     uint64_t result_ttl_ms = 86400000;
     uint64_t drain_timeout_ms = 30000;
+    // Hostile-peer bounds (see server.h conn_options for what each counts).
+    uint64_t max_connections_per_ip = 256;       // open connections from one source address
+    uint64_t handshake_timeout_ms = 3000;        // TCP accept to TLS handshake done
+    uint64_t max_pending_output_bytes = 1048576;  // per connection: unsent responses before it stops taking requests
+    uint64_t max_pending_body_bytes = 268435456;  // all connections: bytes held in partly received bodies
+    uint64_t min_body_rate_bytes_per_s = 1024;   // a body slower than this (after header_timeout_ms) is cut: 408
+    uint64_t lingering_time_ms = 30000;          // after a final answer: at most this long discarding input
+    uint64_t lingering_timeout_ms = 5000;        // ... and at most this long between two reads of it
   } limits;
   struct {
     std::string level = "info";

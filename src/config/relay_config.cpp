@@ -35,6 +35,13 @@ const schema& relay_schema() {
       {"limits.max_queues", kind::number, field<c>([](c& x) { return &x.limits.max_queues; }), {}, 1, 1000000},
       {"limits.result_ttl_ms", kind::number, field<c>([](c& x) { return &x.limits.result_ttl_ms; }), {}, 1000, 365ull * 86400000},
       {"limits.drain_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.drain_timeout_ms; }), {}, 0, 3600000},
+      {"limits.max_connections_per_ip", kind::number, field<c>([](c& x) { return &x.limits.max_connections_per_ip; }), {}, 1, 1000000},
+      {"limits.handshake_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.handshake_timeout_ms; }), {}, 100, 600000},
+      {"limits.max_pending_output_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_pending_output_bytes; }), {}, 4096, 1ull << 30},
+      {"limits.max_pending_body_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_pending_body_bytes; }), {}, 1 << 16, 1ull << 40},
+      {"limits.min_body_rate_bytes_per_s", kind::number, field<c>([](c& x) { return &x.limits.min_body_rate_bytes_per_s; }), {}, 0, 1ull << 30},
+      {"limits.lingering_time_ms", kind::number, field<c>([](c& x) { return &x.limits.lingering_time_ms; }), {}, 0, 600000},
+      {"limits.lingering_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.lingering_timeout_ms; }), {}, 0, 600000},
       {"log.level", kind::choice, field<c>([](c& x) { return &x.log.level; }), {"debug", "info", "warn", "error"}},
   };
   return keys;
