@@ -100,6 +100,77 @@ class request_parser {
   std::string _error_detail;
 };
 
+// A response as the client side receives it.
+struct response {
+  int status = 0;
+  std::string body;
+  std::string retry_after;  // the Retry-After header, if sent
+};
+
+// Incremental parser of the responses a client receives, with no I/O (the
+// client connection and the fuzzer feed it). execute() stops after each
+// final response; interim 1xx responses (100 Continue, 103 Early Hints) are
+// skipped, never taken for the answer; 101 Switching Protocols is an error
+// because the client never asks to upgrade. A body delimited by the end of
+// the stream (no Content-Length, not chunked) completes when finish() is
+// called at EOF. Bodies beyond max_body_bytes and header lines beyond 8 KiB
+// are errors, so a server cannot make the client allocate without bound.
+class response_parser {
+ public:
+  explicit response_parser(size_t max_body_bytes);
+  response_parser(const response_parser&) = delete;
+  response_parser& operator=(const response_parser&) = delete;
+
+  enum class event : uint8_t {
+    need_more,          // all input consumed, response not complete
+    response_complete,  // current() holds a final response
+    error,              // error() says why; the stream cannot be trusted
+  };
+  struct result {
+    size_t consumed;
+    event what;
+  };
+  result execute(const char* data, size_t len);
+  // The peer ended the stream. response_complete when that ended a
+  // close-delimited body; need_more when no response was under way; error
+  // when one was cut short. Nothing may be fed afterwards.
+  event finish();
+
+  response& current() { return _resp; }
+  // Whether the connection may carry another response after current().
+  bool keep_alive() const { return _keep_alive; }
+  // Call after taking a complete response, before parsing the next.
+  void next();
+  // Forget everything, for a new connection.
+  void reset();
+
+  bool started() const { return _started; }  // bytes of a response seen
+  const std::string& error() const { return _error; }
+
+ private:
+  static int on_message_begin(llhttp_t* p);
+  static int on_header_field(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value(llhttp_t* p, const char* at, size_t len);
+  static int on_header_value_complete(llhttp_t* p);
+  static int on_headers_complete(llhttp_t* p);
+  static int on_body(llhttp_t* p, const char* at, size_t len);
+  static int on_message_complete(llhttp_t* p);
+  int fail(std::string why);
+
+  size_t _max_body_bytes;
+  llhttp_settings_t _settings;
+  llhttp_t _parser;
+  response _resp;
+  std::string _field;
+  std::string _value;
+  bool _started = false;
+  bool _complete = false;
+  bool _keep_alive = true;
+  bool _failed = false;
+  bool _finished = false;
+  std::string _error;
+};
+
 std::string_view reason_phrase(int status);
 
 // Appends a complete response. `extra_headers` are whole header lines, each

@@ -22,15 +22,12 @@
 #include <string>
 #include <string_view>
 
+#include "relay/http.h"
 #include "relay/tls.h"
 
 namespace relay::http {
 
-struct client_response {
-  int status = 0;
-  std::string body;
-  std::string retry_after;  // the Retry-After header, if sent
-};
+using client_response = response;
 
 class client_conn {
  public:
@@ -88,6 +85,12 @@ class client_conn {
   void write_out(std::string& bytes);
   void received(const char* data, size_t len);
   void parse(const char* data, size_t len);
+  // Hands the complete response to the oldest request; false when the
+  // connection closed or failed on the way (stop parsing).
+  bool deliver();
+  // The server ended the stream: completes a close-delimited response, then
+  // fails what is left with `error`.
+  void peer_closed(const std::string& error);
   void fail_all(const std::string& error);
   // Closes the transport and fails every outstanding request with `error`.
   void drop(const std::string& error);
@@ -103,12 +106,6 @@ class client_conn {
   static void on_tcp_closed(uv_handle_t* h);
   static void on_timer_closed(uv_handle_t* h);
 
-  static int on_header_field(llhttp_t* p, const char* at, size_t len);
-  static int on_header_value(llhttp_t* p, const char* at, size_t len);
-  static int on_header_value_complete(llhttp_t* p);
-  static int on_body(llhttp_t* p, const char* at, size_t len);
-  static int on_message_complete(llhttp_t* p);
-
   uv_loop_t* _loop;
   options _options;
   state _state = state::idle;
@@ -119,15 +116,9 @@ class client_conn {
   uint64_t _connect_deadline = 0;
   std::unique_ptr<tls::session> _tls;
   tls::identity _server;
-  llhttp_settings_t _settings;
-  llhttp_t _parser;
+  response_parser _parser;
   std::deque<pending> _queue;
-  client_response _current;
-  std::string _field, _value;
   std::string _plain;
-  bool _close_after_response = false;
-  bool _parse_failed = false;
-  std::string _parse_error;
   bool _closing = false;
   char _read_buffer[64 * 1024];
 };

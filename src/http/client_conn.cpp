@@ -1,5 +1,4 @@
 #include <arpa/inet.h>
-#include <strings.h>
 
 #include <cassert>
 
@@ -14,8 +13,6 @@ struct write_req {
   std::string data;
 };
 
-client_conn* self(llhttp_t* p) { return static_cast<client_conn*>(p->data); }
-
 }  // namespace
 
 // Lifetime: the object is freed from its timer's close callback. A connect
@@ -24,18 +21,11 @@ client_conn* self(llhttp_t* p) { return static_cast<client_conn*>(p->data); }
 
 client_conn* client_conn::create(uv_loop_t* loop, options o) { return new client_conn(loop, std::move(o)); }
 
-client_conn::client_conn(uv_loop_t* loop, options o) : _loop(loop), _options(std::move(o)) {
+client_conn::client_conn(uv_loop_t* loop, options o)
+    : _loop(loop), _options(std::move(o)), _parser(_options.max_response_bytes) {
   if (_options.server_name.empty()) _options.server_name = _options.host;
   uv_timer_init(loop, &_timer);
   _timer.data = this;
-  llhttp_settings_init(&_settings);
-  _settings.on_header_field = on_header_field;
-  _settings.on_header_value = on_header_value;
-  _settings.on_header_value_complete = on_header_value_complete;
-  _settings.on_body = on_body;
-  _settings.on_message_complete = on_message_complete;
-  llhttp_init(&_parser, HTTP_RESPONSE, &_settings);
-  _parser.data = this;
 }
 
 client_conn::~client_conn() = default;
@@ -71,11 +61,7 @@ void client_conn::request(std::string_view method, std::string_view target, std:
 void client_conn::start_connect() {
   _connect_deadline = uv_now(_loop) + _options.connect_timeout_ms;
   _state = state::resolving;
-  llhttp_init(&_parser, HTTP_RESPONSE, &_settings);
-  _parser.data = this;
-  _parse_failed = false;
-  _close_after_response = false;
-  _current = {};
+  _parser.reset();
   _plain.clear();
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -219,7 +205,8 @@ void client_conn::on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
     std::string why = c->_state == state::handshaking
                           ? "TLS with " + c->_options.host + ": connection closed during the handshake"
                           : std::string("connection to ") + c->_options.host + " lost: " + uv_strerror(static_cast<int>(nread));
-    c->drop(why);
+    if (nread == UV_EOF && c->_state == state::ready) c->peer_closed(why);
+    else c->drop(why);
     return;
   }
   c->received(buf->base, static_cast<size_t>(nread));
@@ -247,81 +234,49 @@ void client_conn::received(const char* data, size_t len) {
     parse(plain.data(), plain.size());
   }
   if (st == tls::session::status::closed && _tcp) {
-    drop("server closed the TLS session");
+    peer_closed("server closed the TLS session");
   }
 }
 
 void client_conn::parse(const char* data, size_t len) {
   size_t off = 0;
   while (off < len && _tcp && !_closing) {
-    llhttp_errno_t err = llhttp_execute(&_parser, data + off, len - off);
-    if (err == HPE_OK) return;
-    if (err == HPE_PAUSED && !_parse_failed) {
-      off += static_cast<size_t>(llhttp_get_error_pos(&_parser) - (data + off));
-      llhttp_resume(&_parser);
-      // One response is complete: hand it to the oldest request.
-      if (_queue.empty() || !_queue.front().sent) {
-        drop("protocol error: a response arrived that no request asked for");
-        return;
-      }
-      pending p = std::move(_queue.front());
-      _queue.pop_front();
-      client_response r = std::move(_current);
-      _current = {};
-      bool close_now = _close_after_response;
-      if (close_now) reset_transport();
-      p.cb({}, r);  // may queue requests or close this connection
-      if (close_now) {
-        fail_all("server closed the connection");
-        return;
-      }
-      arm_timer();
-      continue;
+    response_parser::result r = _parser.execute(data + off, len - off);
+    off += r.consumed;
+    if (r.what == response_parser::event::need_more) return;
+    if (r.what != response_parser::event::response_complete) {
+      drop(_parser.error());
+      return;
     }
-    std::string why = _parse_failed ? _parse_error : std::string("malformed response: ") + llhttp_get_error_reason(&_parser);
-    drop(why);
-    return;
+    if (!deliver()) return;
   }
 }
 
-int client_conn::on_header_field(llhttp_t* p, const char* at, size_t len) {
-  auto* c = self(p);
-  if (c->_field.size() + len > 8192) return -1;
-  c->_field.append(at, len);
-  return 0;
-}
-
-int client_conn::on_header_value(llhttp_t* p, const char* at, size_t len) {
-  auto* c = self(p);
-  if (c->_value.size() + len > 8192) return -1;
-  c->_value.append(at, len);
-  return 0;
-}
-
-int client_conn::on_header_value_complete(llhttp_t* p) {
-  auto* c = self(p);
-  if (c->_field.size() == 11 && strncasecmp(c->_field.data(), "retry-after", 11) == 0) c->_current.retry_after = c->_value;
-  c->_field.clear();
-  c->_value.clear();
-  return 0;
-}
-
-int client_conn::on_body(llhttp_t* p, const char* at, size_t len) {
-  auto* c = self(p);
-  if (c->_current.body.size() + len > c->_options.max_response_bytes) {
-    c->_parse_failed = true;
-    c->_parse_error = "response body larger than " + std::to_string(c->_options.max_response_bytes) + " bytes";
-    return -1;
+bool client_conn::deliver() {
+  // One response is complete: hand it to the oldest request.
+  if (_queue.empty() || !_queue.front().sent) {
+    drop("protocol error: a response arrived that no request asked for");
+    return false;
   }
-  c->_current.body.append(at, len);
-  return 0;
+  pending p = std::move(_queue.front());
+  _queue.pop_front();
+  client_response r = std::move(_parser.current());
+  bool close_now = !_parser.keep_alive();
+  _parser.next();
+  if (close_now) reset_transport();
+  p.cb({}, r);  // may queue requests or close this connection
+  if (close_now) {
+    fail_all("server closed the connection");
+    return false;
+  }
+  arm_timer();
+  return true;
 }
 
-int client_conn::on_message_complete(llhttp_t* p) {
-  auto* c = self(p);
-  c->_current.status = p->status_code;
-  c->_close_after_response = llhttp_should_keep_alive(p) == 0;
-  return HPE_PAUSED;
+void client_conn::peer_closed(const std::string& error) {
+  response_parser::event e = _parser.finish();
+  if (e == response_parser::event::response_complete && !deliver()) return;
+  drop(error);
 }
 
 void client_conn::drop(const std::string& error) {
