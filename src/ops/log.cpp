@@ -1,16 +1,24 @@
 #include "relay/log.h"
 
+#include <poll.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
-#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
 
 #include "relay/json.h"
 
 namespace relay::log {
 namespace {
 
-level g_min_level = level::info;  // Process-wide sink setting, not per-listener state.
+// Process-wide sink setting, not per-listener state; atomic because the
+// journal writer thread logs too.
+std::atomic<level> g_min_level{level::info};
 
 std::string_view level_name(level l) {
   switch (l) {
@@ -22,9 +30,143 @@ std::string_view level_name(level l) {
   return "info";
 }
 
+int64_t wall_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Whole lines per write(2) where they fit, so that a reader sees lines, and
+// few enough bytes that one write never holds much.
+constexpr size_t max_write_bytes = 64 * 1024;
+
+// The process's one buffer and the thread that writes it to stderr. Never
+// destroyed: the writer thread may still be blocked in write(2) on a stalled
+// pipe when the process exits, and must not find the buffer gone.
+class sink {
+ public:
+  static sink& get() {
+    static sink* s = new sink();
+    return *s;
+  }
+
+  void append(level l, std::string_view event, std::string_view source, std::string_view fields) {
+    std::lock_guard lock(_mu);
+    _buf.append(l, event, source, fields);
+    if (_no_thread) {
+      write_out_locked();
+      return;
+    }
+    if (_writer_waiting) _wake.notify_one();
+  }
+
+  uint64_t dropped() {
+    std::lock_guard lock(_mu);
+    return _buf.dropped();
+  }
+
+  bool flush(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(_mu);
+    _buf.expire_all();
+    if (_no_thread) {
+      write_out_locked();
+      return _buf.pending() == 0;
+    }
+    _wake.notify_one();
+    return _idle.wait_for(lock, timeout, [this] { return _buf.pending() == 0 && !_writing; });
+  }
+
+ private:
+  sink() : _buf(buffer::default_capacity, wall_ms) {
+    try {
+      std::thread([this] { run(); }).detach();
+    } catch (const std::system_error&) {
+      // No thread to be had: write synchronously, as before there was one.
+      _no_thread = true;
+    }
+    std::atexit([] { sink::get().flush(std::chrono::milliseconds(2000)); });
+  }
+
+  void run() {
+    std::unique_lock lock(_mu);
+    for (;;) {
+      int64_t next = _buf.expire();
+      std::string_view text = _buf.peek();
+      if (!text.empty()) {
+        size_t n = whole_lines(text);
+        _writing = true;
+        lock.unlock();
+        // peek()'s bytes stay put while loggers append: the lock is not
+        // needed to read them, and write(2) may block for as long as the
+        // reader of stderr likes.
+        bool ok = write_all(text.data(), n);
+        lock.lock();
+        _writing = false;
+        if (!ok) _buf.count_lost(lines_in(text.substr(0, n)));
+        _buf.consume(n);
+        continue;
+      }
+      _idle.notify_all();
+      _writer_waiting = true;
+      if (next < 0) _wake.wait(lock);
+      else _wake.wait_for(lock, std::chrono::milliseconds(std::max<int64_t>(1, next - wall_ms())));
+      _writer_waiting = false;
+    }
+  }
+
+  // Without a writer thread (thread creation failed): the old synchronous way.
+  void write_out_locked() {
+    _buf.expire();
+    for (std::string_view text = _buf.peek(); !text.empty(); text = _buf.peek()) {
+      size_t n = whole_lines(text);
+      if (!write_all(text.data(), n)) _buf.count_lost(lines_in(text.substr(0, n)));
+      _buf.consume(n);
+    }
+  }
+
+  static size_t whole_lines(std::string_view text) {
+    if (text.size() <= max_write_bytes) return text.size();
+    size_t nl = text.rfind('\n', max_write_bytes - 1);
+    return nl == std::string_view::npos ? max_write_bytes : nl + 1;
+  }
+
+  static uint64_t lines_in(std::string_view text) {
+    uint64_t n = 0;
+    for (char c : text) n += c == '\n';
+    return n;
+  }
+
+  // False if stderr failed for good (closed, or not writable at all).
+  static bool write_all(const char* p, size_t left) {
+    while (left > 0) {
+      ssize_t n = ::write(STDERR_FILENO, p, left);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          // Someone made stderr non-blocking; wait for room, on this thread.
+          pollfd pfd{STDERR_FILENO, POLLOUT, 0};
+          ::poll(&pfd, 1, 1000);
+          continue;
+        }
+        return false;
+      }
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+    return true;
+  }
+
+  std::mutex _mu;
+  std::condition_variable _wake;  // lines (or flush) for the writer
+  std::condition_variable _idle;  // the writer has written everything
+  buffer _buf;
+  bool _writer_waiting = false;
+  bool _writing = false;
+  bool _no_thread = false;
+};
+
 }  // namespace
 
-void set_min_level(level min) { g_min_level = min; }
+void set_min_level(level min) { g_min_level.store(min, std::memory_order_relaxed); }
 
 level parse_level(std::string_view name) {
   if (name == "debug") return level::debug;
@@ -32,36 +174,37 @@ level parse_level(std::string_view name) {
   if (name == "error") return level::error;
   return level::info;
 }
-bool enabled(level l) { return l >= g_min_level; }
+bool enabled(level l) { return l >= g_min_level.load(std::memory_order_relaxed); }
+
+uint64_t dropped_lines() { return sink::get().dropped(); }
+
+bool flush(std::chrono::milliseconds timeout) { return sink::get().flush(timeout); }
+
+std::string_view host_of(std::string_view address) {
+  if (!address.empty() && address.front() == '[') {
+    size_t end = address.find(']');
+    return end == std::string_view::npos ? address : address.substr(1, end - 1);
+  }
+  size_t colon = address.find(':');
+  // One colon: IPv4 (or a name) with a port. More: a bare IPv6 address.
+  if (colon != std::string_view::npos && address.find(':', colon + 1) == std::string_view::npos)
+    return address.substr(0, colon);
+  return address;
+}
+
+// ---- line ----
 
 line::line(level l, std::string_view event) : _level(l), _enabled(enabled(l)) {
   if (!_enabled) return;
   _buf.reserve(160);
-  _buf += "{\"event\":";
-  json::append_string(_buf, event);
+  _buf += event;
+  _event_len = event.size();
 }
 
 line::~line() {
   if (!_enabled) return;
-  auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                 std::chrono::system_clock::now().time_since_epoch())
-                 .count();
-  _buf += ",\"level\":\"";
-  _buf += level_name(_level);
-  _buf += "\",\"ts_ms\":";
-  _buf += std::to_string(now);
-  _buf += "}\n";
-  const char* p = _buf.data();
-  size_t left = _buf.size();
-  while (left > 0) {
-    ssize_t n = ::write(STDERR_FILENO, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return;  // Nowhere left to report a failing log sink.
-    }
-    p += n;
-    left -= static_cast<size_t>(n);
-  }
+  std::string_view all = _buf;
+  sink::get().append(_level, all.substr(0, _event_len), _source, all.substr(_event_len));
 }
 
 line& line::str(std::string_view key, std::string_view value) {
@@ -69,6 +212,7 @@ line& line::str(std::string_view key, std::string_view value) {
   _buf += ',';
   json::append_key(_buf, key);
   json::append_string(_buf, value);
+  if (key == "remote" && !_source_set) _source = host_of(value);
   return *this;
 }
 
@@ -94,6 +238,166 @@ line& line::raw(std::string_view key, std::string_view json_value) {
   json::append_key(_buf, key);
   _buf += json_value;
   return *this;
+}
+
+line& line::source(std::string_view s) {
+  if (!_enabled) return *this;
+  _source = s;
+  _source_set = true;
+  return *this;
+}
+
+// ---- buffer ----
+
+buffer::buffer(size_t capacity, clock now_ms) : _ring(capacity), _now(std::move(now_ms)) {}
+
+std::string buffer::finish(level l, int64_t now) {
+  std::string tail = ",\"level\":\"";
+  tail += level_name(l);
+  tail += "\",\"ts_ms\":";
+  tail += std::to_string(now);
+  tail += "}\n";
+  return tail;
+}
+
+bool buffer::append(level l, std::string_view event, std::string_view source, std::string_view fields) {
+  int64_t now = _now();
+  if (!source.empty()) {
+    std::string key;
+    key.reserve(event.size() + 1 + source.size());
+    key += event;
+    key += '\0';
+    key += source;
+    auto it = _windows.find(key);
+    if (it != _windows.end()) {
+      window& w = it->second;
+      // A window ends a second after it opened, or at once if the clock
+      // stepped back past its start.
+      bool over = now >= w.ends || now < w.ends - 2 * repeat_window_ms;
+      if (!over) {
+        ++w.repeats;
+        return false;
+      }
+      close_window(it->first, w);
+      _windows.erase(it);
+    }
+    if (_windows.size() < max_sources) {
+      _windows.emplace(key, window{now + repeat_window_ms, 0, l});
+      _window_order.emplace_back(now + repeat_window_ms, std::move(key));
+    }
+  }
+  _scratch.clear();
+  _scratch += "{\"event\":";
+  json::append_string(_scratch, event);
+  _scratch += fields;
+  if (!source.empty()) {
+    _scratch += ",\"source\":";
+    json::append_string(_scratch, source);
+  }
+  _scratch += finish(l, now);
+  return put(_scratch);
+}
+
+void buffer::close_window(const std::string& key, const window& w) {
+  if (w.repeats == 0) return;
+  size_t nul = key.find('\0');
+  _scratch.clear();
+  _scratch += "{\"event\":";
+  json::append_string(_scratch, std::string_view(key).substr(0, nul));
+  _scratch += ",\"source\":";
+  json::append_string(_scratch, std::string_view(key).substr(nul + 1));
+  _scratch += ",\"repeated\":";
+  _scratch += std::to_string(w.repeats);
+  _scratch += ",\"window_ms\":";
+  _scratch += std::to_string(repeat_window_ms);
+  _scratch += finish(w.lvl, _now());
+  put(_scratch);
+}
+
+int64_t buffer::expire() {
+  int64_t now = _now();
+  while (!_window_order.empty()) {
+    auto& [ends, key] = _window_order.front();
+    auto it = _windows.find(key);
+    if (it == _windows.end() || it->second.ends != ends) {
+      _window_order.pop_front();  // closed already, by a later line of its own
+      continue;
+    }
+    bool over = now >= ends || now < ends - 2 * repeat_window_ms;
+    if (!over) return ends;
+    close_window(it->first, it->second);
+    _windows.erase(it);
+    _window_order.pop_front();
+  }
+  return -1;
+}
+
+void buffer::expire_all() {
+  for (auto& [key, w] : _windows) close_window(key, w);
+  _windows.clear();
+  _window_order.clear();
+}
+
+bool buffer::put(std::string_view text) {
+  size_t cap = _ring.size();
+  if (_dropping && _size <= cap / 2) {
+    _dropping = false;
+    maybe_report_drops();
+  }
+  if (_dropping || text.size() > cap - _size) {
+    // Dropping goes on until half the buffer is free, so that a stalled
+    // reader costs one report per stall, not one per line.
+    _dropping = true;
+    ++_dropped;
+    ++_unreported;
+    return false;
+  }
+  size_t tail = (_head + _size) % cap;
+  size_t first = std::min(text.size(), cap - tail);
+  std::memcpy(_ring.data() + tail, text.data(), first);
+  std::memcpy(_ring.data(), text.data() + first, text.size() - first);
+  _size += text.size();
+  return true;
+}
+
+void buffer::maybe_report_drops() {
+  if (_unreported == 0) return;
+  std::string report = "{\"event\":\"log_lines_dropped\",\"lines\":";
+  report += std::to_string(_unreported);
+  report += ",\"total\":";
+  report += std::to_string(_dropped);
+  report += ",\"why\":\"stderr was not read fast enough; the log buffer was full\"";
+  report += finish(level::warn, _now());
+  _unreported = 0;
+  put(report);
+}
+
+std::string_view buffer::peek() const {
+  return {_ring.data() + _head, std::min(_size, _ring.size() - _head)};
+}
+
+void buffer::consume(size_t n) {
+  n = std::min(n, _size);
+  _head = (_head + n) % _ring.size();
+  _size -= n;
+  if (_size == 0) _head = 0;  // keep the next text contiguous
+  if (_dropping && _size <= _ring.size() / 2) {
+    _dropping = false;
+    maybe_report_drops();
+  }
+}
+
+std::string buffer::take() {
+  std::string out;
+  for (std::string_view t = peek(); !t.empty(); t = peek()) {
+    out += t;
+    consume(t.size());
+  }
+  return out;
+}
+
+void buffer::count_lost(uint64_t lines) {
+  _dropped += lines;
 }
 
 }  // namespace relay::log
