@@ -67,7 +67,13 @@ int main(int argc, char** argv) {
 
   relay::config::relay_config cfg;
   std::string error;
-  if (!relay::config::load(config_file, overrides, cfg, error)) return fail(error);
+  if (!relay::config::load(config_file, overrides, cfg, error)) {
+    // --check-config reports a bad configuration as before (exit 2); a start
+    // that fails is exit 1 and one error line, like every start-up failure.
+    if (check_only) return fail(error);
+    relay::log::error("start_failed").str("reason", error);
+    return 1;
+  }
   if (check_only) {
     if (!relay::relay_server::check(cfg, error)) return fail(error, 1);
     std::fputs(relay::config::to_json(cfg).c_str(), stdout);

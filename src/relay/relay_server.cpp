@@ -1,8 +1,13 @@
 #include "relay/relay_server.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 
 #include "relay/log.h"
 
@@ -17,6 +22,31 @@ tls::server_options tls_options(const config::relay_config& cfg) {
   o.crl_file = cfg.tls.crl;
   o.min_version = cfg.tls.min_version;
   return o;
+}
+
+// Start-up errors name the configuration key as well as the file, so that
+// the operator knows which setting to fix; what the TLS library or the policy
+// parser says about a file's content follows from their own loaders.
+bool readable_file(std::string_view key, const std::string& path, std::string& error) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    error = std::string(key) + " " + path + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st{};
+  bool dir = ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+  ::close(fd);
+  if (dir) {
+    error = std::string(key) + " " + path + ": is a directory, not a file";
+    return false;
+  }
+  return true;
+}
+
+bool check_files(const config::relay_config& cfg, std::string& error) {
+  return readable_file("tls.cert", cfg.tls.cert, error) && readable_file("tls.key", cfg.tls.key, error) &&
+         readable_file("tls.client_ca", cfg.tls.client_ca, error) &&
+         (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error);
 }
 
 // How long watched files must stay unchanged before they are reloaded.
@@ -42,25 +72,39 @@ relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repai
                                        "result=\"ok\"")),
       _reloads_failed(_metrics.get_counter("relay_reloads_total", "Reloads of TLS material and policy (SIGHUP or a file change).",
                                            "result=\"failed\"")),
-      _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")) {}
+      _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")) {
+  // The log buffer is the process's; its losses are reported with relay's figures.
+  _metrics.add_collector([](std::string& out) {
+    ops::registry::write_header(out, "relay_log_lines_dropped_total",
+                                "Log lines dropped because stderr was not read fast enough (the log buffer was full).",
+                                "counter");
+    out += "relay_log_lines_dropped_total " + std::to_string(log::dropped_lines()) + "\n";
+  });
+}
 
 relay_server::~relay_server() = default;
 
 bool relay_server::check(const config::relay_config& cfg, std::string& error) {
+  if (!check_files(cfg, error)) return false;
   if (!tls::context::make_server(tls_options(cfg), error)) return false;
   if (!auth::policy::load(cfg.policy, error)) return false;
   return true;
 }
 
 bool relay_server::start(std::string& error) {
-  // Handles first, so that stop() can close them whatever fails below.
+  // Every handle first, so that stop() can close them whatever fails below:
+  // closing a handle that was never initialised aborts in libuv.
   for (auto [sig, num] : {std::pair{&_sigterm, SIGTERM}, {&_sigint, SIGINT}, {&_sighup, SIGHUP}}) {
     uv_signal_init(_loop, sig);
     sig->data = this;
     uv_signal_start(sig, on_signal, num);
   }
-  uv_timer_init(_loop, &_drain_timer);
-  _drain_timer.data = this;
+  for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle}) {
+    uv_timer_init(_loop, t);
+    t->data = this;
+  }
+  _handles_open = true;
+  if (!check_files(_cfg, error)) return false;
   _tls = tls::context::make_server(tls_options(_cfg), error);
   if (!_tls) return false;
   _policy = auth::policy::load(_cfg.policy, error);
@@ -139,15 +183,17 @@ bool relay_server::open_journal(std::string& error) {
   o.batch_interval_ms = static_cast<uint32_t>(_cfg.journal.batch_interval_ms);
   o.segment_bytes = _cfg.journal.segment_bytes;
   _journal = std::make_unique<journal::writer>(_loop, o, _metrics);
-  if (!_journal->open(res.next_segment, error)) return false;
+  if (!_journal->open(res.next_segment, error)) {
+    // E.g. an existing directory relay may not write in.
+    if (error.rfind("journal.dir", 0) != 0) error = "journal.dir " + _cfg.journal.dir + ": " + error;
+    return false;
+  }
   _broker->set_sink(_journal.get());
   // Every segment starts with the id counter, so ids are never reused even
   // after compaction deletes the segments that handed them out.
   _journal->append(_broker->meta_record(api::service::now()));
   // Leases that ran out while relay was down expire now, as records.
   _broker->advance(api::service::now());
-  uv_timer_init(_loop, &_compact_timer);
-  _compact_timer.data = this;
   uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
   return true;
 }
@@ -211,8 +257,6 @@ void relay_server::on_signal(uv_signal_t* s, int signum) {
 
 void relay_server::watch_files() {
   if (_cfg.tls.reload_check_ms == 0) return;
-  uv_timer_init(_loop, &_reload_settle);
-  _reload_settle.data = this;
   std::vector<const std::string*> paths{&_cfg.tls.cert, &_cfg.tls.key, &_cfg.tls.client_ca, &_cfg.policy};
   if (_cfg.tls.crl) paths.push_back(&*_cfg.tls.crl);
   // Polling stat() rather than inotify: Kubernetes updates a mounted Secret
@@ -283,19 +327,18 @@ void relay_server::stop() {
   if (_stopped) return;
   _stopped = true;
   if (_api_listener) log::info("stopped").num("connections_cut", static_cast<int64_t>(_api_listener->open_connections()));
-  uv_timer_stop(&_drain_timer);
-  uv_close(reinterpret_cast<uv_handle_t*>(&_drain_timer), nullptr);
-  for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
-  if (_file_watch_count > 0) {
-    for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
-    uv_close(reinterpret_cast<uv_handle_t*>(&_reload_settle), nullptr);
+  if (_handles_open) {
+    for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle}) {
+      uv_timer_stop(t);
+      uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
+    }
+    for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
   }
+  for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
   if (_api) _api->close();
   if (_api_listener) _api_listener->close();
   if (_ops_listener) _ops_listener->close();
   if (_journal) {
-    uv_timer_stop(&_compact_timer);
-    uv_close(reinterpret_cast<uv_handle_t*>(&_compact_timer), nullptr);
     _broker->set_sink(nullptr);
     _journal->close();  // writes and syncs what is left, then joins the writer thread
   }

@@ -80,6 +80,8 @@ class relay_server {
   uint64_t _drain_started = 0;
   bool _draining = false;
   bool _stopped = false;
+  // start() initialised the signals and timers (stop() closes them).
+  bool _handles_open = false;
   ops::counter& _reloads_ok;
   ops::counter& _reloads_failed;
   ops::counter& _compactions;
