@@ -121,6 +121,11 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
 // The effective configuration as indented JSON.
 std::string to_json(const relay_config& c);
 
+// Start-up check of a file a key names (a certificate, a key, the policy):
+// false, with `error` = "<key> <path>: <why>", if it cannot be opened for
+// reading or is a directory.
+bool readable_file(std::string_view key, const std::string& path, std::string& error);
+
 // Loads and validates bunny's configuration (URLs, handler choice).
 bool load(const std::optional<std::string>& file, const override_list& overrides, bunny_config& out,
           std::string& error);

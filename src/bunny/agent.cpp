@@ -136,6 +136,18 @@ tls::client_options agent::tls_options(const config::bunny_config& cfg) {
 }
 
 bool agent::start(std::string& error) {
+  // Every handle first, so that stop() can close them whatever fails below.
+  uv_timer_init(_loop, &_poll_timer);
+  _poll_timer.data = this;
+  uv_timer_init(_loop, &_drain_timer);
+  _drain_timer.data = this;
+  for (uv_fs_poll_t* watch : {&_cert_watch, &_key_watch}) {
+    uv_fs_poll_init(_loop, watch);
+    watch->data = this;
+  }
+  _handles_open = true;
+  for (auto [key, path] : {std::pair{"tls.cert", &_cfg.tls.cert}, {"tls.key", &_cfg.tls.key}, {"tls.ca", &_cfg.tls.ca}})
+    if (!config::readable_file(key, *path, error)) return false;
   for (const auto& u : _cfg.relay.urls) {
     config::url parsed;
     if (!config::parse_url(u, parsed, error)) return false;
@@ -168,15 +180,9 @@ bool agent::start(std::string& error) {
     _handler = make_http_handler(_loop, {u.host, u.port, u.path, _cfg.handler.timeout_ms,
                                          static_cast<size_t>(_cfg.handler.max_output_bytes)});
   }
-  uv_timer_init(_loop, &_poll_timer);
-  _poll_timer.data = this;
-  uv_timer_init(_loop, &_drain_timer);
-  _drain_timer.data = this;
   // Kubernetes swaps mounted Secrets by renaming a symlinked directory, which
   // inotify on the file misses; polling the stat catches every kind of swap.
   for (auto [watch, path] : {std::pair{&_cert_watch, &_cfg.tls.cert}, {&_key_watch, &_cfg.tls.key}}) {
-    uv_fs_poll_init(_loop, watch);
-    watch->data = this;
     uv_fs_poll_start(watch, on_file_change, path->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
   }
   log::info("bunny_started")
@@ -187,6 +193,7 @@ bool agent::start(std::string& error) {
   // Ready means configured and running; reaching relay is a matter of
   // /readyz and bunny_relay_connected, since bunny waits for relay forever.
   ops::notify_service_manager("READY=1\nSTATUS=running");
+  _started_ok = true;
   poll();
   return true;
 }
@@ -469,6 +476,11 @@ void agent::reload_tls() {
 void agent::begin_drain() {
   if (_draining) return;
   _draining = true;
+  if (!_started_ok) {
+    // start() failed (or never ran): nothing to drain, only handles to close.
+    stop();
+    return;
+  }
   ops::notify_service_manager("STOPPING=1\nSTATUS=draining");
   log::info("draining").num("running", static_cast<int64_t>(_running)).num("grace_ms", static_cast<int64_t>(_cfg.drain_timeout_ms));
   uv_timer_stop(&_poll_timer);
@@ -512,15 +524,17 @@ void agent::stop() {
   }
   drop(_poll_conn);
   drop(_ctl_conn);
-  for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
-    uv_timer_stop(t);
-    uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
+  if (_handles_open) {
+    for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
+      uv_timer_stop(t);
+      uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
+    }
+    for (uv_fs_poll_t* w : {&_cert_watch, &_key_watch}) {
+      uv_fs_poll_stop(w);
+      uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
+    }
   }
-  for (uv_fs_poll_t* w : {&_cert_watch, &_key_watch}) {
-    uv_fs_poll_stop(w);
-    uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
-  }
-  log::info("stopped");
+  if (_started_ok) log::info("stopped");
   if (on_stopped) on_stopped();
 }
 

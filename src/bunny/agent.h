@@ -89,6 +89,8 @@ class agent {
   size_t _running = 0;
   bool _draining = false;
   bool _stopped = false;
+  bool _handles_open = false;  // start() initialised the timers and watches
+  bool _started_ok = false;    // start() succeeded
   uint64_t _rng;
 
   ops::counter& _started;

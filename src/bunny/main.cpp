@@ -63,7 +63,13 @@ int main(int argc, char** argv) {
   }
   relay::config::bunny_config cfg;
   std::string error;
-  if (!relay::config::load(config_file, overrides, cfg, error)) return fail(error);
+  if (!relay::config::load(config_file, overrides, cfg, error)) {
+    // --check-config reports a bad configuration as before (exit 2); a start
+    // that fails is exit 1 and one error line, like every start-up failure.
+    if (check_only) return fail(error);
+    relay::log::error("start_failed").str("reason", error);
+    return 1;
+  }
   if (check_only) {
     if (!relay::tls::context::make_client(relay::bunny::agent::tls_options(cfg), error)) return fail(error, 1);
     std::fputs(relay::config::to_json(cfg).c_str(), stdout);
@@ -77,6 +83,13 @@ int main(int argc, char** argv) {
   int rc = 0;
   {
     relay::ops::registry metrics;
+    // The log buffer is the process's; its losses are reported with bunny's figures.
+    metrics.add_collector([](std::string& out) {
+      relay::ops::registry::write_header(
+          out, "bunny_log_lines_dropped_total",
+          "Log lines dropped because stderr was not read fast enough (the log buffer was full).", "counter");
+      out += "bunny_log_lines_dropped_total " + std::to_string(relay::log::dropped_lines()) + "\n";
+    });
     relay::bunny::agent agent(&loop, cfg, metrics);
     relay::ops::ops_handler ops_handler(metrics, [&agent] { return agent.readiness(); });
     relay::net::listener_options lo;

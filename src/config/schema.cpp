@@ -1,8 +1,13 @@
 #include "config/schema.h"
 
+#include <fcntl.h>
 #include <simdjson.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -230,6 +235,22 @@ void append_value(std::string& out, const key_spec& k, void* cfg) {
 }
 
 }  // namespace
+
+bool readable_file(std::string_view key, const std::string& path, std::string& error) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    error = std::string(key) + " " + path + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st{};
+  bool dir = ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+  ::close(fd);
+  if (dir) {
+    error = std::string(key) + " " + path + ": is a directory, not a file";
+    return false;
+  }
+  return true;
+}
 
 bool add_set_override(const std::string& arg, override_list& out, std::string& error) {
   auto eq = arg.find('=');

@@ -1,13 +1,8 @@
 #include "relay/relay_server.h"
 
-#include <fcntl.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
-#include <cstring>
 
 #include "relay/log.h"
 
@@ -27,23 +22,8 @@ tls::server_options tls_options(const config::relay_config& cfg) {
 // Start-up errors name the configuration key as well as the file, so that
 // the operator knows which setting to fix; what the TLS library or the policy
 // parser says about a file's content follows from their own loaders.
-bool readable_file(std::string_view key, const std::string& path, std::string& error) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    error = std::string(key) + " " + path + ": " + std::strerror(errno);
-    return false;
-  }
-  struct stat st{};
-  bool dir = ::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
-  ::close(fd);
-  if (dir) {
-    error = std::string(key) + " " + path + ": is a directory, not a file";
-    return false;
-  }
-  return true;
-}
-
 bool check_files(const config::relay_config& cfg, std::string& error) {
+  using config::readable_file;
   return readable_file("tls.cert", cfg.tls.cert, error) && readable_file("tls.key", cfg.tls.key, error) &&
          readable_file("tls.client_ca", cfg.tls.client_ca, error) &&
          (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error);
