@@ -16,12 +16,15 @@
 // Repeats collapse. A line may name its *source*: explicitly with
 // .source(s), or implicitly through a "remote" field (.str("remote", addr)),
 // whose host part — the peer's IP without the port — becomes the source.
-// The first line of an event from a source is written in full and opens a
-// one-second window; further lines of that event from that source inside the
-// window are counted, not written, whatever their other fields; when the
-// window ends, one line {"event":E,"source":S,"repeated":N,...} reports the N
+// Lines are repeats when they have the same event, source and "reason" field
+// (or both none): the first is written in full and opens a one-second window;
+// repeats inside the window are counted, not written, whatever their other
+// fields; when the window ends, one line
+// {"event":E,"source":S[,"reason":R],"repeated":N,...} reports the N
 // suppressed lines (none if N is 0). So a flood from one peer costs about two
-// lines a second. Lines without a source never collapse. At most
+// lines a second for each distinct reason, while different failures of one
+// peer (an expired certificate, then a revoked one) each get their line.
+// Lines without a source never collapse. At most
 // buffer::max_sources windows are open at once; lines from further sources
 // are written uncollapsed (and still bounded by the buffer).
 //
@@ -61,7 +64,7 @@ class line {
   ~line();
 
   // "remote" is special: its host part also becomes the line's source,
-  // unless source() set one.
+  // unless source() set one. "reason" is part of what makes a repeat.
   line& str(std::string_view key, std::string_view value);
   line& num(std::string_view key, int64_t value);
   line& boolean(std::string_view key, bool value);
@@ -77,6 +80,7 @@ class line {
   size_t _event_len = 0;  // _buf holds the raw event, then `,"key":value`...
   std::string _buf;
   std::string _source;
+  std::string _reason;
 };
 
 inline line debug(std::string_view event) { return line(level::debug, event); }
@@ -110,10 +114,12 @@ class buffer {
 
   buffer(size_t capacity, clock now_ms);
 
-  // One line: `fields` is `,"key":value...` (possibly empty). Writes
+  // One line: `fields` is `,"key":value...` (possibly empty) and `reason`
+  // the value of its "reason" field, if any. Writes
   // {"event":E<fields>[,"source":S],"level":L,"ts_ms":T}\n, or counts a
   // repeat, or drops the line when there is no room. False if not written.
-  bool append(level l, std::string_view event, std::string_view source, std::string_view fields);
+  bool append(level l, std::string_view event, std::string_view source, std::string_view fields,
+              std::string_view reason = {});
   // Closes the repeat windows that are over, writing their "repeated" lines.
   // Returns when the next open window ends (clock ms), or -1 if none is open.
   int64_t expire();
@@ -151,7 +157,8 @@ class buffer {
   uint64_t _dropped = 0;
   uint64_t _unreported = 0;  // dropped since the last log_lines_dropped line
   bool _dropping = false;    // full: drop until half the buffer is free
-  // Open repeat windows by event + '\0' + source, and the order they opened.
+  // Open repeat windows by event + '\0' + source + '\0' + reason, and the
+  // order they opened.
   std::unordered_map<std::string, window> _windows;
   std::deque<std::pair<int64_t, std::string>> _window_order;
   std::string _scratch;

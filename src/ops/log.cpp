@@ -49,9 +49,10 @@ class sink {
     return *s;
   }
 
-  void append(level l, std::string_view event, std::string_view source, std::string_view fields) {
+  void append(level l, std::string_view event, std::string_view source, std::string_view fields,
+              std::string_view reason) {
     std::lock_guard lock(_mu);
-    _buf.append(l, event, source, fields);
+    _buf.append(l, event, source, fields, reason);
     if (_no_thread) {
       write_out_locked();
       return;
@@ -204,7 +205,7 @@ line::line(level l, std::string_view event) : _level(l), _enabled(enabled(l)) {
 line::~line() {
   if (!_enabled) return;
   std::string_view all = _buf;
-  sink::get().append(_level, all.substr(0, _event_len), _source, all.substr(_event_len));
+  sink::get().append(_level, all.substr(0, _event_len), _source, all.substr(_event_len), _reason);
 }
 
 line& line::str(std::string_view key, std::string_view value) {
@@ -213,6 +214,7 @@ line& line::str(std::string_view key, std::string_view value) {
   json::append_key(_buf, key);
   json::append_string(_buf, value);
   if (key == "remote" && !_source_set) _source = host_of(value);
+  else if (key == "reason") _reason = value;
   return *this;
 }
 
@@ -260,14 +262,17 @@ std::string buffer::finish(level l, int64_t now) {
   return tail;
 }
 
-bool buffer::append(level l, std::string_view event, std::string_view source, std::string_view fields) {
+bool buffer::append(level l, std::string_view event, std::string_view source, std::string_view fields,
+                    std::string_view reason) {
   int64_t now = _now();
   if (!source.empty()) {
     std::string key;
-    key.reserve(event.size() + 1 + source.size());
+    key.reserve(event.size() + source.size() + reason.size() + 2);
     key += event;
     key += '\0';
     key += source;
+    key += '\0';
+    key += reason;
     auto it = _windows.find(key);
     if (it != _windows.end()) {
       window& w = it->second;
@@ -300,12 +305,19 @@ bool buffer::append(level l, std::string_view event, std::string_view source, st
 
 void buffer::close_window(const std::string& key, const window& w) {
   if (w.repeats == 0) return;
-  size_t nul = key.find('\0');
+  std::string_view k = key;
+  size_t nul1 = k.find('\0');
+  size_t nul2 = k.find('\0', nul1 + 1);
+  std::string_view reason = k.substr(nul2 + 1);
   _scratch.clear();
   _scratch += "{\"event\":";
-  json::append_string(_scratch, std::string_view(key).substr(0, nul));
+  json::append_string(_scratch, k.substr(0, nul1));
   _scratch += ",\"source\":";
-  json::append_string(_scratch, std::string_view(key).substr(nul + 1));
+  json::append_string(_scratch, k.substr(nul1 + 1, nul2 - nul1 - 1));
+  if (!reason.empty()) {
+    _scratch += ",\"reason\":";
+    json::append_string(_scratch, reason);
+  }
   _scratch += ",\"repeated\":";
   _scratch += std::to_string(w.repeats);
   _scratch += ",\"window_ms\":";

@@ -232,3 +232,38 @@ TEST_CASE("Process-wide log lines reach stderr through the writer thread, in ord
   CHECK_NE(got[101].find("\"source\":\"tenant-7\""), std::string::npos);
   CHECK_EQ(log::dropped_lines(), 0u);
 }
+
+TEST_CASE("Lines of one event from one source with different reasons are not repeats of each other") {
+  clocked c;
+  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", "expired"));
+  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"revoked\"", "revoked"));
+  CHECK_FALSE(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", "expired"));
+  CHECK_EQ(test::lines(c.buf.take()).size(), 2u);
+  c.now += 1000;
+  CHECK_EQ(c.buf.expire(), -1);
+  CHECK_EQ(c.buf.take(),
+           "{\"event\":\"tls_handshake_failed\",\"source\":\"10.0.0.7\",\"reason\":\"expired\",\"repeated\":1,"
+           "\"window_ms\":1000,\"level\":\"warn\",\"ts_ms\":1001000}\n");
+}
+
+TEST_CASE("A log line's \"reason\" field takes part in collapsing, and flush() writes pending counts") {
+  test::tmpdir dir;
+  std::string path = dir / "stderr";
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  REQUIRE_GE(fd, 0);
+  int saved = ::dup(STDERR_FILENO);
+  REQUIRE(log::flush());
+  ::dup2(fd, STDERR_FILENO);
+  for (int i = 0; i < 3; ++i) log::warn("unit_collapse").str("remote", "10.9.9.9:1000").str("reason", "a");
+  log::warn("unit_collapse").str("remote", "10.9.9.9:1001").str("reason", "b");
+  bool flushed = log::flush();
+  ::dup2(saved, STDERR_FILENO);
+  ::close(saved);
+  ::close(fd);
+  CHECK(flushed);
+  auto got = test::lines(test::read_file(path));
+  REQUIRE_EQ(got.size(), 3u);
+  CHECK_NE(got[0].find("\"reason\":\"a\""), std::string::npos);
+  CHECK_NE(got[1].find("\"reason\":\"b\""), std::string::npos);
+  CHECK_EQ(got[2].rfind("{\"event\":\"unit_collapse\",\"source\":\"10.9.9.9\",\"reason\":\"a\",\"repeated\":2,", 0), 0u);
+}
