@@ -34,6 +34,8 @@ struct request {
   std::string authorization;
   bool keep_alive = true;
   bool expect_continue = false;
+  bool chunked = false;         // the body is chunked (its length is unknown up front)
+  uint64_t content_length = 0;  // as announced; 0 when none or chunked
 
   std::string_view path() const;
   std::string_view query() const;
@@ -44,7 +46,11 @@ struct request {
 
 // Incremental request parser. Feed bytes with execute(); it stops after each
 // complete request (so that pipelined requests are answered one at a time and
-// in order) and after the headers of a request that expects 100-continue.
+// in order) and after the headers of a request that has a body (so that the
+// request can be authorised, and its body budgeted, before one body byte is
+// held; and so that "100 Continue" can be sent when the client waits for it).
+// Requests that ask to switch protocols (Upgrade, CONNECT) are errors: relay
+// speaks HTTP/1.1 only, and an upgrade would stop the parser mid-stream.
 class request_parser {
  public:
   explicit request_parser(const limits& l);
@@ -53,7 +59,8 @@ class request_parser {
 
   enum class event : uint8_t {
     need_more,         // all input consumed, request not complete
-    expects_continue,  // headers done, client waits for "100 Continue"
+    headers_complete,  // headers done and a body follows (current().expect_continue:
+                       // the client waits for "100 Continue" before sending it)
     request_complete,  // current() holds a whole request
     error,             // error() says which; the stream cannot be trusted
   };
@@ -69,6 +76,7 @@ class request_parser {
 
   bool started() const { return _started; }  // bytes of a request seen
   bool headers_complete() const { return _headers_done; }
+  bool request_done() const { return _complete; }
   api_error error() const { return _error; }
   const std::string& error_detail() const { return _error_detail; }
 

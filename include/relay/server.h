@@ -3,8 +3,15 @@
 // parses HTTP/1.1 requests with hard limits and timeouts, and hands complete
 // requests, one at a time and in order, to a request_handler.
 //
-// Ownership: a listener owns its connections. A connection is freed only from
-// its libuv close callbacks, never while any call on it is on the stack.
+// Ownership: a listener owns its connections; each connection owns a
+// net::stream (relay/stream.h) and is freed from the stream's on_closed(),
+// never while any call on it is on the stack.
+//
+// Bounds (what a peer can make relay hold): per connection, pipelined input
+// (max_pending_input), unsent output (max_pending_output, checked before
+// each pipelined request is taken) and one body (http.max_body_bytes); per
+// listener, connections (max_connections, max_connections_per_ip) and the
+// bytes of all partly received bodies (max_pending_body_bytes).
 #pragma once
 
 #include <uv.h>
@@ -13,9 +20,12 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
+#include <vector>
 
 #include "relay/http.h"
 #include "relay/metrics.h"
+#include "relay/stream.h"
 #include "relay/tls.h"
 
 namespace relay::net {
@@ -23,6 +33,10 @@ namespace relay::net {
 class listener;
 class server_conn;
 
+// What the connection layer asks of the application (the API service, the
+// ops endpoints). Every callback runs from the loop, on the connection's own
+// stack (a read, a timer, a resumed pipeline), never inside another
+// connection's call.
 class request_handler {
  public:
   virtual ~request_handler() = default;
@@ -30,6 +44,14 @@ class request_handler {
   // peer (or the listener is plaintext). Resolve the peer's identity here,
   // once, rather than on every request.
   virtual void on_connected(server_conn& conn) { (void)conn; }
+  // The headers of a request are complete and its body is not read yet.
+  // Method, path and the peer decide whether it may go on: return true to
+  // read the body, or answer now (conn.respond...) and return false — the
+  // body is then never read and the connection closes after the answer.
+  virtual bool on_headers(server_conn& conn, http::request& req) {
+    (void)conn, (void)req;
+    return true;
+  }
   // A complete request. The handler calls conn.respond() exactly once, now
   // or later; one that answers later sets an abandon hook first.
   virtual void on_request(server_conn& conn, http::request& req) = 0;
@@ -39,93 +61,105 @@ class request_handler {
 
 struct conn_options {
   http::limits http;
-  uint32_t header_timeout_ms = 10000;  // handshake, and first byte to end of headers
-  uint32_t idle_timeout_ms = 120000;   // between requests, and body progress
-  size_t max_pending_input = 64 * 1024;     // pipelined bytes held while a request is handled
-  size_t max_pending_output = 1024 * 1024;  // unsent response bytes before reading pauses
+  uint32_t handshake_timeout_ms = 3000;  // accept to TLS handshake done
+  uint32_t header_timeout_ms = 10000;    // first byte of a request to end of its headers
+  uint32_t idle_timeout_ms = 120000;     // between requests
+  uint64_t min_body_rate = 1024;         // bytes/s a body must keep up after header_timeout_ms (0: off)
+  size_t max_pending_input = 64 * 1024;      // pipelined bytes held while a request is handled
+  // Unsent answer bytes (plaintext queued, TLS output, bytes in flight) past
+  // which the connection stops taking pipelined requests. A connection holds
+  // at most this plus one answer.
+  size_t max_pending_output = 1024 * 1024;
+  linger_options linger;  // the close after a final answer
 };
 
-class server_conn {
+class server_conn final : private stream_handler {
  public:
   server_conn(const server_conn&) = delete;
   server_conn& operator=(const server_conn&) = delete;
 
-  // Answers the current request. Ignored if the connection is closing.
+  // Answers the current request. Ignored unless a request is being handled.
+  // Safe from anywhere on the loop thread: called from outside this
+  // connection's own request callback, the rest (sending, taking the next
+  // pipelined request) happens from the loop, never on the caller's stack.
   void respond(int status, std::string_view body, std::string_view extra_headers = {},
                std::string_view content_type = "application/json");
   void respond_error(api_error e, std::string_view detail = {});
 
   // Runs if the connection closes while the current request is unanswered
   // (a parked long poll whose client went away). After it runs, respond()
-  // must not be called for that request.
+  // must not be called for that request. It runs from the loop.
   void set_abandon_hook(std::function<void()> hook) { _abandon = std::move(hook); }
 
-  bool is_tls() const { return _tls != nullptr; }
-  const tls::identity& peer() const { return _peer; }
-  const std::string& remote_address() const { return _remote; }
+  bool is_tls() const { return _stream->is_tls(); }
+  const tls::identity& peer() const { return _stream->peer(); }
+  const std::string& remote_address() const { return _stream->remote_address(); }
   uint64_t id() const { return _id; }
 
   // Set by the handler in on_connected(); an interned principal name.
   const std::string* principal = nullptr;
 
-  // Closes now: unanswered requests are abandoned, unsent bytes dropped.
+  // Closes now: unanswered requests are abandoned (from the loop), unsent
+  // bytes dropped.
   void close();
 
  private:
   friend class listener;
-  enum class phase : uint8_t { handshake, idle, reading, handling };
+  // The connection's whole life, in protocol order.
+  enum class state : uint8_t {
+    handshake,           // TCP accepted, TLS handshake running
+    idle,                // between requests
+    reading_headers,     // a request's first bytes seen, headers not complete
+    reading_body,        // headers accepted, body arriving
+    handling,            // a complete request is with the handler
+    closing_after_write, // a final answer is being written; then lingering close
+    closed,
+  };
 
-  server_conn(listener& owner, uint64_t id);
-  ~server_conn();
-  bool start(uv_stream_t* server);
-  void begin_drain();
+  server_conn(listener& owner, uint64_t id, stream* s);
+  ~server_conn() override = default;
 
-  static void on_alloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
-  static void on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
-  static void on_timeout(uv_timer_t* t);
-  static void on_write_done(uv_write_t* req, int status);
-  static void on_handle_closed(uv_handle_t* h);
-  static void on_shutdown(uv_shutdown_t* req, int status);
+  // stream_handler, in the order the protocol runs.
+  void on_secure(stream& s) override;
+  void on_input(stream& s) override;
+  void on_drained(stream& s) override;
+  void on_timeout(stream& s) override;
+  void on_end(stream& s, stream_end why, std::string_view detail) override;
+  void on_closed(stream& s) override;
 
-  void received(const char* data, size_t len);
-  void handshake_done();
+  void connected();
   void process();
-  void finish_response(bool close);
+  void resume();  // from the listener's resume list
+  void finish_response(bool close_after);
   void reject(api_error e, std::string_view detail);
-  void flush();
-  void linger();
-  void arm_timer(uint32_t ms);
+  void end_with_final_answer();
+  void begin_drain();
   void update_reading();
+  bool output_full() const;
+  void release_body_budget();
+  bool reserve_body_budget(size_t bytes);
+  void abandon();
 
   listener& _owner;
   uint64_t _id;
-  uv_tcp_t _tcp{};
-  uv_timer_t _timer{};
-  uv_shutdown_t _shutdown{};
-  int _open_handles = 0;
-  int _pending_reqs = 0;  // the shutdown request also pins the object
-  std::unique_ptr<tls::session> _tls;
+  stream* _stream;
   http::request_parser _parser;
-  std::string _in;        // plaintext received and not yet parsed
-  size_t _in_offset = 0;
-  std::string _pending;   // plaintext responses not yet encrypted/sent
-  std::string _out;       // bytes for the socket
-  size_t _in_flight = 0;  // bytes handed to uv_write and not yet done
-  phase _phase = phase::handshake;
-  bool _body_timer = false;
-  bool _reading = false;
-  bool _in_process = false;
-  bool _close_after_write = false;
-  bool _notify_sent = false;
-  bool _lingering = false;
-  size_t _lingered = 0;
+  size_t _in_offset = 0;       // parsed bytes at the front of the stream's input
+  state _state = state::handshake;
+  bool _in_process = false;    // inside process(): answers continue the loop there
+  bool _scheduled = false;     // on the listener's resume list
   bool _draining = false;
-  bool _closing = false;
+  uint64_t _body_started = 0;  // uv_now() when the body phase began
+  uint64_t _body_last_progress = 0;
+  size_t _body_seen = 0;       // body bytes received so far
+  size_t _body_reserved = 0;   // bytes of the listener's body budget this request holds
   std::function<void()> _abandon;
-  tls::identity _peer;
-  std::string _remote;
+  std::string _ip;             // the per-address count this connection holds (empty: none)
   server_conn* _prev = nullptr;  // listener's list of open connections
   server_conn* _next = nullptr;
+  server_conn* _hs_prev = nullptr;  // listener's list of connections not yet serving, oldest first
+  server_conn* _hs_next = nullptr;
+  bool _in_hs_list = false;
 };
 
 struct listener_options {
@@ -136,6 +170,10 @@ struct listener_options {
   std::function<std::shared_ptr<const tls::context>()> tls;
   conn_options conn;
   size_t max_connections = 10000;
+  size_t max_connections_per_ip = 256;
+  // Bytes all of this listener's connections may hold in partly received
+  // request bodies; a body that would pass it is refused with 503.
+  size_t max_pending_body_bytes = 256u << 20;
 };
 
 class listener {
@@ -158,30 +196,45 @@ class listener {
   // Closes the listening socket and every connection.
   void close();
   size_t open_connections() const { return _open; }
+  size_t pending_body_bytes() const { return _body_bytes; }
 
  private:
   friend class server_conn;
   static void on_connection(uv_stream_t* server, int status);
+  static void on_resume(uv_idle_t* h);
   void remove(server_conn* c);
+  void schedule(server_conn* c);
+  void unschedule(server_conn* c);
+  void hs_insert(server_conn* c);
+  void hs_remove(server_conn* c);
 
   uv_loop_t* _loop;
   listener_options _options;
   request_handler& _handler;
   uv_tcp_t _tcp{};
+  uv_idle_t _resume{};
   bool _listening = false;
   bool _closed = false;
   std::string _bound;
   uint64_t _next_id = 1;
   size_t _open = 0;
+  size_t _body_bytes = 0;
   server_conn* _head = nullptr;
-  // One receive buffer per listener: libuv calls alloc and read back to back
-  // on the one loop thread, so connections can share it.
-  std::unique_ptr<char[]> _read_buffer;
+  server_conn* _hs_head = nullptr;  // oldest connection not yet serving
+  server_conn* _hs_tail = nullptr;
+  std::unordered_map<std::string, size_t> _per_ip;
+  // Connections whose pipeline continues from the loop (an answer given
+  // from outside their own request callback).
+  std::vector<server_conn*> _to_resume;
+  std::vector<server_conn*>* _resuming = nullptr;  // the batch on_resume() is running
 
   ops::counter& _accepted;
   ops::counter& _refused;
+  ops::counter& _refused_per_ip;
+  ops::counter& _evicted;
   ops::counter& _handshake_failures;
   ops::counter& _timeouts;
+  ops::counter& _body_refused;
   ops::gauge& _open_gauge;
 };
 

@@ -130,26 +130,76 @@ const queue::job* service::job_for(context& c, auth::permission p) {
   return j;
 }
 
-void service::on_request(net::server_conn& conn, http::request& req) {
-  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
+namespace {
+
+// The permission a route needs, and whether its queue is named in the path
+// (else it is the job's queue, known only once the job is found).
+struct route_permission {
+  auth::permission p;
+  bool queue_in_path;
+};
+
+route_permission permission_of(route r) {
+  switch (r) {
+    case route::submit: return {auth::permission::submit, true};
+    case route::get_job: return {auth::permission::read, false};
+    case route::cancel_job: return {auth::permission::submit, false};
+    case route::lease: return {auth::permission::consume, true};
+    case route::heartbeat:
+    case route::complete:
+    case route::fail:
+    case route::results: return {auth::permission::consume, false};
+    case route::list_queues: return {auth::permission::admin, false};
+    case route::get_queue:
+    case route::list_dead:
+    case route::requeue_dead:
+    case route::unknown: return {auth::permission::admin, true};
+  }
+  return {auth::permission::admin, true};
+}
+
+}  // namespace
+
+bool service::admit(context& c) {
   if (c.match.which == route::unknown) {
     respond_error(c, api_error::not_found, "no such route");
-    return;
+    return false;
   }
   if (!c.match.method_allowed) {
     std::string allow = "Allow: " + std::string(c.match.allow) + "\r\n";
     respond(c, 405, api_error_body(api_error::method_not_allowed), allow);
-    return;
+    return false;
   }
   if (!c.match.queue.empty() && !auth::valid_queue_name(c.match.queue)) {
     respond_error(c, api_error::invalid_field, "queue names are 1-128 characters of A-Z a-z 0-9 . _ -");
-    return;
+    return false;
   }
-  c.policy_principal = c.policy ? c.policy->match(conn.peer()) : nullptr;
   if (!c.policy) {
     respond_error(c, api_error::internal, "no policy loaded");
-    return;
+    return false;
   }
+  c.policy_principal = c.policy->match(c.conn.peer());
+  return true;
+}
+
+bool service::on_headers(net::server_conn& conn, http::request& req) {
+  // A body is announced: decide from method, path and principal before one
+  // byte of it is held. The full check (the job's queue) follows with the
+  // request; this one only refuses what could never be allowed.
+  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
+  if (!admit(c)) return false;
+  route_permission need = permission_of(c.match.which);
+  if (need.queue_in_path) return authorize(c, need.p, c.match.queue);
+  if (!c.policy->allows_somewhere(c.policy_principal, need.p)) {
+    deny(c, need.p, {}, "no grant");
+    return false;
+  }
+  return true;
+}
+
+void service::on_request(net::server_conn& conn, http::request& req) {
+  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
+  if (!admit(c)) return;
   bool changes = c.match.which != route::get_job && c.match.which != route::list_queues &&
                  c.match.which != route::get_queue && c.match.which != route::list_dead;
   if (changes && _journal && !_journal->accepting()) {

@@ -36,6 +36,7 @@ class service final : public net::request_handler {
   ~service() override;
 
   void on_connected(net::server_conn& conn) override;
+  bool on_headers(net::server_conn& conn, http::request& req) override;
   void on_request(net::server_conn& conn, http::request& req) override;
   void on_rejected(net::server_conn& conn, api_error e) override;
 
@@ -59,6 +60,9 @@ class service final : public net::request_handler {
     const std::string* policy_principal;  // the policy's name for the peer
   };
 
+  // Route, method, queue name and policy present; resolves the policy's
+  // principal. False when an answer was sent.
+  bool admit(context& c);
   bool authorize(context& c, auth::permission p, std::string_view queue);
   void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
   // Takes the body by value: an answer built by the handler is moved, not

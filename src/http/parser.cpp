@@ -59,6 +59,8 @@ void request::clear() {
   authorization.clear();
   keep_alive = true;
   expect_continue = false;
+  chunked = false;
+  content_length = 0;
 }
 
 request_parser::request_parser(const limits& l) : _limits(l) {
@@ -144,6 +146,10 @@ int request_parser::on_headers_complete(llhttp_t* p) {
   auto* s = self(p);
   s->_headers_done = true;
   s->_req.verb = to_method(p->method);
+  // An upgrade would hand the connection to another protocol; llhttp then
+  // stops parsing, and pipelined requests behind it would hang.
+  if (p->method == HTTP_CONNECT || (p->flags & F_UPGRADE) != 0)
+    return s->reject(api_error::bad_request, "relay does not switch protocols (Upgrade or CONNECT)");
   bool has_length = (p->flags & F_CONTENT_LENGTH) != 0;
   bool chunked = (p->flags & F_CHUNKED) != 0;
   if (has_length && p->content_length > s->_limits.max_body_bytes)
@@ -151,10 +157,12 @@ int request_parser::on_headers_complete(llhttp_t* p) {
                                                        std::to_string(s->_limits.max_body_bytes) + " bytes");
   if ((s->_req.verb == method::post || s->_req.verb == method::put) && !has_length && !chunked)
     return s->reject(api_error::length_required, {});
-  if (has_length) s->_req.body.reserve(p->content_length + body_padding);
-  // Pause so that the connection can send "100 Continue" before the client
-  // sends its body; parsing resumes with the next execute().
-  if (s->_req.expect_continue && (has_length ? p->content_length > 0 : chunked)) return HPE_PAUSED;
+  s->_req.chunked = chunked;
+  s->_req.content_length = has_length ? p->content_length : 0;
+  // The body's buffer is reserved when its first byte arrives, not here:
+  // a request refused at its headers costs no memory.
+  // Pause before the body: the connection decides whether to read it.
+  if (has_length ? p->content_length > 0 : chunked) return HPE_PAUSED;
   return 0;
 }
 
@@ -164,6 +172,8 @@ int request_parser::on_body(llhttp_t* p, const char* at, size_t len) {
   if (s->_req.body.size() + len > s->_limits.max_body_bytes)
     return s->reject(api_error::payload_too_large, "the request body is larger than " +
                                                        std::to_string(s->_limits.max_body_bytes) + " bytes");
+  if (s->_req.body.empty() && s->_req.content_length > 0)
+    s->_req.body.reserve(static_cast<size_t>(s->_req.content_length) + body_padding);
   s->_req.body.append(at, len);
   return 0;
 }
@@ -187,13 +197,8 @@ request_parser::result request_parser::execute(const char* data, size_t len) {
     case HPE_PAUSED: {
       size_t consumed = static_cast<size_t>(llhttp_get_error_pos(&_parser) - data);
       llhttp_resume(&_parser);
-      return {consumed, _complete ? event::request_complete : event::expects_continue};
-    }
-    case HPE_PAUSED_UPGRADE: {
-      // relay speaks no other protocol: answer this request, then close.
-      size_t consumed = static_cast<size_t>(llhttp_get_error_pos(&_parser) - data);
-      _req.keep_alive = false;
-      return {consumed, _complete ? event::request_complete : event::need_more};
+      if (_complete) return {consumed, event::request_complete};
+      return {consumed, event::headers_complete};
     }
     default:
       if (!_failed) {

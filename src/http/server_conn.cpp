@@ -6,190 +6,118 @@
 namespace relay::net {
 namespace {
 
-constexpr size_t read_buffer_size = 64 * 1024;
-constexpr uint32_t linger_ms = 2000;             // how long to wait for the client's EOF
-constexpr size_t linger_max_bytes = 256 * 1024;  // how much of its input to discard meanwhile
-
-struct write_req {
-  uv_write_t req;
-  std::string data;
-};
+// How often a body in progress is checked against the minimum rate.
+constexpr uint32_t body_check_ms = 1000;
 
 }  // namespace
 
-server_conn::server_conn(listener& owner, uint64_t id)
-    : _owner(owner), _id(id), _parser(owner._options.conn.http) {}
+server_conn::server_conn(listener& owner, uint64_t id, stream* s)
+    : _owner(owner), _id(id), _stream(s), _parser(owner._options.conn.http) {}
 
-server_conn::~server_conn() = default;
+// ---- Connection set-up ----
 
-bool server_conn::start(uv_stream_t* server) {
-  uv_loop_t* loop = server->loop;
-  uv_tcp_init(loop, &_tcp);
-  _tcp.data = this;
-  ++_open_handles;
-  uv_timer_init(loop, &_timer);
-  _timer.data = this;
-  ++_open_handles;
-  if (uv_accept(server, reinterpret_cast<uv_stream_t*>(&_tcp)) != 0) return false;
-  uv_tcp_nodelay(&_tcp, 1);
-  // Long polls sit idle for up to a minute behind VPNs and load balancers;
-  // keepalive probes find peers that vanished without a FIN.
-  uv_tcp_keepalive(&_tcp, 1, 60);
-  sockaddr_storage peer{};
-  int len = sizeof peer;
-  if (uv_tcp_getpeername(&_tcp, reinterpret_cast<sockaddr*>(&peer), &len) == 0)
-    _remote = format_address(reinterpret_cast<sockaddr*>(&peer));
+void server_conn::on_secure(stream&) { connected(); }
 
-  if (_owner._options.tls) {
-    auto ctx = _owner._options.tls();
-    if (!ctx) return false;
-    _tls = std::make_unique<tls::session>(std::move(ctx));
-    _phase = phase::handshake;
-    arm_timer(_owner._options.conn.header_timeout_ms);
-  } else {
-    handshake_done();
-  }
-  update_reading();
-  return true;
-}
-
-void server_conn::handshake_done() {
-  if (_tls) _peer = _tls->peer_identity();
-  _phase = phase::idle;
-  arm_timer(_owner._options.conn.idle_timeout_ms);
+void server_conn::connected() {
+  _owner.hs_remove(this);
+  _state = state::idle;
+  _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
   _owner._handler.on_connected(*this);
 }
 
-void server_conn::arm_timer(uint32_t ms) {
-  if (ms == 0) {
-    uv_timer_stop(&_timer);
-    return;
-  }
-  uv_timer_start(&_timer, on_timeout, ms, 0);
-}
+// ---- Requests ----
 
-void server_conn::update_reading() {
-  if (_closing || _lingering) return;
-  // Keep reading while a request is handled, so that a client who hangs up
-  // on a parked long poll is noticed at once; stop only when too much input
-  // or output is waiting.
-  bool want = (_in.size() - _in_offset) < _owner._options.conn.max_pending_input &&
-              _in_flight < _owner._options.conn.max_pending_output && !_close_after_write;
-  if (want && !_reading) {
-    uv_read_start(reinterpret_cast<uv_stream_t*>(&_tcp), on_alloc, on_read);
-    _reading = true;
-  } else if (!want && _reading) {
-    uv_read_stop(reinterpret_cast<uv_stream_t*>(&_tcp));
-    _reading = false;
-  }
-}
-
-void server_conn::on_alloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
-  auto* c = static_cast<server_conn*>(h->data);
-  buf->base = c->_owner._read_buffer.get();
-  buf->len = read_buffer_size;
-}
-
-void server_conn::on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
-  auto* c = static_cast<server_conn*>(s->data);
-  if (nread == 0) return;
-  if (c->_lingering && nread > 0) {
-    c->_lingered += static_cast<size_t>(nread);
-    if (c->_lingered > linger_max_bytes) c->close();
-    return;
-  }
-  if (nread < 0) {
-    // EOF or a reset. A half-closed client cannot read our answer either
-    // (HTTP/1.1 clients do not half-close), so close.
-    if (c->_phase == phase::handshake && nread != UV_EOF) c->_owner._handshake_failures.inc();
-    c->close();
-    return;
-  }
-  c->received(buf->base, static_cast<size_t>(nread));
-}
-
-void server_conn::received(const char* data, size_t len) {
-  if (_closing) return;
-  if (!_tls) {
-    _in.append(data, len);
-  } else {
-    _tls->feed(data, len);
-    tls::session::status st = _tls->read(_in);
-    if (_phase == phase::handshake && _tls->handshake_complete()) handshake_done();
-    if (st == tls::session::status::error) {
-      if (_phase == phase::handshake) {
-        _owner._handshake_failures.inc();
-        log::warn("tls_handshake_failed")
-            .str("listener", _owner._options.name)
-            .str("remote", _remote)
-            .str("reason", _tls->error());
-      } else {
-        log::info("tls_error").str("listener", _owner._options.name).str("remote", _remote).str("reason", _tls->error());
-      }
-      // Send the alert the library produced, then close.
-      _close_after_write = true;
-      flush();
-      return;
-    }
-    if (st == tls::session::status::closed) {
-      close();
-      return;
-    }
+void server_conn::on_input(stream&) {
+  if (_state == state::handshake) {
+    // Plaintext: the first byte ends the "not yet serving" phase.
+    connected();
   }
   process();
-  flush();
 }
 
 void server_conn::process() {
-  if (_in_process) return;
+  if (_in_process || _state == state::closed) return;
   _in_process = true;
-  while (!_closing && !_close_after_write && _phase != phase::handshake && _phase != phase::handling &&
-         _in_offset < _in.size() && _in_flight < _owner._options.conn.max_pending_output) {
-    if (_phase == phase::idle) {
-      _phase = phase::reading;
-      _body_timer = false;
-      arm_timer(_owner._options.conn.header_timeout_ms);
+  const conn_options& o = _owner._options.conn;
+  std::string& in = _stream->input();
+  while ((_state == state::idle || _state == state::reading_headers || _state == state::reading_body) &&
+         _in_offset < in.size() && !output_full()) {
+    if (_state == state::idle) {
+      _state = state::reading_headers;
+      _stream->arm_timer(o.header_timeout_ms);
     }
-    auto r = _parser.execute(_in.data() + _in_offset, _in.size() - _in_offset);
+    auto r = _parser.execute(in.data() + _in_offset, in.size() - _in_offset);
     _in_offset += r.consumed;
-    if (_parser.headers_complete() && !_body_timer && _phase == phase::reading) {
-      _body_timer = true;
-      arm_timer(_owner._options.conn.idle_timeout_ms);
-    }
-    if (r.what == http::request_parser::event::need_more) break;
-    if (r.what == http::request_parser::event::expects_continue) {
-      _pending += "HTTP/1.1 100 Continue\r\n\r\n";
-      continue;
-    }
+    http::request& req = _parser.current();
     if (r.what == http::request_parser::event::error) {
       _owner._handler.on_rejected(*this, _parser.error());
       reject(_parser.error(), _parser.error_detail());
       break;
     }
-    _phase = phase::handling;
-    uv_timer_stop(&_timer);
-    _owner._handler.on_request(*this, _parser.current());  // may respond now
+    if (r.what == http::request_parser::event::headers_complete) {
+      // Method, path and peer decide before one body byte is held.
+      _state = state::handling;
+      _stream->arm_timer(0);
+      if (!_owner._handler.on_headers(*this, req)) {
+        if (_state == state::handling) respond_error(api_error::internal, "the request was refused");
+        break;
+      }
+      size_t announced = req.chunked ? 0 : static_cast<size_t>(req.content_length);
+      if (!reserve_body_budget(announced)) {
+        _owner._body_refused.inc();
+        reject(api_error::unavailable, "too many request bodies in progress; retry later");
+        break;
+      }
+      _state = state::reading_body;
+      _body_started = uv_now(_stream->loop());
+      _body_seen = 0;
+      _body_last_progress = _body_started;
+      _stream->arm_timer(body_check_ms);
+      if (req.expect_continue) _stream->write("HTTP/1.1 100 Continue\r\n\r\n");
+      continue;
+    }
+    if (_state == state::reading_body) {
+      // Chunked bodies are budgeted as they arrive.
+      if (req.body.size() > _body_seen) {
+        _body_seen = req.body.size();
+        _body_last_progress = uv_now(_stream->loop());
+      }
+      if (req.body.size() > _body_reserved && !reserve_body_budget(req.body.size())) {
+        _owner._body_refused.inc();
+        reject(api_error::unavailable, "too many request bodies in progress; retry later");
+        break;
+      }
+    }
+    if (r.what == http::request_parser::event::need_more) break;
+    release_body_budget();
+    _state = state::handling;
+    _stream->arm_timer(0);
+    _owner._handler.on_request(*this, req);  // may answer now
   }
   // Drop consumed input; keep any partial next request. An empty buffer is
-  // released: SSL_read grows it in 16 KiB steps, and an idle connection
-  // should cost little.
-  if (_in_offset == _in.size()) {
-    std::string().swap(_in);
+  // released, so that an idle connection costs little.
+  if (_in_offset == in.size()) {
+    std::string().swap(in);
     _in_offset = 0;
-  } else if (_in_offset > 0 && _in_offset >= _in.size() / 2) {
-    _in.erase(0, _in_offset);
+  } else if (_in_offset > 0 && _in_offset >= in.size() / 2) {
+    in.erase(0, _in_offset);
     _in_offset = 0;
   }
   _in_process = false;
-  update_reading();
+  if (_state != state::closed) {
+    _stream->flush();
+    update_reading();
+  }
 }
 
 void server_conn::respond(int status, std::string_view body, std::string_view extra_headers,
                           std::string_view content_type) {
-  if (_closing || _phase != phase::handling) return;
+  if (_state != state::handling) return;
   _abandon = nullptr;
-  bool close_after = !_parser.current().keep_alive || _draining;
-  http::write_response(_pending, status, content_type, body, extra_headers, close_after);
+  // A request whose body was refused unread leaves the stream mid-message.
+  bool body_unread = _parser.headers_complete() && !_parser.request_done();
+  bool close_after = !_parser.current().keep_alive || _draining || body_unread;
+  http::write_response(_stream->write_buffer(), status, content_type, body, extra_headers, close_after);
   finish_response(close_after);
 }
 
@@ -200,184 +128,171 @@ void server_conn::respond_error(api_error e, std::string_view detail) {
 
 void server_conn::finish_response(bool close_after) {
   _parser.next();
-  _phase = phase::idle;
+  release_body_budget();
   if (close_after) {
-    _close_after_write = true;
-  } else {
-    arm_timer(_owner._options.conn.idle_timeout_ms);
+    end_with_final_answer();
+    return;
   }
-  if (!_in_process) {
-    // Answered later (a long poll): carry on with pipelined requests.
-    process();
-    flush();
-  }
+  _state = state::idle;
+  _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
+  // Answered from outside this connection's own request callback (a long
+  // poll, a journal acknowledgement): the pipeline continues from the loop.
+  if (!_in_process) _owner.schedule(this);
+}
+
+void server_conn::resume() {
+  if (_state == state::closed) return;
+  process();
 }
 
 void server_conn::reject(api_error e, std::string_view detail) {
   // The stream can no longer be trusted: answer, then close.
   const auto& info = describe(e);
-  http::write_response(_pending, info.status, "application/json", api_error_body(e, detail),
+  http::write_response(_stream->write_buffer(), info.status, "application/json", api_error_body(e, detail),
                        api_error_headers(e), true);
   _parser.next();
-  _phase = phase::idle;
-  _close_after_write = true;
-  uv_timer_stop(&_timer);
+  release_body_budget();
+  end_with_final_answer();
 }
 
-void server_conn::flush() {
-  if (_closing) return;
-  if (_tls) {
-    if (!_pending.empty()) {
-      if (_tls->write(_pending) == tls::session::status::error) {
-        _pending.clear();
-        close();
-        return;
-      }
-      _pending.clear();
-    }
-    // close_notify goes after the last response, never before it.
-    if (_close_after_write && !_notify_sent && _tls->handshake_complete()) {
-      _tls->shutdown();
-      _notify_sent = true;
-    }
-    _tls->take_output(_out);
-  } else if (!_pending.empty()) {
-    if (_out.empty()) _out.swap(_pending);
-    else _out += _pending;
-    _pending.clear();
-  }
-  if (!_out.empty()) {
-    // Most responses fit the socket buffer: try to send without a request
-    // allocation, and queue only what is left.
-    int n = UV_EAGAIN;
-    if (_in_flight == 0) {
-      uv_buf_t b = uv_buf_init(_out.data(), static_cast<unsigned>(_out.size()));
-      n = uv_try_write(reinterpret_cast<uv_stream_t*>(&_tcp), &b, 1);
-    }
-    if (n < 0 && n != UV_EAGAIN) {
+void server_conn::end_with_final_answer() {
+  _state = state::closing_after_write;
+  _abandon = nullptr;
+  _owner.hs_remove(this);
+  // The stream sends what is queued, close_notify and FIN, then discards
+  // input for a bounded time so that the answer is not lost to a reset.
+  _stream->finish(_owner._options.conn.linger);
+}
+
+void server_conn::update_reading() {
+  if (_state == state::closed || _state == state::closing_after_write) return;
+  // Keep reading while a request is handled, so that a client who hangs up
+  // on a parked long poll is noticed at once; stop only when too much input
+  // or output is waiting.
+  size_t held = _stream->input().size() - _in_offset;
+  _stream->set_reading(held < _owner._options.conn.max_pending_input && !output_full());
+}
+
+void server_conn::on_drained(stream&) {
+  // Output went out: requests held back by the output bound may proceed.
+  process();
+}
+
+bool server_conn::output_full() const {
+  return _stream->pending_output() >= _owner._options.conn.max_pending_output;
+}
+
+// ---- Body budget ----
+
+bool server_conn::reserve_body_budget(size_t bytes) {
+  if (bytes <= _body_reserved) return true;
+  size_t more = bytes - _body_reserved;
+  if (_owner._body_bytes + more > _owner._options.max_pending_body_bytes) return false;
+  _owner._body_bytes += more;
+  _body_reserved = bytes;
+  return true;
+}
+
+void server_conn::release_body_budget() {
+  _owner._body_bytes -= _body_reserved;
+  _body_reserved = 0;
+}
+
+// ---- Time ----
+
+void server_conn::on_timeout(stream&) {
+  const conn_options& o = _owner._options.conn;
+  switch (_state) {
+    case state::handshake:
+      _owner._timeouts.inc();
+      _owner._handshake_failures.inc();
+      log::info("tls_handshake_timeout").str("listener", _owner._options.name).str("remote", remote_address());
       close();
-      return;
-    }
-    size_t sent = n > 0 ? static_cast<size_t>(n) : 0;
-    if (sent < _out.size()) {
-      auto* w = new write_req;
-      w->req.data = this;
-      w->data.assign(_out, sent, std::string::npos);
-      uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(w->data.size()));
-      int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(&_tcp), &b, 1, on_write_done);
-      if (rc != 0) {  // the callback will not run
-        delete w;
-        _out.clear();
-        close();
-        return;
+      break;
+    case state::reading_headers:
+      _owner._timeouts.inc();
+      log::info("request_timeout").str("listener", _owner._options.name).str("remote", remote_address());
+      _owner._handler.on_rejected(*this, api_error::request_timeout);
+      reject(api_error::request_timeout, {});
+      break;
+    case state::reading_body: {
+      // A body must keep moving, and after a grace of header_timeout_ms keep
+      // up the minimum rate: a trickle cannot hold a connection and its
+      // budget for long.
+      uint64_t now = uv_now(_stream->loop());
+      uint64_t elapsed = now - _body_started;
+      bool stalled = now - _body_last_progress >= o.header_timeout_ms;
+      bool slow = o.min_body_rate > 0 && elapsed > o.header_timeout_ms &&
+                  _body_seen * 1000 < (elapsed - o.header_timeout_ms) * o.min_body_rate;
+      if (stalled || slow) {
+        _owner._timeouts.inc();
+        log::info("request_body_timeout")
+            .str("listener", _owner._options.name)
+            .str("remote", remote_address())
+            .num("received", static_cast<int64_t>(_body_seen))
+            .str("reason", stalled ? "no progress" : "below limits.min_body_rate_bytes_per_s");
+        _owner._handler.on_rejected(*this, api_error::request_timeout);
+        reject(api_error::request_timeout, stalled ? "the request body stalled" : "the request body is too slow");
+        break;
       }
-      _in_flight += w->data.size();
+      _stream->arm_timer(body_check_ms);
+      break;
     }
-    std::string().swap(_out);
-  }
-  if (_pending.capacity() > 16 * 1024) std::string().swap(_pending);
-  if (_close_after_write && _in_flight == 0) linger();
-  else update_reading();
-}
-
-void server_conn::linger() {
-  if (_lingering || _closing) return;
-  // Closing a socket with unread input makes the kernel send a reset, which
-  // can destroy the answer (a 413, a 408) before the client reads it. Send
-  // FIN instead, discard what the client still sends, and close on its EOF
-  // or after a short grace period.
-  _lingering = true;
-  _shutdown.data = this;
-  if (uv_shutdown(&_shutdown, reinterpret_cast<uv_stream_t*>(&_tcp), on_shutdown) != 0) {
-    close();
-    return;
-  }
-  ++_pending_reqs;
-  arm_timer(linger_ms);
-  if (!_reading) {
-    uv_read_start(reinterpret_cast<uv_stream_t*>(&_tcp), on_alloc, on_read);
-    _reading = true;
-  }
-}
-
-void server_conn::on_shutdown(uv_shutdown_t* req, int status) {
-  auto* c = static_cast<server_conn*>(req->data);
-  --c->_pending_reqs;
-  if (status < 0 && !c->_closing) c->close();
-  else if (c->_closing && c->_pending_reqs == 0 && c->_open_handles == 0) delete c;
-}
-
-void server_conn::on_write_done(uv_write_t* req, int status) {
-  auto* w = reinterpret_cast<write_req*>(req);
-  auto* c = static_cast<server_conn*>(req->data);
-  c->_in_flight -= w->data.size();
-  delete w;
-  if (c->_closing) return;
-  if (status < 0) {
-    c->close();
-    return;
-  }
-  if (c->_close_after_write && c->_in_flight == 0) {
-    c->linger();
-    return;
-  }
-  // Output drained: requests held back by the output limit may proceed.
-  c->process();
-  c->flush();
-}
-
-void server_conn::on_timeout(uv_timer_t* t) {
-  auto* c = static_cast<server_conn*>(t->data);
-  if (c->_lingering) {
-    c->close();
-    return;
-  }
-  c->_owner._timeouts.inc();
-  switch (c->_phase) {
-    case phase::handshake:
-      c->_owner._handshake_failures.inc();
-      log::info("tls_handshake_timeout").str("listener", c->_owner._options.name).str("remote", c->_remote);
-      c->close();
+    case state::idle:
+      close();
       break;
-    case phase::reading:
-      log::info("request_timeout").str("listener", c->_owner._options.name).str("remote", c->_remote);
-      c->_owner._handler.on_rejected(*c, api_error::request_timeout);
-      c->reject(api_error::request_timeout, {});
-      c->flush();
-      break;
-    case phase::idle:
-      c->close();
-      break;
-    case phase::handling:
-      break;  // the handler owns the timing of its answer
+    case state::handling:
+    case state::closing_after_write:
+    case state::closed:
+      break;  // the handler owns the timing of its answer; the stream its close
   }
 }
+
+// ---- The end ----
 
 void server_conn::begin_drain() {
   _draining = true;
-  if (_phase == phase::idle || _phase == phase::handshake) {
-    _close_after_write = true;
-    flush();
-  }
+  if (_state == state::idle) end_with_final_answer();
+  else if (_state == state::handshake) close();
 }
 
 void server_conn::close() {
-  if (_closing) return;
-  _closing = true;
+  if (_state == state::closed) return;
+  _state = state::closed;
+  _owner.remove(this);
+  _stream->close();
+}
+
+void server_conn::on_end(stream&, stream_end why, std::string_view detail) {
+  if (_state == state::handshake && why != stream_end::eof) {
+    _owner._handshake_failures.inc();
+    log::warn("tls_handshake_failed")
+        .str("listener", _owner._options.name)
+        .str("remote", remote_address())
+        .str("reason", detail);
+  } else if (why == stream_end::tls_error) {
+    log::info("tls_error").str("listener", _owner._options.name).str("remote", remote_address()).str("reason", detail);
+  }
+  // A half-closed client cannot read an answer either (HTTP/1.1 clients do
+  // not half-close), so the connection ends here.
+  if (_state != state::closed) {
+    _state = state::closed;
+    _owner.remove(this);
+  }
+}
+
+void server_conn::on_closed(stream&) {
+  if (_state != state::closed) {
+    _state = state::closed;
+    _owner.remove(this);
+  }
+  // From the loop: the handler forgets a request nobody will read.
   if (_abandon) {
     auto hook = std::move(_abandon);
     _abandon = nullptr;
     hook();
   }
-  _owner.remove(this);
-  uv_timer_stop(&_timer);
-  uv_close(reinterpret_cast<uv_handle_t*>(&_timer), on_handle_closed);
-  uv_close(reinterpret_cast<uv_handle_t*>(&_tcp), on_handle_closed);
-}
-
-void server_conn::on_handle_closed(uv_handle_t* h) {
-  auto* c = static_cast<server_conn*>(h->data);
-  if (--c->_open_handles == 0 && c->_pending_reqs == 0) delete c;
+  delete this;
 }
 
 }  // namespace relay::net

@@ -65,17 +65,31 @@ listener::listener(uv_loop_t* loop, listener_options o, request_handler& handler
     : _loop(loop),
       _options(std::move(o)),
       _handler(handler),
-      _read_buffer(new char[64 * 1024]),
       _accepted(metrics.get_counter("relay_connections_accepted_total", "TCP connections accepted.",
                                     label(_options.name))),
       _refused(metrics.get_counter("relay_connections_refused_total",
                                    "Connections closed at once because max_connections was reached.",
                                    label(_options.name))),
+      _refused_per_ip(metrics.get_counter("relay_connections_refused_per_ip_total",
+                                          "Connections closed at once because their source address had "
+                                          "max_connections_per_ip open.",
+                                          label(_options.name))),
+      _evicted(metrics.get_counter("relay_connections_evicted_total",
+                                   "Connections still in their handshake closed to admit a new one "
+                                   "when the listener was full.",
+                                   label(_options.name))),
       _handshake_failures(metrics.get_counter("relay_tls_handshake_failures_total",
                                               "TLS handshakes that failed or timed out.", label(_options.name))),
       _timeouts(metrics.get_counter("relay_connection_timeouts_total",
                                     "Handshake, header, body or idle timeouts.", label(_options.name))),
-      _open_gauge(metrics.get_gauge("relay_connections_open", "Connections currently open.", label(_options.name))) {}
+      _body_refused(metrics.get_counter("relay_request_bodies_refused_total",
+                                        "Requests refused because limits.max_pending_body_bytes was reached.",
+                                        label(_options.name))),
+      _open_gauge(metrics.get_gauge("relay_connections_open", "Connections currently open.", label(_options.name))) {
+  // Initialised here, before anything can fail, so that close() is always legal.
+  uv_idle_init(loop, &_resume);
+  _resume.data = this;
+}
 
 listener::~listener() = default;
 
@@ -111,37 +125,135 @@ void listener::on_connection(uv_stream_t* server, int status) {
     log::warn("accept_failed").str("listener", l->_options.name).str("reason", uv_strerror(status));
     return;
   }
-  auto* c = new server_conn(*l, l->_next_id++);
+  std::shared_ptr<const tls::context> ctx;
+  if (l->_options.tls) {
+    ctx = l->_options.tls();
+    if (!ctx) return;  // no TLS material: the pending connection stays in the backlog
+  }
+  // The stream is made first, with no owner yet, so that a refused
+  // connection is accepted and closed rather than left in the backlog.
+  struct refuse final : stream_handler {
+    void on_secure(stream&) override {}
+    void on_input(stream&) override {}
+    void on_end(stream&, stream_end, std::string_view) override {}
+  };
+  static refuse nobody;
+  stream* s = stream::accept(server, nobody, ctx);
+  if (!s) return;
+  std::string ip(s->remote_ip());
+  size_t& from_ip = l->_per_ip[ip];
+  if (from_ip >= l->_options.max_connections_per_ip) {
+    l->_refused_per_ip.inc();
+    log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
+        .str("reason", "limits.max_connections_per_ip reached");
+    s->detach();
+    s->close();
+    return;
+  }
+  if (l->_open >= l->_options.max_connections) {
+    // Full: the oldest connection that has not started serving makes room
+    // (a flood of silent sockets cannot lock out clients that speak).
+    if (l->_hs_head) {
+      l->_evicted.inc();
+      l->_hs_head->close();
+    } else {
+      l->_refused.inc();
+      s->detach();
+      s->close();
+      if (from_ip == 0) l->_per_ip.erase(ip);
+      return;
+    }
+  }
+  ++from_ip;
+  auto* c = new server_conn(*l, l->_next_id++, s);
+  c->_ip = std::move(ip);
+  s->set_handler(*c);
   c->_next = l->_head;
   if (l->_head) l->_head->_prev = c;
   l->_head = c;
   ++l->_open;
   l->_open_gauge.set(static_cast<int64_t>(l->_open));
-  if (!c->start(server)) {
-    c->close();
-    return;
-  }
   l->_accepted.inc();
-  if (l->_open > l->_options.max_connections) {
-    l->_refused.inc();
-    c->close();
-  }
+  l->hs_insert(c);
+  s->arm_timer(l->_options.conn.handshake_timeout_ms);
+  if (l->_closed) c->begin_drain();
 }
 
 void listener::remove(server_conn* c) {
+  hs_remove(c);
+  unschedule(c);
   if (c->_prev) c->_prev->_next = c->_next;
-  else _head = c->_next;
+  else if (_head == c) _head = c->_next;
   if (c->_next) c->_next->_prev = c->_prev;
   c->_prev = c->_next = nullptr;
   --_open;
   _open_gauge.set(static_cast<int64_t>(_open));
+  auto it = _per_ip.find(c->_ip);
+  if (it != _per_ip.end() && --it->second == 0) _per_ip.erase(it);
+  c->release_body_budget();
+}
+
+void listener::hs_insert(server_conn* c) {
+  c->_in_hs_list = true;
+  c->_hs_prev = _hs_tail;
+  c->_hs_next = nullptr;
+  if (_hs_tail) _hs_tail->_hs_next = c;
+  else _hs_head = c;
+  _hs_tail = c;
+}
+
+void listener::hs_remove(server_conn* c) {
+  if (!c->_in_hs_list) return;
+  c->_in_hs_list = false;
+  if (c->_hs_prev) c->_hs_prev->_hs_next = c->_hs_next;
+  else _hs_head = c->_hs_next;
+  if (c->_hs_next) c->_hs_next->_hs_prev = c->_hs_prev;
+  else _hs_tail = c->_hs_prev;
+  c->_hs_prev = c->_hs_next = nullptr;
+}
+
+void listener::schedule(server_conn* c) {
+  if (c->_scheduled) return;
+  c->_scheduled = true;
+  _to_resume.push_back(c);
+  // An idle handle keeps the loop from blocking in poll while it is active,
+  // so the pipeline continues in the next iteration whatever phase asked.
+  if (_to_resume.size() == 1) uv_idle_start(&_resume, on_resume);
+}
+
+void listener::unschedule(server_conn* c) {
+  if (!c->_scheduled) return;
+  c->_scheduled = false;
+  for (auto& p : _to_resume)
+    if (p == c) p = nullptr;
+  if (_resuming)
+    for (auto& p : *_resuming)
+      if (p == c) p = nullptr;
+}
+
+void listener::on_resume(uv_idle_t* h) {
+  auto* l = static_cast<listener*>(h->data);
+  std::vector<server_conn*> batch;
+  batch.swap(l->_to_resume);
+  uv_idle_stop(&l->_resume);
+  // A connection of this batch may be closed by an earlier one's request;
+  // unschedule() clears it from the batch then.
+  l->_resuming = &batch;
+  for (server_conn*& c : batch) {
+    if (!c) continue;
+    server_conn* conn = c;
+    c = nullptr;
+    conn->_scheduled = false;
+    conn->resume();
+  }
+  l->_resuming = nullptr;
 }
 
 void listener::drain() {
   if (_listening && !_closed) {
-    _closed = true;
     uv_close(reinterpret_cast<uv_handle_t*>(&_tcp), nullptr);
   }
+  _closed = true;
   for (server_conn* c = _head; c;) {
     server_conn* next = c->_next;  // begin_drain may unlink c
     c->begin_drain();
@@ -150,11 +262,11 @@ void listener::drain() {
 }
 
 void listener::close() {
-  if (_listening && !_closed) {
-    _closed = true;
-    uv_close(reinterpret_cast<uv_handle_t*>(&_tcp), nullptr);
-  }
+  if (_listening && !_closed) uv_close(reinterpret_cast<uv_handle_t*>(&_tcp), nullptr);
+  _closed = true;
   while (_head) _head->close();
+  if (!uv_is_closing(reinterpret_cast<uv_handle_t*>(&_resume)))
+    uv_close(reinterpret_cast<uv_handle_t*>(&_resume), nullptr);
 }
 
 }  // namespace relay::net

@@ -39,6 +39,11 @@ net::conn_options conn_options(const config::relay_config& cfg) {
   o.http.max_uri_bytes = cfg.limits.max_uri_bytes;
   o.header_timeout_ms = static_cast<uint32_t>(cfg.limits.header_timeout_ms);
   o.idle_timeout_ms = static_cast<uint32_t>(cfg.limits.idle_timeout_ms);
+  o.handshake_timeout_ms = static_cast<uint32_t>(cfg.limits.handshake_timeout_ms);
+  o.min_body_rate = cfg.limits.min_body_rate_bytes_per_s;
+  o.max_pending_output = cfg.limits.max_pending_output_bytes;
+  o.linger.total_ms = static_cast<uint32_t>(cfg.limits.lingering_time_ms);
+  o.linger.between_ms = static_cast<uint32_t>(cfg.limits.lingering_timeout_ms);
   return o;
 }
 
@@ -106,6 +111,8 @@ bool relay_server::start(std::string& error) {
   api_opts.tls = [this] { return _tls; };
   api_opts.conn = conn_options(_cfg);
   api_opts.max_connections = _cfg.limits.max_connections;
+  api_opts.max_connections_per_ip = _cfg.limits.max_connections_per_ip;
+  api_opts.max_pending_body_bytes = _cfg.limits.max_pending_body_bytes;
   _api_listener = std::make_unique<net::listener>(_loop, api_opts, *_api, _metrics);
 
   net::listener_options ops_opts;
@@ -113,7 +120,11 @@ bool relay_server::start(std::string& error) {
   ops_opts.address = _cfg.ops_listen;
   ops_opts.conn = conn_options(_cfg);
   ops_opts.conn.http.max_body_bytes = 0;
+  // Probes and scrapes: few clients, no bodies. Its slots are protected by
+  // eviction of silent connections rather than a per-address cap (kubelet
+  // probes all come from the node's address).
   ops_opts.max_connections = 64;
+  ops_opts.max_connections_per_ip = 64;
   _ops_listener = std::make_unique<net::listener>(_loop, ops_opts, *_ops, _metrics);
 
   if (!_api_listener->start(error) || !_ops_listener->start(error)) return false;

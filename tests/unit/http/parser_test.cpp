@@ -19,6 +19,15 @@ limits small_limits() {
   return l;
 }
 
+// Runs the parser past the stop after the headers of a request with a body
+// (where a connection authorises it), as a connection does.
+request_parser::result execute_whole(request_parser& p, const char* data, size_t len) {
+  auto r = p.execute(data, len);
+  if (r.what != event::headers_complete) return r;
+  auto rest = p.execute(data + r.consumed, len - r.consumed);
+  return {r.consumed + rest.consumed, rest.what};
+}
+
 }  // namespace
 
 TEST_CASE("pipelined requests are returned one at a time, in order") {
@@ -27,7 +36,7 @@ TEST_CASE("pipelined requests are returned one at a time, in order") {
   std::string in =
       "POST /v1/queues/a/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"payload\":1}"
       "GET /v1/jobs/00000000000000a1?wait_ms=5&x=1 HTTP/1.1\r\nHost: x\r\n\r\n";
-  auto r1 = p.execute(in.data(), in.size());
+  auto r1 = execute_whole(p, in.data(), in.size());
   REQUIRE(r1.what == event::request_complete);
   CHECK_EQ(p.current().verb, method::post);
   CHECK_EQ(p.current().path(), "/v1/queues/a/jobs");
@@ -49,9 +58,12 @@ TEST_CASE("a request split across reads is reassembled") {
   limits l;
   request_parser p(l);
   std::string in = "POST /x HTTP/1.1\r\nContent-Length: 5\r\nAuthorization: Bearer k\r\n\r\nhello";
+  size_t headers_end = in.find("\r\n\r\n") + 4;
   for (size_t i = 0; i + 1 < in.size(); ++i) {
     auto r = p.execute(in.data() + i, 1);
-    REQUIRE(r.what == event::need_more);
+    // The parser stops once after the headers: a body follows.
+    REQUIRE(r.what == (i + 1 == headers_end ? event::headers_complete : event::need_more));
+    REQUIRE_EQ(r.consumed, 1u);
   }
   auto r = p.execute(in.data() + in.size() - 1, 1);
   REQUIRE(r.what == event::request_complete);
@@ -62,14 +74,35 @@ TEST_CASE("a request split across reads is reassembled") {
 TEST_CASE("chunked bodies are decoded and bounded") {
   request_parser p(small_limits());
   std::string ok = "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-  auto r = p.execute(ok.data(), ok.size());
+  auto r = execute_whole(p, ok.data(), ok.size());
   REQUIRE(r.what == event::request_complete);
   CHECK_EQ(p.current().body, "abcde");
 
   request_parser q(small_limits());
   std::string big = "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n21\r\n" + std::string(33, 'a') + "\r\n0\r\n\r\n";
-  CHECK(q.execute(big.data(), big.size()).what == event::error);
+  CHECK(execute_whole(q, big.data(), big.size()).what == event::error);
   CHECK_EQ(q.error(), api_error::payload_too_large);
+}
+
+TEST_CASE("requests that switch protocols are refused at their headers") {
+  for (std::string in : {std::string("GET /x HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+                         std::string("GET /x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n"),
+                         std::string("CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n\r\n")}) {
+    request_parser p(small_limits());
+    CHECK(p.execute(in.data(), in.size()).what == event::error);
+    CHECK_EQ(p.error(), api_error::bad_request);
+    CHECK(p.error_detail().find("Upgrade") != std::string::npos);
+  }
+}
+
+TEST_CASE("the body buffer is not reserved before the body is accepted") {
+  limits l;
+  request_parser p(l);
+  std::string in = "POST /x HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n";
+  auto r = p.execute(in.data(), in.size());
+  REQUIRE(r.what == event::headers_complete);
+  CHECK_EQ(p.current().content_length, 1000000u);
+  CHECK_LT(p.current().body.capacity(), 1000u);
 }
 
 TEST_CASE("limits map to the right errors") {
@@ -125,7 +158,7 @@ TEST_CASE("Expect: 100-continue pauses after the headers") {
   request_parser p(l);
   std::string in = "POST /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n";
   auto r = p.execute(in.data(), in.size());
-  CHECK(r.what == event::expects_continue);
+  CHECK(r.what == event::headers_complete);
   CHECK_EQ(r.consumed, in.size());
   std::string body = "{}";
   auto r2 = p.execute(body.data(), body.size());
