@@ -23,13 +23,14 @@
 #include <string_view>
 
 #include "relay/http.h"
+#include "relay/stream.h"
 #include "relay/tls.h"
 
 namespace relay::http {
 
 using client_response = response;
 
-class client_conn {
+class client_conn final : private net::stream_handler {
  public:
   struct options {
     std::string host;  // name or IP address
@@ -62,7 +63,7 @@ class client_conn {
   // The verified server certificate's identity, once connected.
   const tls::identity& server_identity() const { return _server; }
   // Whether the TLS session was resumed rather than fully negotiated.
-  bool resumed() const { return _tls && _tls->resumed(); }
+  bool resumed() const { return _stream && _stream->tls() && _stream->tls()->resumed(); }
   // The TLS context this connection was opened with (null: plain HTTP).
   const std::shared_ptr<const tls::context>& tls_context() const { return _options.tls; }
 
@@ -76,15 +77,17 @@ class client_conn {
   };
 
   client_conn(uv_loop_t* loop, options o);
-  ~client_conn();
+  ~client_conn() override;
+
+  // net::stream_handler, in protocol order.
+  void on_secure(net::stream& s) override;
+  void on_input(net::stream& s) override;
+  void on_end(net::stream& s, net::stream_end why, std::string_view detail) override;
+  void on_closed(net::stream& s) override;
 
   void start_connect();
-  void connected_tcp();
-  void ready();
   void send_pending();
-  void write_out(std::string& bytes);
-  void received(const char* data, size_t len);
-  void parse(const char* data, size_t len);
+  void parse(const std::string& data);
   // Hands the complete response to the oldest request; false when the
   // connection closed or failed on the way (stop parsing).
   bool deliver();
@@ -97,30 +100,25 @@ class client_conn {
   void arm_timer();
   void reset_transport();
 
+  std::string where() const { return _options.host + ":" + std::to_string(_options.port); }
+
   static void on_resolved(uv_getaddrinfo_t* req, int status, addrinfo* res);
-  static void on_connect(uv_connect_t* req, int status);
-  static void on_alloc(uv_handle_t* h, size_t suggested, uv_buf_t* buf);
-  static void on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf);
-  static void on_write_done(uv_write_t* req, int status);
   static void on_timer(uv_timer_t* t);
-  static void on_tcp_closed(uv_handle_t* h);
   static void on_timer_closed(uv_handle_t* h);
 
   uv_loop_t* _loop;
   options _options;
   state _state = state::idle;
-  uv_tcp_t* _tcp = nullptr;  // heap: a reconnect may start before the old handle's close callback
+  // The transport of the current connection attempt. A reset detaches it
+  // and lets it close on its own, so a reconnect never waits for it.
+  net::stream* _stream = nullptr;
   uv_timer_t _timer{};
   uv_getaddrinfo_t* _resolve = nullptr;
-  uv_connect_t* _connect = nullptr;
   uint64_t _connect_deadline = 0;
-  std::unique_ptr<tls::session> _tls;
   tls::identity _server;
   response_parser _parser;
   std::deque<pending> _queue;
-  std::string _plain;
   bool _closing = false;
-  char _read_buffer[64 * 1024];
 };
 
 }  // namespace relay::http

@@ -6,18 +6,9 @@
 #include "relay/server.h"
 
 namespace relay::http {
-namespace {
-
-struct write_req {
-  uv_write_t req;
-  std::string data;
-};
-
-}  // namespace
-
-// Lifetime: the object is freed from its timer's close callback. A connect
-// or getaddrinfo request still pending then is detached first (data = null),
-// because libuv may run its callback after the timer's close callback.
+// Lifetime: the object is freed from its timer's close callback. Its stream
+// and a getaddrinfo request still pending then are detached first, because
+// libuv may run their callbacks after the timer's close callback.
 
 client_conn* client_conn::create(uv_loop_t* loop, options o) { return new client_conn(loop, std::move(o)); }
 
@@ -62,7 +53,6 @@ void client_conn::start_connect() {
   _connect_deadline = uv_now(_loop) + _options.connect_timeout_ms;
   _state = state::resolving;
   _parser.reset();
-  _plain.clear();
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -91,157 +81,75 @@ void client_conn::on_resolved(uv_getaddrinfo_t* req, int status, addrinfo* res) 
     c->fail_all("resolve " + c->_options.host + ": " + uv_strerror(status));
     return;
   }
-  c->_tcp = new uv_tcp_t;
-  uv_tcp_init(c->_loop, c->_tcp);
-  c->_tcp->data = c;
-  c->_connect = new uv_connect_t;
-  c->_connect->data = c;
-  int rc = uv_tcp_connect(c->_connect, c->_tcp, res->ai_addr, on_connect);
+  std::string error;
+  c->_stream = net::stream::connect(c->_loop, res->ai_addr, *c, c->_options.tls, c->_options.server_name, error);
   uv_freeaddrinfo(res);
-  if (rc != 0) {
-    delete c->_connect;
-    c->_connect = nullptr;
-    c->drop("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(rc));
+  if (!c->_stream) {
+    c->drop("connect to " + c->where() + ": " + error);
     return;
   }
-  c->_state = state::connecting;
+  c->_state = c->_options.tls ? state::handshaking : state::connecting;
 }
 
-void client_conn::on_connect(uv_connect_t* req, int status) {
-  auto* c = static_cast<client_conn*>(req->data);
-  delete req;
-  if (!c) return;  // the handle was closed under this request
-  c->_connect = nullptr;
-  if (status < 0) {
-    c->drop("connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": " + uv_strerror(status));
-    return;
-  }
-  c->connected_tcp();
-}
-
-void client_conn::connected_tcp() {
-  uv_tcp_nodelay(_tcp, 1);
-  uv_tcp_keepalive(_tcp, 1, 60);
-  uv_read_start(reinterpret_cast<uv_stream_t*>(_tcp), on_alloc, on_read);
-  if (!_options.tls) {
-    ready();
-    return;
-  }
-  _state = state::handshaking;
-  _tls = std::make_unique<tls::session>(_options.tls, _options.server_name);
-  if (_tls->start() == tls::session::status::error) {
-    std::string why = "TLS with " + _options.host + ": " + _tls->error();
-    drop(why);
-    return;
-  }
-  std::string out;
-  _tls->take_output(out);
-  write_out(out);
-}
-
-void client_conn::ready() {
+void client_conn::on_secure(net::stream& s) {
   _state = state::ready;
   _connect_deadline = 0;
-  if (_tls) _server = _tls->peer_identity();
+  _server = s.peer();
   send_pending();
   arm_timer();
 }
 
 void client_conn::send_pending() {
-  std::string batch;
+  if (!_stream || _state != state::ready) return;
+  bool any = false;
   for (auto& p : _queue) {
     if (p.sent) continue;
     p.sent = true;
-    batch += p.bytes;
-    p.bytes.clear();
-    p.bytes.shrink_to_fit();
+    _stream->write(p.bytes);
+    std::string().swap(p.bytes);
+    any = true;
   }
-  if (batch.empty()) return;
-  if (_tls) {
-    if (_tls->write(batch) == tls::session::status::error) {
-      std::string why = "TLS write: " + _tls->error();
-      drop(why);
+  if (any) _stream->flush();
+}
+
+void client_conn::on_input(net::stream& s) {
+  // Taken out of the stream first: a callback may reset the connection.
+  std::string data;
+  data.swap(s.input());
+  parse(data);
+}
+
+void client_conn::on_end(net::stream&, net::stream_end why, std::string_view detail) {
+  std::string d(detail);
+  switch (why) {
+    case net::stream_end::connect_failed:
+      drop("connect to " + where() + ": " + d);
       return;
-    }
-    std::string out;
-    _tls->take_output(out);
-    write_out(out);
-  } else {
-    write_out(batch);
+    case net::stream_end::tls_error:
+      drop("TLS with " + _options.host + ": " + d);
+      return;
+    case net::stream_end::eof:
+      if (_state == state::ready) peer_closed("server closed the connection (" + d + ")");
+      else drop("TLS with " + _options.host + ": connection closed during the handshake");
+      return;
+    case net::stream_end::reset:
+      drop("connection to " + _options.host + " lost: " + d);
+      return;
   }
 }
 
-void client_conn::write_out(std::string& bytes) {
-  if (bytes.empty() || !_tcp) return;
-  auto* w = new write_req;
-  w->req.data = this;
-  w->data = std::move(bytes);
-  uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(w->data.size()));
-  int rc = uv_write(&w->req, reinterpret_cast<uv_stream_t*>(_tcp), &b, 1, on_write_done);
-  if (rc != 0) {
-    delete w;
-    drop(std::string("write: ") + uv_strerror(rc));
-  }
+void client_conn::on_closed(net::stream& s) {
+  // Only a stream that closed itself (a failed write) gets here: a reset
+  // detaches the stream before closing it.
+  if (&s != _stream) return;
+  _stream = nullptr;
+  drop("connection to " + _options.host + " lost: the write failed");
 }
 
-void client_conn::on_write_done(uv_write_t* req, int status) {
-  auto* w = reinterpret_cast<write_req*>(req);
-  delete w;
-  // Errors also surface as a failed read, which fails the requests; a
-  // cancelled write belongs to a transport already reset.
-  (void)status;
-}
-
-void client_conn::on_alloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
-  auto* c = static_cast<client_conn*>(h->data);
-  buf->base = c->_read_buffer;
-  buf->len = sizeof c->_read_buffer;
-}
-
-void client_conn::on_read(uv_stream_t* s, ssize_t nread, const uv_buf_t* buf) {
-  auto* c = static_cast<client_conn*>(s->data);
-  if (nread == 0 || c->_tcp != reinterpret_cast<uv_tcp_t*>(s)) return;
-  if (nread < 0) {
-    std::string why = c->_state == state::handshaking
-                          ? "TLS with " + c->_options.host + ": connection closed during the handshake"
-                          : std::string("connection to ") + c->_options.host + " lost: " + uv_strerror(static_cast<int>(nread));
-    if (nread == UV_EOF && c->_state == state::ready) c->peer_closed(why);
-    else c->drop(why);
-    return;
-  }
-  c->received(buf->base, static_cast<size_t>(nread));
-}
-
-void client_conn::received(const char* data, size_t len) {
-  if (!_tls) {
-    parse(data, len);
-    return;
-  }
-  _tls->feed(data, len);
-  tls::session::status st = _tls->read(_plain);
-  std::string out;
-  _tls->take_output(out);
-  write_out(out);
-  if (st == tls::session::status::error) {
-    std::string why = "TLS with " + _options.host + ": " + _tls->error();
-    drop(why);
-    return;
-  }
-  if (_state == state::handshaking && _tls->handshake_complete()) ready();
-  if (!_plain.empty()) {
-    std::string plain;
-    plain.swap(_plain);
-    parse(plain.data(), plain.size());
-  }
-  if (st == tls::session::status::closed && _tcp) {
-    peer_closed("server closed the TLS session");
-  }
-}
-
-void client_conn::parse(const char* data, size_t len) {
+void client_conn::parse(const std::string& data) {
   size_t off = 0;
-  while (off < len && _tcp && !_closing) {
-    response_parser::result r = _parser.execute(data + off, len - off);
+  while (off < data.size() && _stream && !_closing) {
+    response_parser::result r = _parser.execute(data.data() + off, data.size() - off);
     off += r.consumed;
     if (r.what == response_parser::event::need_more) return;
     if (r.what != response_parser::event::response_complete) {
@@ -295,23 +203,17 @@ void client_conn::fail_all(const std::string& error) {
 }
 
 void client_conn::reset_transport() {
-  if (_tcp) {
-    uv_read_stop(reinterpret_cast<uv_stream_t*>(_tcp));
-    uv_close(reinterpret_cast<uv_handle_t*>(_tcp), on_tcp_closed);
-    _tcp = nullptr;
-  }
-  if (_connect) {
-    _connect->data = nullptr;  // its callback only frees it
-    _connect = nullptr;
+  if (_stream) {
+    _stream->detach();
+    _stream->close();
+    _stream = nullptr;
   }
   if (_resolve) {
     _resolve->data = nullptr;
     uv_cancel(reinterpret_cast<uv_req_t*>(_resolve));
     _resolve = nullptr;
   }
-  _tls.reset();
   _server = {};
-  _plain.clear();
   _state = state::idle;
   _connect_deadline = 0;
 }
@@ -351,19 +253,16 @@ void client_conn::close() {
   // End the TLS stream with close_notify. Besides being polite, it keeps the
   // session resumable: OpenSSL marks a session whose connection was dropped
   // without one as not resumable.
-  if (_tls && _state == state::ready) {
-    _tls->shutdown();
-    std::string bytes;
-    _tls->take_output(bytes);
-    write_out(bytes);
+  if (_stream && _state == state::ready) {
+    _stream->detach();
+    _stream->finish(net::linger_options{0, 0});
+    _stream = nullptr;
   }
   drop("closed");
   _closing = true;
   uv_timer_stop(&_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_timer), on_timer_closed);
 }
-
-void client_conn::on_tcp_closed(uv_handle_t* h) { delete reinterpret_cast<uv_tcp_t*>(h); }
 
 void client_conn::on_timer_closed(uv_handle_t* h) { delete static_cast<client_conn*>(h->data); }
 
