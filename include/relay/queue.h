@@ -33,6 +33,11 @@ namespace relay::queue {
 
 using time_ms = int64_t;
 using job_id = uint64_t;
+// Ids run from 1 to max_job_id and are never handed out twice: once the
+// counter passes the maximum, submits fail (op_error::ids_exhausted) rather
+// than wrap. 2^63 - 1 lasts 29,000 years at ten million submits a second,
+// and leaves the counter (max_job_id + 1 when exhausted) far from wrapping.
+inline constexpr job_id max_job_id = (job_id{1} << 63) - 1;
 
 enum class job_state : uint8_t { queued, delayed, leased, succeeded, failed, dead, cancelled };
 inline constexpr size_t job_state_count = 7;
@@ -167,6 +172,17 @@ class record_sink {
   virtual void append(const record& r) = 0;
 };
 
+// Broker callbacks (lease_waiter::on_leased, job_watcher::on_terminal) run
+// inside the mutation that caused them: inside submit(), advance(),
+// complete(), requeue_dead() and the rest, while that call -- and perhaps a
+// batch of the caller's -- is half done. So a callback must not answer a
+// request, continue a connection or call back into the broker (no submit,
+// lease, park/unpark of another waiter, watch/unwatch of another watcher);
+// it may only record what to answer and hand that to the loop. The API layer
+// does so: its answers go through journal::writer::when_durable(), which
+// never runs them on the caller's stack. Freeing itself (or arranging to) is
+// allowed.
+
 // A worker's parked lease request. The broker calls on_leased() exactly once
 // with at least one job, after unparking the waiter; the waiter may be
 // destroyed inside the callback. Unpark a waiter whose request ends first.
@@ -254,6 +270,7 @@ enum class op_error : uint8_t {
   not_cancellable,  // leased or terminal
   queue_full,       // max_jobs reached
   too_many_queues,  // max_queues reached
+  ids_exhausted,    // every job id up to max_job_id was handed out
 };
 
 struct submit_params {
@@ -342,9 +359,11 @@ class broker {
   std::vector<const job*> dead_jobs(std::string_view queue, size_t limit) const;
   size_t job_count() const { return _jobs.size(); }
   size_t held_bytes() const { return _held_bytes; }
-  // Whether `jobs` more jobs carrying `bytes` of payload fit the limits.
+  // Whether `jobs` more jobs carrying `bytes` of payload fit the limits
+  // (and the ids left).
   bool has_room(size_t jobs, size_t bytes) const {
-    return _jobs.size() + jobs <= _limits.max_jobs && _held_bytes + bytes <= _limits.max_held_bytes;
+    return _jobs.size() + jobs <= _limits.max_jobs && _held_bytes + bytes <= _limits.max_held_bytes &&
+           jobs <= max_job_id + 1 - _next_id;
   }
   const broker_limits& limits() const { return _limits; }
 
@@ -387,7 +406,10 @@ class broker {
   std::unordered_map<std::string, job_id> _idempotency;  // queue + '\0' + key
   std::unordered_set<std::string> _principals;
   std::vector<job*> _timed;
-  std::deque<std::pair<time_ms, job_id>> _retention;  // (forget at, id), in finishing order
+  // (forget at, id): a min-heap by due time. Jobs finish, and replay brings
+  // them back (snapshots arrive in id order), in any order of due time.
+  std::vector<std::pair<time_ms, job_id>> _retention;
+  void retain(time_ms due, job_id id);
   std::unordered_map<job_id, std::vector<job_watcher*>> _watchers;
 };
 

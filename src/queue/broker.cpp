@@ -2,6 +2,7 @@
 #include <array>
 #include <cassert>
 #include <cstring>
+#include <functional>
 
 #include "relay/queue.h"
 
@@ -288,6 +289,8 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
     auto it = _idempotency.find(slot);
     if (it != _idempotency.end()) return {op_error::none, find(it->second), false};
   }
+  // Never wrap: an id is handed out once, or not at all.
+  if (_next_id > max_job_id) return {op_error::ids_exhausted, nullptr, false};
   if (!has_room(1, p.payload.size())) return {op_error::queue_full, nullptr, false};
   op_error err;
   job_queue* q = queue_for(p.queue, open_mode::create, err);
@@ -521,7 +524,8 @@ void broker::advance(time_ms now) {
   }
   while (!_retention.empty() && _retention.front().first <= now) {
     job_id id = _retention.front().second;
-    _retention.pop_front();
+    std::pop_heap(_retention.begin(), _retention.end(), std::greater<>());
+    _retention.pop_back();
     job* j = find_mutable(id);
     // A dead job that was requeued (or died again later) is not due yet.
     if (j && is_terminal(j->state) && j->updated_ms + _limits.result_ttl_ms <= now) forget(*j);
@@ -536,6 +540,13 @@ std::optional<time_ms> broker::next_deadline() const {
 }
 
 // ---- apply(): the only place where job state changes. ----
+
+void broker::retain(time_ms due, job_id id) {
+  // Entries are not removed when a job changes again (a dead job requeued,
+  // a snapshot upserting it): advance() checks the job when its entry is due.
+  _retention.emplace_back(due, id);
+  std::push_heap(_retention.begin(), _retention.end(), std::greater<>());
+}
 
 void broker::set_state(job& j, job_state s) {
   --j.queue->_counts[static_cast<size_t>(j.state)];
@@ -591,7 +602,7 @@ void broker::finish(job& j, job_state terminal, time_ms at) {
     j.where = in_dead;
     ++j.queue->_counters.dead;
   }
-  _retention.emplace_back(at + _limits.result_ttl_ms, j.id);
+  retain(at + _limits.result_ttl_ms, j.id);
   auto it = _watchers.find(j.id);
   if (it == _watchers.end()) return;
   std::vector<job_watcher*> watchers = std::move(it->second);
@@ -624,12 +635,15 @@ void broker::forget(job& j) {
 
 bool broker::apply(const record& r) {
   if (r.type == record_type::meta) {
+    // The next id to hand out: max_job_id + 1 says they are all used up.
+    if (r.id == 0 || r.id > max_job_id + 1) return false;
     _next_id = std::max(_next_id, r.id);
     return true;
   }
   if (r.type == record_type::snapshot) return apply_snapshot(r);
   if (r.type == record_type::submit) {
-    if (r.id == 0 || _jobs.count(r.id) || r.priority >= priority_levels || r.max_attempts == 0) return false;
+    if (r.id == 0 || r.id > max_job_id || _jobs.count(r.id) || r.priority >= priority_levels || r.max_attempts == 0)
+      return false;
     job& j = restore_job(r);
     job_queue* q = j.queue;
     j.created_ms = j.updated_ms = r.at;
@@ -756,19 +770,19 @@ void broker::place(job& j) {
       ++q._counts[static_cast<size_t>(j.state)];
       list_append(q._dead.head, q._dead.tail, &j);
       j.where = in_dead;
-      _retention.emplace_back(j.updated_ms + _limits.result_ttl_ms, j.id);
+      retain(j.updated_ms + _limits.result_ttl_ms, j.id);
       return;
     case job_state::succeeded:
     case job_state::cancelled:
       ++q._counts[static_cast<size_t>(j.state)];
       j.where = in_none;
-      _retention.emplace_back(j.updated_ms + _limits.result_ttl_ms, j.id);
+      retain(j.updated_ms + _limits.result_ttl_ms, j.id);
       return;
   }
 }
 
 bool broker::apply_snapshot(const record& r) {
-  if (r.id == 0 || r.priority >= priority_levels || r.max_attempts == 0 ||
+  if (r.id == 0 || r.id > max_job_id || r.priority >= priority_levels || r.max_attempts == 0 ||
       static_cast<size_t>(r.state) >= job_state_count)
     return false;
   if (r.state == job_state::leased && r.owner.empty()) return false;

@@ -322,6 +322,68 @@ TEST_CASE("finished jobs are forgotten after their retention, with their idempot
   CHECK(b.submit(p, 1010).created);  // the key is free again
 }
 
+TEST_CASE("retention is kept by due time, whatever order jobs arrive in (snapshots come in id order)") {
+  broker_limits limits;
+  limits.result_ttl_ms = 1000;
+  broker src(limits, counting_random());
+  principal_ref w = src.intern("w");
+  submit_params p;
+  p.queue = "q";
+  p.payload = "1";
+  std::vector<job_id> ids;
+  for (int i = 0; i < 4; ++i) ids.push_back(src.submit(p, 0).j->id);
+  std::vector<job*> got;
+  src.lease("q", 4, 100000, w, 0, got);
+  // Finished in the reverse of id order: due at 1400, 1300, 1200, 1100.
+  for (int i = 3; i >= 0; --i) src.complete(ids[static_cast<size_t>(i)], got[static_cast<size_t>(i)]->lease, w, "1", 400 - 100 * i);
+  // A replica built from snapshots in id order (as after compaction).
+  broker b(limits, counting_random());
+  for (job_id id : src.job_ids()) REQUIRE(b.apply(src.snapshot_of(*src.find(id))));
+  for (int i = 0; i < 4; ++i) {
+    time_ms due = 1100 + 100 * i;
+    REQUIRE(b.next_deadline().has_value());
+    CHECK_EQ(*b.next_deadline(), due);
+    b.advance(due);
+    CHECK(b.find(ids[static_cast<size_t>(3 - i)]) == nullptr);
+    CHECK_EQ(b.job_count(), static_cast<size_t>(3 - i));
+  }
+  CHECK_FALSE(b.next_deadline().has_value());
+}
+
+TEST_CASE("ids are never handed out twice: has_room counts the ids left, submits stop at the maximum") {
+  broker b(broker_limits{}, counting_random());
+  record meta;
+  meta.type = record_type::meta;
+  meta.id = max_job_id - 1;
+  REQUIRE(b.apply(meta));
+  CHECK(b.has_room(2, 0));
+  CHECK_FALSE(b.has_room(3, 0));
+  submit_params p;
+  p.queue = "q";
+  p.payload = "1";
+  CHECK_EQ(b.submit(p, 0).j->id, max_job_id - 1);
+  CHECK_EQ(b.submit(p, 0).j->id, max_job_id);
+  auto r = b.submit(p, 0);
+  CHECK(r.error == op_error::ids_exhausted);
+  CHECK(r.j == nullptr);
+  // An idempotent repeat still finds its job.
+  p.idempotency_key = "k";
+  broker c(broker_limits{}, counting_random());
+  meta.id = max_job_id;
+  REQUIRE(c.apply(meta));
+  job_id keyed = c.submit(p, 0).j->id;
+  auto again = c.submit(p, 0);
+  CHECK(again.error == op_error::none);
+  CHECK_EQ(again.j->id, keyed);
+  CHECK_FALSE(again.created);
+  // The counter's own record: max_job_id + 1 (exhausted) is valid, beyond is not.
+  CHECK_EQ(c.meta_record(0).id, max_job_id + 1);
+  meta.id = max_job_id + 1;
+  CHECK(c.apply(meta));
+  meta.id = max_job_id + 2;
+  CHECK_FALSE(c.apply(meta));
+}
+
 TEST_CASE("limits: jobs held and queues") {
   broker_limits limits;
   limits.max_jobs = 2;
