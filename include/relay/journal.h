@@ -98,8 +98,17 @@ class writer final : public queue::record_sink {
   // before and after to know whether it changed anything.
   uint64_t appended() const { return _appended; }
   // Runs `fn(true)` once every record appended so far is durable as the
-  // mode requires (at once in batch/off mode), or `fn(false)` if writing
-  // them failed. Callbacks run on the loop, in order.
+  // mode requires (always: fsynced; batch/off: at once), or `fn(false)` if
+  // writing them failed or writes are failing.
+  //
+  // fn never runs inside when_durable(); it runs from the loop, in order
+  // (FIFO across every call, successes and failures alike, in every fsync
+  // mode): from the writer's report, or for one that is due already from a
+  // loop phase of its own (an idle handle, so the loop does not block while
+  // one is queued). An answer released by fn therefore never runs on the
+  // stack of the request, mutation or batch that queued it. fn may call
+  // when_durable() again; that one runs on a later turn. Call it only
+  // between open() and close(); close() runs whatever is still queued.
   void when_durable(std::function<void(bool ok)> fn);
   // False while writes are failing: new changes must be refused.
   bool accepting() const { return !_failing && _unwritten_bytes < _o.max_unwritten_bytes; }
@@ -126,7 +135,8 @@ class writer final : public queue::record_sink {
     uint64_t delete_before = 0;   // then delete older segments
   };
   struct waiter {
-    uint64_t seq;
+    uint64_t seq;  // due once this batch is durable (0: at once)
+    bool failed;   // answer false: the write failed or writes were failing
     std::function<void(bool)> fn;
   };
 
@@ -135,6 +145,11 @@ class writer final : public queue::record_sink {
   static void on_check(uv_check_t* h);
   static void on_async(uv_async_t* h);
   static void on_batch_timer(uv_timer_t* t);
+  static void on_idle(uv_idle_t* h);
+  bool front_due() const;
+  // Runs up to `limit` due callbacks from the front of the queue, then
+  // keeps the idle handle running exactly while the front is due.
+  void run_due(size_t limit);
   void run();  // the writer thread
   bool write_batch(batch& b, std::string& error);
   bool sync(std::string& error);
@@ -147,7 +162,9 @@ class writer final : public queue::record_sink {
   uv_prepare_t _prepare{};
   uv_async_t _async{};
   uv_timer_t _batch_timer{};
+  uv_idle_t _idle{};
   bool _open = false;
+  bool _closed = false;
 
   // Loop side.
   std::unique_ptr<batch> _current;

@@ -211,6 +211,9 @@ request_parser::result request_parser::execute(const char* data, size_t len) {
 }
 
 void request_parser::next() {
+  // An answered request's body is not kept while the connection idles
+  // (it counted against the body budget only until the answer).
+  if (_req.body.capacity() > 16 * 1024) std::string().swap(_req.body);
   _started = false;
   _headers_done = false;
   _complete = false;

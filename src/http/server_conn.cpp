@@ -40,8 +40,13 @@ void server_conn::process() {
   _in_process = true;
   const conn_options& o = _owner._options.conn;
   std::string& in = _stream->input();
+  bool held_back = false;  // stopped by the output bound, not by a lack of input
   while ((_state == state::idle || _state == state::reading_headers || _state == state::reading_body) &&
-         _in_offset < in.size() && !output_full()) {
+         _in_offset < in.size()) {
+    if (output_full()) {
+      held_back = true;
+      break;
+    }
     if (_state == state::idle) {
       _state = state::reading_headers;
       _stream->arm_timer(o.header_timeout_ms);
@@ -59,7 +64,8 @@ void server_conn::process() {
       _state = state::handling;
       _stream->arm_timer(0);
       if (!_owner._handler.on_headers(*this, req)) {
-        if (_state == state::handling) respond_error(api_error::internal, "the request was refused");
+        // Answered, now or later (an answer may wait for the journal); the
+        // body stays unread and the answer closes the connection.
         break;
       }
       size_t announced = req.chunked ? 0 : static_cast<size_t>(req.content_length);
@@ -107,6 +113,9 @@ void server_conn::process() {
   if (_state != state::closed) {
     _stream->flush();
     update_reading();
+    // The socket may have taken everything at once (no write completion
+    // will follow): requests held back by the bound continue from the loop.
+    if (held_back && !output_full()) _owner.schedule(this);
   }
 }
 

@@ -73,6 +73,8 @@ bool writer::open(uint64_t first_segment, std::string& error) {
   _async.data = this;
   uv_timer_init(_loop, &_batch_timer);
   _batch_timer.data = this;
+  uv_idle_init(_loop, &_idle);
+  _idle.data = this;
   if (_o.fsync == fsync_mode::batch)
     uv_timer_start(&_batch_timer, on_batch_timer, _o.batch_interval_ms, _o.batch_interval_ms);
   _open = true;
@@ -95,16 +97,39 @@ void writer::append(const queue::record& r) {
 }
 
 void writer::when_durable(std::function<void(bool)> fn) {
-  if (_failing) {
-    fn(false);
-    return;
+  assert(!_closed && "when_durable() after close()");
+  // Never called here, whatever the mode: queued, and run from the loop
+  // (on_async when the writer reports, on_idle when it is due already). In
+  // batch and off modes an answer does not wait for the disk (seq 0).
+  uint64_t seq = _o.fsync == fsync_mode::always ? _last_record_seq : 0;
+  _waiters.push_back({seq, _failing, std::move(fn)});
+  if (_waiters.size() == 1 && front_due()) uv_idle_start(&_idle, on_idle);
+}
+
+bool writer::front_due() const {
+  const waiter& w = _waiters.front();
+  return w.failed || w.seq <= _durable_seq.load(std::memory_order_acquire);
+}
+
+void writer::run_due(size_t limit) {
+  // FIFO: the first one not yet due holds back those behind it (in always
+  // mode seqs only grow, so they would not be due either).
+  while (limit-- > 0 && !_waiters.empty() && front_due()) {
+    bool ok = !_waiters.front().failed;
+    auto fn = std::move(_waiters.front().fn);
+    _waiters.pop_front();
+    fn(ok);
   }
-  // In batch and off modes an answer does not wait for the disk.
-  if (_o.fsync != fsync_mode::always || _last_record_seq <= _durable_seq.load(std::memory_order_acquire)) {
-    fn(true);
-    return;
-  }
-  _waiters.push_back({_last_record_seq, std::move(fn)});
+  // The idle handle keeps the loop from blocking in poll exactly while one
+  // is due, including one queued by a callback above.
+  if (!_waiters.empty() && front_due()) uv_idle_start(&_idle, on_idle);
+  else uv_idle_stop(&_idle);
+}
+
+void writer::on_idle(uv_idle_t* h) {
+  auto* w = static_cast<writer*>(h->data);
+  // Only those queued before this turn: one queued meanwhile runs next turn.
+  w->run_due(w->_waiters.size());
 }
 
 uint64_t writer::roll() {
@@ -151,17 +176,13 @@ void writer::on_batch_timer(uv_timer_t* t) {
 
 void writer::on_async(uv_async_t* h) {
   auto* w = static_cast<writer*>(h->data);
-  uint64_t durable = w->_durable_seq.load(std::memory_order_acquire);
   bool failing = w->_writer_failing.load(std::memory_order_acquire);
   uint64_t written = w->_written_bytes.exchange(0, std::memory_order_acq_rel);
   w->_unwritten_bytes -= std::min(written, w->_unwritten_bytes);
   w->_bytes_gauge.set(static_cast<int64_t>(w->_disk_bytes.load()));
   w->_segments_gauge.set(static_cast<int64_t>(w->_segments.load()));
-  while (!w->_waiters.empty() && w->_waiters.front().seq <= durable) {
-    auto fn = std::move(w->_waiters.front().fn);
-    w->_waiters.pop_front();
-    fn(true);
-  }
+  // Those made durable first (before any failure this report brings).
+  w->run_due(w->_waiters.size());
   if (failing) {
     if (!w->_failing) {
       while (w->_error_lock.test_and_set(std::memory_order_acquire)) {
@@ -174,9 +195,8 @@ void writer::on_async(uv_async_t* h) {
       if (w->_o.fsync != fsync_mode::batch) uv_timer_start(&w->_batch_timer, on_batch_timer, w->_o.retry_ms, w->_o.retry_ms);
     }
     // Nothing appended so far can be promised: the answers say so.
-    std::deque<waiter> failed;
-    failed.swap(w->_waiters);
-    for (auto& x : failed) x.fn(false);
+    for (auto& x : w->_waiters) x.failed = true;
+    w->run_due(w->_waiters.size());
   } else if (w->_failing) {
     w->_failing = false;
     w->_failing_gauge.set(0);
@@ -201,7 +221,19 @@ void writer::close() {
   hand_off();
   // Blocks only at shutdown, while the last batches are written and synced.
   _thread.join();
+  // The writer may stop before it takes the last marker batch.
+  for (uint64_t t = _ring_tail.load(); t != _ring_head.load(); ++t) delete _ring[t % ring_size];
   on_async(&_async);
+  // The writer is gone: what is still queued (queued by the callbacks just
+  // run, or not durable) is answered now, as durable or not.
+  while (!_waiters.empty()) {
+    for (auto& x : _waiters)
+      if (x.seq > _durable_seq.load(std::memory_order_acquire)) x.failed = true;
+    run_due(_waiters.size());
+  }
+  _closed = true;
+  uv_idle_stop(&_idle);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_idle), nullptr);
   uv_check_stop(&_check);
   uv_prepare_stop(&_prepare);
   uv_timer_stop(&_batch_timer);

@@ -141,8 +141,8 @@ void listener::on_connection(uv_stream_t* server, int status) {
   stream* s = stream::accept(server, nobody, ctx);
   if (!s) return;
   std::string ip(s->remote_ip());
-  size_t& from_ip = l->_per_ip[ip];
-  if (from_ip >= l->_options.max_connections_per_ip) {
+  auto known = l->_per_ip.find(ip);
+  if (known != l->_per_ip.end() && known->second >= l->_options.max_connections_per_ip) {
     l->_refused_per_ip.inc();
     log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
         .str("reason", "limits.max_connections_per_ip reached");
@@ -160,11 +160,11 @@ void listener::on_connection(uv_stream_t* server, int status) {
       l->_refused.inc();
       s->detach();
       s->close();
-      if (from_ip == 0) l->_per_ip.erase(ip);
       return;
     }
   }
-  ++from_ip;
+  // Looked up again: evicting may have erased this address's entry.
+  ++l->_per_ip[ip];
   auto* c = new server_conn(*l, l->_next_id++, s);
   c->_ip = std::move(ip);
   s->set_handler(*c);
