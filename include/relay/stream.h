@@ -171,7 +171,6 @@ class stream {
   bool _lingering = false;
   bool _ended = false;      // on_end() delivered or finish() taken over
   bool _closing = false;
-  bool _timer_is_owner = true;
 };
 
 }  // namespace relay::net
