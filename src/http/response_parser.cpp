@@ -82,6 +82,9 @@ int response_parser::on_header_value_complete(llhttp_t* p) {
 
 int response_parser::on_headers_complete(llhttp_t* p) {
   auto* s = self(p);
+  // llhttp 8 takes a status of one or two digits ("HTTP/1.1 11 X"); the
+  // grammar wants three, and anything below 100 has no meaning.
+  if (p->status_code < 100) return s->fail("malformed response: the status code is not three digits");
   // The client never asks to switch protocols; llhttp would stop parsing
   // after a 101 and leave the requests behind it unanswered.
   if (p->status_code == 101) return s->fail("protocol error: 101 Switching Protocols was not asked for");

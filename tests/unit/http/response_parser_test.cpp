@@ -195,6 +195,12 @@ TEST_CASE("101 Switching Protocols and garbage are errors that stick") {
     CHECK(c.failed);
     CHECK_NE(p.error().find("101"), std::string::npos);
   }
+  SUBCASE("a status code of fewer than three digits (found by the fuzzer)") {
+    response_parser p(1024);
+    collected c = feed(p, "HTTP/1.1 11 Switching Protocols\r\n\r\nclose-delimited");
+    CHECK(c.failed);
+    CHECK(p.finish() == event::error);
+  }
   SUBCASE("not HTTP") {
     response_parser p(1024);
     collected c = feed(p, "SSH-2.0-OpenSSH_9.2\r\n");
