@@ -19,6 +19,7 @@ struct ssl_ctx_st;
 struct ssl_st;
 struct ssl_session_st;
 struct bio_st;
+struct x509_st;
 
 namespace relay::tls {
 
@@ -79,6 +80,10 @@ struct identity {
     return !uri_san.empty() ? uri_san : !dns_san.empty() ? dns_san : cn;
   }
 };
+
+// The identity `cert` names (what peer_identity() returns for a peer that
+// presented it). Safe on any parsed certificate, however odd its names.
+identity identity_from_certificate(x509_st* cert);
 
 class session {
  public:

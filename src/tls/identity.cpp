@@ -23,10 +23,16 @@ std::string to_string(const ASN1_STRING* s) {
 }  // namespace
 
 identity session::peer_identity() const {
-  identity id;
-  if (!_ssl) return id;
+  if (!_ssl) return {};
   X509* cert = compat::peer_certificate(_ssl);
-  if (!cert) return id;
+  if (!cert) return {};
+  identity id = identity_from_certificate(cert);
+  X509_free(cert);
+  return id;
+}
+
+identity identity_from_certificate(X509* cert) {
+  identity id;
   auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
   if (names) {
     // The count is size_t in BoringSSL and int in OpenSSL.
@@ -47,7 +53,6 @@ identity session::peer_identity() const {
     if (len > 0 && printable(utf8, len)) id.cn.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
     if (utf8) OPENSSL_free(utf8);
   }
-  X509_free(cert);
   return id;
 }
 
