@@ -9,14 +9,36 @@
 // uv_async; answers that need durability wait for that report (group commit:
 // one fsync covers every request of the batches it wrote).
 //
-// File format, version 1 (bump `format_version` on any change):
+// File format (bump `format_version` on any change; replay keeps reading
+// every version below):
 //   segment  = header record*
 //   header   = "RLYJ" u32 version u64 segment_number            (16 bytes)
-//   record   = u32 length u32 crc32c(body) body[length]
 //   body     = u8 type u64 id i64 at i64 due i64 created u8 priority u8 state
 //              u16 max_attempts u16 attempts u32 lease_ms 16B lease
 //              (u32 length, bytes) × queue owner idempotency_key payload text
-// All integers little-endian.
+// All integers little-endian. A segment holds records of its header's
+// version only; the writer writes the current version.
+//
+// Version 2 (current):
+//   record   = u32 length · u32 crc32c(body) · u32 crc32c(length · body crc) · body[length]
+//   The header checksum covers the length word, so a damaged length is
+//   detected before it is used: it can no longer pass for a record that runs
+//   past the end of the file (a torn write) and swallow the records after it.
+// Version 1 (read only, issue 4):
+//   record   = u32 length · u32 crc32c(body) · body[length]
+//   The length is covered by nothing. Replay treats a length above
+//   max_record_bytes as corruption (the writer never made one); a smaller one
+//   that runs past the end of the newest segment can only be taken as torn.
+//
+// Torn or corrupt. A crash can leave only the end of the newest segment
+// damaged: the writer appends, and it syncs a segment completely before it
+// creates the next one. So only the last record of the newest segment may be
+// torn: cut short (its header or body runs past the end of the file), or
+// with a bad checksum and nothing but zero bytes after it (a file extended
+// before its data reached the disk). Anything else -- a bad header checksum,
+// a bad record with data after it, damage in any older segment, a record
+// whose checksum holds but whose content is invalid (such as an id that
+// would wrap the id counter) -- is corruption.
 #pragma once
 
 #include <uv.h>
@@ -36,17 +58,23 @@
 
 namespace relay::journal {
 
-inline constexpr uint32_t format_version = 1;
+inline constexpr uint32_t format_version = 2;
+inline constexpr uint32_t oldest_format_version = 1;
 inline constexpr size_t segment_header_bytes = 16;
-inline constexpr size_t record_header_bytes = 8;
-inline constexpr uint32_t max_record_bytes = 64u << 20;
+inline constexpr size_t record_header_bytes = 12;     // version 2
+inline constexpr size_t record_header_bytes_v1 = 8;
+inline constexpr uint32_t max_record_bytes = 64u << 20;  // version 1: a larger length is corruption
 
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
-// Appends `r` as one framed record.
+// Appends `r` as one framed record of the current version.
 void encode(const queue::record& r, std::string& out);
 // Decodes a record body (views point into `body`). False if malformed.
 bool decode(std::string_view body, queue::record& r);
+// Why a decoded record cannot have been written by relay (empty if it
+// can): ids outside 1..queue::max_job_id (the id counter of a meta record:
+// up to max_job_id + 1), which would otherwise wrap the id counter.
+std::string_view invalid_reason(const queue::record& r);
 
 enum class fsync_mode : uint8_t { always, batch, off };
 
@@ -57,8 +85,9 @@ struct options {
   uint64_t segment_bytes = 64ull << 20;   // roll to a new segment past this size
   uint64_t max_unwritten_bytes = 256ull << 20;  // beyond this, writes are refused (503)
   uint32_t retry_ms = 1000;               // after a failed write, try again this often
-  // Test hook, called on the writer thread before each write and fsync with
-  // "write" or "fsync"; a non-zero errno makes that operation fail.
+  // Test hook, called on the writer thread before each write, fsync and
+  // truncate (the cut of a failed write) with "write", "fsync" or
+  // "truncate"; a non-zero errno makes that operation fail.
   std::function<int(std::string_view op)> fault;
 };
 
@@ -72,16 +101,41 @@ struct replay_result {
   std::string note;        // what was truncated or repaired, for the log
 };
 
-// Replays every segment of `dir` in order into `apply`. A torn or corrupt
-// tail (a record that runs past the end of its segment, or a bad record with
-// nothing after it) is truncated and noted. Corruption with data after it
-// stops replay with an error naming the segment and offset, unless `repair`,
-// which cuts the journal there (dropping that segment's rest and every later
-// segment) and notes what it dropped.
+// Replays every segment of `dir` in order into `apply`. A torn tail of the
+// newest segment (see "Torn or corrupt" above) is truncated and noted.
+// Corruption stops replay with an error naming the segment and offset,
+// unless `repair`, which cuts the journal there (dropping that segment's rest
+// and every later segment) and notes what it dropped.
 bool replay(const std::string& dir, bool repair, const std::function<bool(const queue::record&)>& apply,
             replay_result& result, std::string& error);
 
+// An exclusive lock on a journal directory: flock() on dir/LOCK, which
+// holds the PID of the process that has it. The kernel drops the lock when
+// the process exits, however it exits, so a stale file never blocks a start.
+class dir_lock {
+ public:
+  dir_lock() = default;
+  dir_lock(const dir_lock&) = delete;
+  dir_lock& operator=(const dir_lock&) = delete;
+  ~dir_lock();
+
+  // Creates `dir` if needed and locks it. False if that fails or another
+  // process holds the lock; `error` then names the directory (and the
+  // holder's PID).
+  bool acquire(const std::string& dir, std::string& error);
+  bool held() const { return _fd >= 0; }
+
+ private:
+  int _fd = -1;
+};
+
 // The writer: a record_sink for the queue core.
+//
+// Segment numbers are the loop's alone: open() and roll() choose them, and
+// the writer thread only ever opens a number it was handed. After a failed
+// write it cuts the segment back to its last whole record and writes nothing
+// (nor rolls) until that cut succeeds, so a damaged tail can only ever be at
+// the end of the newest segment.
 class writer final : public queue::record_sink {
  public:
   writer(uv_loop_t* loop, options o, ops::registry& metrics);
@@ -89,6 +143,9 @@ class writer final : public queue::record_sink {
   writer& operator=(const writer&) = delete;
   ~writer() override;
 
+  // Locks journal.dir for this writer's lifetime (see dir_lock). Call it
+  // before replaying the directory; open() takes the lock if not yet held.
+  bool lock(std::string& error) { return _lock.acquire(_o.dir, error); }
   // Starts segment `first_segment` (after replay) and the writer thread.
   bool open(uint64_t first_segment, std::string& error);
 
@@ -153,6 +210,8 @@ class writer final : public queue::record_sink {
   void run();  // the writer thread
   bool write_batch(batch& b, std::string& error);
   bool sync(std::string& error);
+  // Cuts the segment back to _segment_size (what was written whole).
+  bool cut(std::string& error);
   bool open_segment(uint64_t number, std::string& error);
   void report(uint64_t durable, bool failed, const std::string& error);
 
@@ -165,6 +224,7 @@ class writer final : public queue::record_sink {
   uv_idle_t _idle{};
   bool _open = false;
   bool _closed = false;
+  dir_lock _lock;
 
   // Loop side.
   std::unique_ptr<batch> _current;
@@ -191,6 +251,7 @@ class writer final : public queue::record_sink {
   uint64_t _segment = 0;
   uint64_t _segment_size = 0;     // bytes written to the current segment
   uint64_t _synced_size = 0;      // bytes of it known to be on disk
+  bool _cut_pending = false;      // a failed write or fsync left bytes past _segment_size
 
   // Writer → loop.
   std::atomic<uint64_t> _durable_seq{0};

@@ -122,6 +122,17 @@ void encode(const queue::record& r, std::string& out) {
   writer_cursor h{out.data() + start};
   h.put(static_cast<uint32_t>(len));
   h.put(crc);
+  // The header checksum: over the length and the body checksum.
+  h.put(crc32c(out.data() + start, 8));
+}
+
+std::string_view invalid_reason(const queue::record& r) {
+  if (r.type == queue::record_type::meta) {
+    if (r.id == 0 || r.id > queue::max_job_id + 1) return "an id counter outside 1..2^63";
+    return {};
+  }
+  if (r.id == 0 || r.id > queue::max_job_id) return "a job id outside 1..2^63-1";
+  return {};
 }
 
 bool decode(std::string_view body, queue::record& r) {

@@ -61,6 +61,22 @@ uint32_t le32(const char* p) {
 
 }  // namespace
 
+namespace {
+
+bool all_zero(std::string_view s) {
+  return std::all_of(s.begin(), s.end(), [](char c) { return c == 0; });
+}
+
+// The first bad place in a segment: where, what, and whether it may be a
+// torn write (only at the end of the newest segment; see journal.h).
+struct damage {
+  size_t at = std::string::npos;
+  std::string problem;
+  bool torn = false;
+};
+
+}  // namespace
+
 bool replay(const std::string& dir, bool repair, const std::function<bool(const queue::record&)>& apply,
             replay_result& result, std::string& error) {
   std::vector<uint64_t> segments = list_segments(dir);
@@ -74,81 +90,105 @@ bool replay(const std::string& dir, bool repair, const std::function<bool(const 
       return false;
     }
     ++result.segments;
-    bool last = si + 1 == segments.size();
-    // Where a torn tail starts (-1: none) and where corruption is (-1: none).
-    size_t cut = std::string::npos;
-    std::string problem;
+    bool newest = si + 1 == segments.size();
+    damage bad;
+    uint32_t version = 0;
     if (data.size() < segment_header_bytes) {
-      cut = 0;
-      problem = "a segment header cut short";
-    } else if (std::memcmp(data.data(), "RLYJ", 4) != 0 || le32(data.data() + 4) != format_version) {
-      error = path + ": not a relay journal segment of format version " + std::to_string(format_version);
-      return false;
+      bad = {0, "a segment header cut short", newest};
+    } else {
+      version = le32(data.data() + 4);
+      if (std::memcmp(data.data(), "RLYJ", 4) != 0 || version < oldest_format_version || version > format_version) {
+        error = path + ": not a relay journal segment of format version " + std::to_string(oldest_format_version) +
+                " to " + std::to_string(format_version);
+        return false;
+      }
     }
+    size_t header_bytes = version == 1 ? record_header_bytes_v1 : record_header_bytes;
     size_t pos = segment_header_bytes;
-    while (cut == std::string::npos && pos < data.size()) {
+    while (bad.at == std::string::npos && pos < data.size()) {
+      const char* p = data.data() + pos;
       size_t left = data.size() - pos;
-      if (left < record_header_bytes) {
-        cut = pos;
-        problem = "a record header cut short";
+      if (left < header_bytes) {
+        bad = {pos, "a record header cut short", newest};
         break;
       }
-      uint32_t len = le32(data.data() + pos), crc = le32(data.data() + pos + 4);
-      if (len > max_record_bytes || record_header_bytes + len > left) {
-        // Runs past the end of the segment: the last write was torn.
-        cut = pos;
-        problem = "a record cut short";
-        break;
-      }
-      std::string_view body(data.data() + pos + record_header_bytes, len);
-      queue::record r;
-      bool good = crc32c(body.data(), body.size()) == crc && decode(body, r);
-      if (!good) {
-        size_t end = pos + record_header_bytes + len;
-        if (end == data.size()) {
-          // Nothing follows: a write that did not complete.
-          cut = pos;
-          problem = "a record whose checksum does not match";
+      uint32_t len = le32(p), crc = le32(p + 4);
+      if (version >= 2) {
+        // The length is trusted only once its checksum holds. A header that
+        // fails it is torn only if nothing but zeros (a file extended before
+        // its data reached the disk) follows.
+        if (crc32c(p, 8) != le32(p + 8)) {
+          bad = {pos, "a record header whose checksum does not match", newest && all_zero(std::string_view(data).substr(pos))};
           break;
         }
-        if (!repair) {
-          error = "journal segment " + path + " is corrupt at offset " + std::to_string(pos) +
-                  " (record checksum mismatch, " + std::to_string(data.size() - pos) +
-                  " bytes follow); refusing to start. Start with --repair-journal to cut the journal there, "
-                  "dropping the rest of this segment and " + std::to_string(segments.size() - si - 1) +
-                  " later segment(s).";
-          return false;
-        }
-        // Repair: drop this segment's rest and every later segment.
-        for (size_t later = si + 1; later < segments.size(); ++later) std::remove(segment_path(dir, segments[later]).c_str());
-        result.note += "repaired: cut " + path + " at offset " + std::to_string(pos) + " (dropped " +
-                       std::to_string(data.size() - pos) + " bytes and " + std::to_string(segments.size() - si - 1) +
-                       " later segment(s)); ";
-        result.next_segment = segments[si] + 1;
-        if (truncate(path.c_str(), static_cast<off_t>(pos)) != 0) {
-          error = path + ": cannot truncate for repair: " + std::strerror(errno);
-          return false;
-        }
-        result.bytes += pos;
-        return true;
+      } else if (len > max_record_bytes) {
+        // Version 1 does not check its lengths; the writer never made one
+        // this large, and a torn write cannot change a length it wrote whole.
+        bad = {pos, "a record length of " + std::to_string(len) + " bytes, above the maximum", false};
+        break;
+      }
+      if (header_bytes + len > left) {
+        // Runs past the end of the file: the last write was cut short.
+        bad = {pos, "a record cut short", newest};
+        break;
+      }
+      std::string_view body(p + header_bytes, len);
+      size_t end = pos + header_bytes + len;
+      if (crc32c(body.data(), body.size()) != crc) {
+        bad = {pos, "a record whose checksum does not match", newest && all_zero(std::string_view(data).substr(end))};
+        break;
+      }
+      // A checksum that holds says relay wrote these bytes: a record that
+      // then does not decode or cannot be valid is never a torn write.
+      queue::record r;
+      if (!decode(body, r)) {
+        bad = {pos, "a record whose checksum holds but which does not decode", false};
+        break;
+      }
+      if (std::string_view why = invalid_reason(r); !why.empty()) {
+        bad = {pos, "a record with " + std::string(why), false};
+        break;
       }
       ++result.records;
       if (!apply(r)) ++result.skipped;
-      pos += record_header_bytes + len;
+      pos = end;
     }
-    if (cut != std::string::npos) {
+    if (bad.at == std::string::npos) {
+      result.bytes += data.size();
+      continue;
+    }
+    size_t later = segments.size() - si - 1;
+    if (bad.torn) {
       result.truncated = true;
-      result.note += "truncated a torn tail of " + path + " at offset " + std::to_string(cut) + " (" + problem + ", " +
-                     std::to_string(data.size() - cut) + " bytes dropped); ";
-      if (!last) result.note += "(not the newest segment); ";
-      int rc = cut < segment_header_bytes ? std::remove(path.c_str()) : truncate(path.c_str(), static_cast<off_t>(cut));
+      result.note += "truncated a torn tail of " + path + " at offset " + std::to_string(bad.at) + " (" + bad.problem +
+                     ", " + std::to_string(data.size() - bad.at) + " bytes dropped); ";
+      int rc = bad.at < segment_header_bytes ? std::remove(path.c_str()) : truncate(path.c_str(), static_cast<off_t>(bad.at));
       if (rc != 0) {
         error = path + ": cannot truncate its torn tail: " + std::strerror(errno);
         return false;
       }
-      data.resize(cut);
+      result.bytes += bad.at;
+      continue;
     }
-    result.bytes += data.size();
+    if (!repair) {
+      error = "journal segment " + path + " is corrupt at offset " + std::to_string(bad.at) + " (" + bad.problem + ", " +
+              std::to_string(data.size() - bad.at) +
+              " bytes from there); refusing to start. Start with --repair-journal to cut the journal there, "
+              "dropping the rest of this segment and " + std::to_string(later) + " later segment(s).";
+      return false;
+    }
+    // Repair: drop this segment's rest and every later segment.
+    for (size_t l = si + 1; l < segments.size(); ++l) std::remove(segment_path(dir, segments[l]).c_str());
+    result.note += "repaired: cut " + path + " at offset " + std::to_string(bad.at) + " (" + bad.problem + "; dropped " +
+                   std::to_string(data.size() - bad.at) + " bytes and " + std::to_string(later) + " later segment(s)); ";
+    result.next_segment = segments[si] + 1;
+    int rc = bad.at < segment_header_bytes ? std::remove(path.c_str()) : truncate(path.c_str(), static_cast<off_t>(bad.at));
+    if (rc != 0) {
+      error = path + ": cannot truncate for repair: " + std::strerror(errno);
+      return false;
+    }
+    result.bytes += bad.at;
+    return true;
   }
   return true;
 }

@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,6 +23,50 @@ std::vector<double> count_bounds() {
 
 }  // namespace
 
+// ---- The directory lock ----
+
+dir_lock::~dir_lock() {
+  if (_fd >= 0) ::close(_fd);
+}
+
+bool dir_lock::acquire(const std::string& dir, std::string& error) {
+  if (_fd >= 0) return true;
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    error = "journal.dir " + dir + ": " + std::strerror(errno);
+    return false;
+  }
+  std::string path = dir + "/LOCK";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    error = "journal.dir " + dir + ": cannot open " + path + ": " + std::strerror(errno);
+    return false;
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    if (e == EWOULDBLOCK) {
+      char buf[32] = {};
+      ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+      std::string pid(buf, n > 0 ? static_cast<size_t>(n) : 0);
+      while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+      error = "journal.dir " + dir + " is in use by another relay (pid " + (pid.empty() ? std::string("unknown") : pid) +
+              ", holding " + path + "); two relays must never share a journal";
+    } else {
+      error = "journal.dir " + dir + ": cannot lock " + path + ": " + std::strerror(e);
+    }
+    ::close(fd);
+    return false;
+  }
+  // Ours: say who holds it, for the error of the next one that tries.
+  std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    error = "journal.dir " + dir + ": cannot write " + path + ": " + std::strerror(errno);
+    ::close(fd);
+    return false;
+  }
+  _fd = fd;
+  return true;
+}
+
 writer::writer(uv_loop_t* loop, options o, ops::registry& m)
     : _loop(loop),
       _o(std::move(o)),
@@ -44,10 +89,8 @@ writer::~writer() {
 }
 
 bool writer::open(uint64_t first_segment, std::string& error) {
-  if (mkdir(_o.dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    error = "journal.dir " + _o.dir + ": " + std::strerror(errno);
-    return false;
-  }
+  // Creates the directory too.
+  if (!_lock.acquire(_o.dir, error)) return false;
   // The first segment is opened here, before the thread starts, so that a
   // bad directory is a start-up error rather than a runtime one.
   if (!open_segment(first_segment, error)) return false;
@@ -330,11 +373,26 @@ void writer::report(uint64_t durable, bool failed, const std::string& error) {
   uv_async_send(&_async);
 }
 
+bool writer::cut(std::string& error) {
+  int e = _o.fault ? _o.fault("truncate") : 0;
+  if (e == 0 && (::ftruncate(_fd, static_cast<off_t>(_segment_size)) != 0 || ::lseek(_fd, 0, SEEK_END) < 0)) e = errno;
+  if (e) {
+    error = "truncate " + segment_path(_o.dir, _segment) + " to " + std::to_string(_segment_size) +
+            " bytes: " + std::strerror(e);
+    return false;
+  }
+  _cut_pending = false;
+  return true;
+}
+
 void writer::run() {
   std::deque<std::unique_ptr<batch>> todo;  // received, not yet written
   std::vector<std::unique_ptr<batch>> unsynced;
   bool failing = false;
   for (;;) {
+    // The stop flag before the ring: once it is seen, every batch the loop
+    // published before setting it is seen too.
+    bool stopping = _stop.load(std::memory_order_acquire);
     uint64_t tail = _ring_tail.load(std::memory_order_relaxed);
     uint64_t head = _ring_head.load(std::memory_order_acquire);
     bool nudged = false;
@@ -345,8 +403,9 @@ void writer::run() {
       todo.push_back(std::move(b));
     }
     _ring_tail.store(tail, std::memory_order_release);
-    bool stopping = _stop.load(std::memory_order_acquire);
-    if (todo.empty() && unsynced.empty() && !nudged) {
+    // After a failure, try again when the loop's retry timer nudges (or at
+    // shutdown), not in a hot loop against a failing disk.
+    if ((todo.empty() && unsynced.empty() && !nudged) || (failing && !nudged && !stopping)) {
       if (stopping) break;
       _ring_head.wait(head, std::memory_order_acquire);
       continue;
@@ -355,36 +414,59 @@ void writer::run() {
     std::string error;
     bool ok = true;
     uint64_t written_seq = 0, records = 0, bytes = 0;
+    // What was written since the last good fsync is in doubt after a failed
+    // fsync: cut it off and write it again (in off mode nothing is held to
+    // write again, so the fsync is only retried).
+    auto sync_failed = [&] {
+      if (_o.fsync == fsync_mode::off) return;
+      _disk_bytes.fetch_sub(_segment_size - _synced_size);
+      _segment_size = _synced_size;
+      _cut_pending = true;
+      for (auto it = unsynced.rbegin(); it != unsynced.rend(); ++it) todo.push_front(std::move(*it));
+      unsynced.clear();
+      written_seq = 0;
+      std::string cut_error;
+      if (!cut(cut_error)) error += "; cutting it off failed too: " + cut_error;
+    };
+    // Bytes past _segment_size (a failed write's or fsync's) are cut off
+    // before anything else is written, synced or rolled: a retry never
+    // leaves garbage inside a segment, and a damaged tail is only ever at
+    // the end of the newest segment (replay's rule). While the cut fails,
+    // the writer fails; it never escapes to a segment of its own choosing
+    // (segment numbers are the loop's).
+    if (_cut_pending) ok = cut(error);
     while (ok && !todo.empty()) {
       batch& b = *todo.front();
       if (b.roll_to && b.roll_to != _segment) {
-        // Finish the old segment before the new one takes writes.
-        if (_o.fsync != fsync_mode::off && _segment_size != _synced_size) ok = sync(error);
-        if (ok) {
-          for (auto& u : unsynced) written_seq = std::max(written_seq, u->seq);
-          unsynced.clear();
-          ok = open_segment(b.roll_to, error);
+        // The old segment is complete on disk before the next one exists,
+        // in every mode: replay takes only the newest segment's tail for torn.
+        if (_segment_size != _synced_size && !(ok = sync(error))) {
+          sync_failed();
+          break;
         }
-        if (!ok) break;
+        for (auto& u : unsynced) written_seq = std::max(written_seq, u->seq);
+        unsynced.clear();
+        if (!(ok = open_segment(b.roll_to, error))) break;
       }
       if (!b.bytes.empty()) {
         ok = write_batch(b, error);
         if (!ok) {
-          // Cut a partial write off so that a retry does not leave garbage
-          // in the middle of the segment.
-          if (::ftruncate(_fd, static_cast<off_t>(_segment_size)) != 0 || ::lseek(_fd, 0, SEEK_END) < 0) {
-            std::string ignored;
-            open_segment(_segment + 1000000, ignored);  // a fresh file; replay treats the old tail as torn
-          }
+          // Part of it may be on disk: cut it off before any retry.
+          _cut_pending = true;
+          std::string cut_error;
+          if (!cut(cut_error)) error += "; cutting the partial write off failed too: " + cut_error;
           break;
         }
         records += b.records;
         bytes += b.bytes.size();
       }
       if (b.delete_before) {
-        // Deleting is safe only once everything before it is on disk.
-        if (_o.fsync != fsync_mode::off && _segment_size != _synced_size) ok = sync(error);
-        if (!ok) break;
+        // Deleting is safe only once everything before it is on disk (in
+        // every mode: the snapshots replace what is deleted).
+        if (_segment_size != _synced_size && !(ok = sync(error))) {
+          sync_failed();
+          break;
+        }
         for (uint64_t n : list_segments(_o.dir)) {
           if (n >= b.delete_before || n == _segment) continue;
           std::string path = segment_path(_o.dir, n);
@@ -403,17 +485,7 @@ void writer::run() {
     if (ok && want_sync && _segment_size != _synced_size) {
       ok = sync(error);
       if (ok) _records_per_fsync.observe(static_cast<double>(records));
-      if (!ok) {
-        // What was written since the last good fsync is in doubt: cut it and
-        // write it again on the next attempt.
-        _disk_bytes.fetch_sub(_segment_size - _synced_size);
-        if (::ftruncate(_fd, static_cast<off_t>(_synced_size)) == 0 && ::lseek(_fd, 0, SEEK_END) >= 0) {
-          _segment_size = _synced_size;
-          for (auto it = unsynced.rbegin(); it != unsynced.rend(); ++it) todo.push_front(std::move(*it));
-          unsynced.clear();
-          written_seq = 0;
-        }
-      }
+      else sync_failed();
     }
     if (ok) {
       if (_o.fsync == fsync_mode::always || _segment_size == _synced_size) unsynced.clear();
@@ -427,8 +499,7 @@ void writer::run() {
     uint64_t durable = ok ? written_seq : 0;
     if (!ok || failing || durable) report(durable, !ok, error);
     failing = !ok;
-    if (stopping && (ok || todo.empty())) break;
-    if (stopping && !ok) break;  // give up at shutdown: unwritten changes were never acknowledged
+    if (stopping) break;  // done, or giving up: unwritten changes were never acknowledged
   }
 }
 

@@ -141,6 +141,17 @@ bool relay_server::start(std::string& error) {
 }
 
 bool relay_server::open_journal(std::string& error) {
+  journal::options o;
+  o.dir = _cfg.journal.dir;
+  o.fsync = _cfg.journal.fsync == "always" ? journal::fsync_mode::always
+            : _cfg.journal.fsync == "batch" ? journal::fsync_mode::batch
+                                            : journal::fsync_mode::off;
+  o.batch_interval_ms = static_cast<uint32_t>(_cfg.journal.batch_interval_ms);
+  o.segment_bytes = _cfg.journal.segment_bytes;
+  auto writer = std::make_unique<journal::writer>(_loop, o, _metrics);
+  // One relay per journal.dir, locked before replay: replay may cut a tail
+  // that another relay is still writing.
+  if (!writer->lock(error)) return false;
   // Replay first: nothing listens until the queues are what they were.
   auto t0 = std::chrono::steady_clock::now();
   journal::replay_result res;
@@ -166,19 +177,12 @@ bool relay_server::open_journal(std::string& error) {
         .str("why", "records written before a compaction snapshot of the same job; the snapshot holds their effect");
   if (!res.note.empty()) log::warn(res.truncated ? "journal_tail_truncated" : "journal_repaired").str("detail", res.note);
 
-  journal::options o;
-  o.dir = _cfg.journal.dir;
-  o.fsync = _cfg.journal.fsync == "always" ? journal::fsync_mode::always
-            : _cfg.journal.fsync == "batch" ? journal::fsync_mode::batch
-                                            : journal::fsync_mode::off;
-  o.batch_interval_ms = static_cast<uint32_t>(_cfg.journal.batch_interval_ms);
-  o.segment_bytes = _cfg.journal.segment_bytes;
-  _journal = std::make_unique<journal::writer>(_loop, o, _metrics);
-  if (!_journal->open(res.next_segment, error)) {
+  if (!writer->open(res.next_segment, error)) {
     // E.g. an existing directory relay may not write in.
     if (error.rfind("journal.dir", 0) != 0) error = "journal.dir " + _cfg.journal.dir + ": " + error;
     return false;
   }
+  _journal = std::move(writer);
   _broker->set_sink(_journal.get());
   // Every segment starts with the id counter, so ids are never reused even
   // after compaction deletes the segments that handed them out.

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "../../support/journaled.h"
 #include "../../support/tmpdir.h"
 #include "journal/segment.h"
 #include "../../support/counting_random.h"
@@ -18,60 +19,9 @@ using namespace relay::queue;
 
 using test::counting_random;
 
-namespace {
-
-// A loop, a writer and a broker that journals into it.
-struct journaled {
-  uv_loop_t loop;
-  ops::registry metrics;
-  std::unique_ptr<journal::writer> w;
-  std::unique_ptr<broker> b;
-  principal_ref worker = nullptr;
-
-  explicit journaled(const std::string& dir, journal::options o = {}, uint64_t first_segment = 1) {
-    uv_loop_init(&loop);
-    o.dir = dir;
-    w = std::make_unique<journal::writer>(&loop, o, metrics);
-    std::string error;
-    REQUIRE_MESSAGE(w->open(first_segment, error), error);
-    b = std::make_unique<broker>(broker_limits{}, counting_random(), w.get());
-    worker = b->intern("w");
-  }
-  ~journaled() {
-    w->close();
-    uv_run(&loop, UV_RUN_DEFAULT);
-    CHECK_EQ(uv_loop_close(&loop), 0);
-  }
-  // Waits (running the loop) until everything appended is durable.
-  bool sync() {
-    int result = -1;
-    w->when_durable([&](bool ok) { result = ok ? 1 : 0; });
-    for (int i = 0; i < 2000 && result < 0; ++i) uv_run(&loop, UV_RUN_ONCE);
-    return result == 1;
-  }
-  job_id submit(const std::string& payload) {
-    submit_params p;
-    p.queue = "q";
-    p.payload = payload;
-    return b->submit(p, 1000).j->id;
-  }
-};
-
-std::unique_ptr<broker> replay_dir(const std::string& dir, journal::replay_result& res, std::string& error,
-                                   bool repair = false) {
-  auto b = std::make_unique<broker>(broker_limits{}, counting_random());
-  if (!journal::replay(dir, repair, [&](const record& r) { return b->apply(r); }, res, error)) return nullptr;
-  return b;
-}
-
-std::vector<std::string> files(const std::string& dir) {
-  std::vector<std::string> out;
-  for (auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-}  // namespace
+using test::files;
+using test::journaled;
+using test::replay_dir;
 
 TEST_CASE("CRC32C matches the standard check value") {
   CHECK_EQ(journal::crc32c("123456789", 9), 0xE3069283u);
@@ -265,7 +215,7 @@ TEST_CASE("rolling to a new segment and deleting the old ones") {
     REQUIRE(j.sync());
     CHECK_EQ(j.w->segments(), 1u);
   }
-  CHECK_EQ(files(dir.path()), std::vector<std::string>{"segment-0000000000000002.log"});
+  CHECK_EQ(files(dir.path()), (std::vector<std::string>{"LOCK", "segment-0000000000000002.log"}));
   journal::replay_result res;
   std::string error;
   auto b = replay_dir(dir.path(), res, error);
@@ -281,4 +231,215 @@ TEST_CASE("a segment that is not a journal is refused by name") {
   std::string error;
   CHECK(replay_dir(dir.path(), res, error) == nullptr);
   CHECK(error.find("segment-0000000000000003.log: not a relay journal segment") != std::string::npos);
+}
+
+namespace {
+
+// Five acknowledged submits in segment 1 of `dir`; returns the segment's bytes.
+std::string five_jobs(const std::string& dir) {
+  {
+    journaled j(dir);
+    for (int i = 0; i < 5; ++i) j.submit("\"" + std::string(20 + static_cast<size_t>(i), static_cast<char>('a' + i)) + "\"");
+    REQUIRE(j.sync());
+  }
+  return test::read_bytes(journal::segment_path(dir, 1));
+}
+
+// Rewrites version-2 segment bytes as version 1: the same bodies, framed by
+// length and body checksum only.
+std::string as_version_1(const std::string& v2) {
+  std::string out = v2.substr(0, journal::segment_header_bytes);
+  out[4] = 1;
+  for (size_t at : test::record_offsets(v2)) {
+    out.append(v2, at, 8);  // length, body checksum
+    uint32_t len = 0;
+    for (int i = 0; i < 4; ++i) len |= static_cast<uint32_t>(static_cast<uint8_t>(v2[at + static_cast<size_t>(i)])) << (8 * i);
+    out.append(v2, at + journal::record_header_bytes, len);
+  }
+  return out;
+}
+
+bool refused_at(const std::string& dir, const std::string& path, size_t offset, std::string& error) {
+  journal::replay_result res;
+  bool refused = replay_dir(dir, res, error) == nullptr;
+  return refused && error.find(path + " is corrupt at offset " + std::to_string(offset) + " ") != std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("every flipped bit of every record header is corruption, the last record's too") {
+  test::tmpdir dir;
+  std::string data = five_jobs(dir.path());
+  std::string path = journal::segment_path(dir.path(), 1);
+  std::vector<size_t> at = test::record_offsets(data);
+  REQUIRE_EQ(at.size(), 5u);
+  for (size_t r = 0; r < at.size(); ++r) {
+    for (size_t bit = 0; bit < 8 * journal::record_header_bytes; ++bit) {
+      std::string bad = data;
+      bad[at[r] + bit / 8] = static_cast<char>(bad[at[r] + bit / 8] ^ (1 << (bit % 8)));
+      test::write_bytes(path, bad);
+      std::string error;
+      CHECK_MESSAGE(refused_at(dir.path(), path, at[r], error), "record " << r << " bit " << bit << ": " << error);
+      CHECK_EQ(test::read_bytes(path), bad);  // nothing cut without --repair-journal
+    }
+  }
+}
+
+TEST_CASE("a zero-filled tail after the last whole record is torn; zeros with records after them are corruption") {
+  test::tmpdir dir;
+  std::string data = five_jobs(dir.path());
+  std::string path = journal::segment_path(dir.path(), 1);
+  std::vector<size_t> at = test::record_offsets(data);
+  // The file grew but its last blocks never reached the disk.
+  test::write_bytes(path, data + std::string(300, '\0'));
+  journal::replay_result res;
+  std::string error;
+  auto b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  CHECK_EQ(b->job_count(), 5u);
+  CHECK(res.truncated);
+  CHECK_EQ(std::filesystem::file_size(path), data.size());
+  // The last record's body zeroed, zeros after it: torn as well.
+  std::string zeroed = data.substr(0, at[4] + journal::record_header_bytes) +
+                       std::string(data.size() - at[4] - journal::record_header_bytes + 50, '\0');
+  test::write_bytes(path, zeroed);
+  b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  CHECK_EQ(b->job_count(), 4u);
+  CHECK_EQ(std::filesystem::file_size(path), at[4]);
+  // Zeros where the 3rd record was, whole records after them: corruption.
+  std::string holed = data;
+  std::fill(holed.begin() + static_cast<std::ptrdiff_t>(at[2]), holed.begin() + static_cast<std::ptrdiff_t>(at[3]), '\0');
+  test::write_bytes(path, holed);
+  CHECK_MESSAGE(refused_at(dir.path(), path, at[2], error), error);
+}
+
+TEST_CASE("only the newest segment may have a torn tail; an older one cut short is corruption") {
+  test::tmpdir dir;
+  std::string data = five_jobs(dir.path());
+  std::string first = journal::segment_path(dir.path(), 1);
+  std::vector<size_t> at = test::record_offsets(data);
+  {
+    journaled j(dir.path(), {}, 2);
+    j.submit("\"newer\"");
+    REQUIRE(j.sync());
+  }
+  for (size_t cut : {at[4] + 3, at[4] + journal::record_header_bytes + 2, data.size() - 1}) {
+    test::write_bytes(first, data.substr(0, cut));
+    std::string error;
+    CHECK_MESSAGE(refused_at(dir.path(), first, at[4], error), "cut at " << cut << ": " << error);
+    CHECK(error.find("1 later segment(s)") != std::string::npos);
+    CHECK_EQ(std::filesystem::file_size(first), cut);
+  }
+  // An older segment whose header is cut short.
+  test::write_bytes(first, data.substr(0, 9));
+  std::string error;
+  CHECK_MESSAGE(refused_at(dir.path(), first, 0, error), error);
+}
+
+TEST_CASE("version 1 segments still replay; their torn tail is cut, a length above the maximum is corruption") {
+  test::tmpdir dir;
+  std::string v1 = as_version_1(five_jobs(dir.path()));
+  std::string path = journal::segment_path(dir.path(), 1);
+  test::write_bytes(path, v1);
+  journal::replay_result res;
+  std::string error;
+  auto b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  CHECK_EQ(b->job_count(), 5u);
+  CHECK_FALSE(res.truncated);
+
+  // Torn at every offset of its last record.
+  std::vector<size_t> at;
+  for (size_t pos = journal::segment_header_bytes; pos < v1.size();) {
+    at.push_back(pos);
+    uint32_t len = 0;
+    for (int i = 0; i < 4; ++i) len |= static_cast<uint32_t>(static_cast<uint8_t>(v1[pos + static_cast<size_t>(i)])) << (8 * i);
+    pos += journal::record_header_bytes_v1 + len;
+  }
+  REQUIRE_EQ(at.size(), 5u);
+  for (size_t cut = at[4] + 1; cut < v1.size(); ++cut) {
+    test::write_bytes(path, v1.substr(0, cut));
+    b = replay_dir(dir.path(), res, error);
+    REQUIRE_MESSAGE(b, error);
+    CHECK_EQ(b->job_count(), 4u);
+    CHECK(res.truncated);
+    CHECK_EQ(std::filesystem::file_size(path), at[4]);
+  }
+  // The high bit of a middle record's length: no writer made that length.
+  std::string bad = v1;
+  bad[at[2] + 3] = static_cast<char>(bad[at[2] + 3] | 0x80);
+  test::write_bytes(path, bad);
+  CHECK_MESSAGE(refused_at(dir.path(), path, at[2], error), error);
+  CHECK_EQ(test::read_bytes(path), bad);
+
+  // After an upgrade the writer goes on in a version-2 segment.
+  test::write_bytes(path, v1);
+  b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  {
+    journaled j(dir.path(), {}, res.next_segment);
+    j.b = std::move(b);
+    j.b->set_sink(j.w.get());
+    j.submit("\"after upgrade\"");
+    REQUIRE(j.sync());
+  }
+  b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  CHECK_EQ(b->job_count(), 6u);
+  CHECK_EQ(test::read_bytes(journal::segment_path(dir.path(), 2)).substr(4, 1), std::string(1, '\2'));
+}
+
+TEST_CASE("a failed fsync whose cut fails too writes every record exactly once after recovery") {
+  test::tmpdir dir;
+  auto broken = std::make_shared<std::atomic<bool>>(false);
+  journal::options o;
+  o.retry_ms = 10;
+  o.fault = [broken](std::string_view op) { return broken->load() && (op == "fsync" || op == "truncate") ? EIO : 0; };
+  std::vector<job_id> ids;
+  {
+    journaled j(dir.path(), o);
+    ids.push_back(j.submit("1"));
+    REQUIRE(j.sync());
+    broken->store(true);
+    ids.push_back(j.submit("2"));
+    CHECK_FALSE(j.sync());
+    CHECK(j.w->failure().find("truncate") != std::string::npos);
+    broken->store(false);
+    REQUIRE(j.recover());
+    ids.push_back(j.submit("3"));
+    REQUIRE(j.sync());
+  }
+  journal::replay_result res;
+  std::string error;
+  auto b = replay_dir(dir.path(), res, error);
+  REQUIRE_MESSAGE(b, error);
+  CHECK_EQ(res.skipped, 0u);
+  CHECK_EQ(res.records, 3u);
+  for (job_id id : ids) CHECK(b->find(id));
+}
+
+TEST_CASE("a journal directory is locked by one writer at a time, naming the holder's pid") {
+  test::tmpdir dir;
+  journal::dir_lock first;
+  std::string error;
+  REQUIRE_MESSAGE(first.acquire(dir.path(), error), error);
+  CHECK_EQ(test::read_bytes(dir / "LOCK"), std::to_string(getpid()) + "\n");
+  ops::registry metrics;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  {
+    journal::options o;
+    o.dir = dir.path();
+    journal::writer w(&loop, o, metrics);
+    CHECK_FALSE(w.lock(error));
+    CHECK_MESSAGE(error.find("in use by another relay (pid " + std::to_string(getpid()) + ",") != std::string::npos, error);
+    CHECK_FALSE(w.open(1, error));  // open() takes the lock as well
+    CHECK(journal::list_segments(dir.path()).empty());
+  }
+  CHECK_EQ(uv_loop_close(&loop), 0);
+  // A directory that cannot be created names the key.
+  journal::dir_lock other;
+  CHECK_FALSE(other.acquire(dir / "LOCK/sub", error));
+  CHECK(error.rfind("journal.dir ", 0) == 0);
 }
