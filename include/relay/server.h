@@ -88,7 +88,9 @@ class server_conn final : private stream_handler {
 
   // Runs if the connection closes while the current request is unanswered
   // (a parked long poll whose client went away). After it runs, respond()
-  // must not be called for that request. It runs from the loop.
+  // must not be called for that request. It runs as soon as the close is
+  // known -- from a libuv callback (EOF, reset, a timer, an eviction) or
+  // from close() -- and never from inside respond().
   void set_abandon_hook(std::function<void()> hook) { _abandon = std::move(hook); }
 
   bool is_tls() const { return _stream->is_tls(); }
@@ -99,8 +101,8 @@ class server_conn final : private stream_handler {
   // Set by the handler in on_connected(); an interned principal name.
   const std::string* principal = nullptr;
 
-  // Closes now: unanswered requests are abandoned (from the loop), unsent
-  // bytes dropped.
+  // Closes now: an unanswered request is abandoned (its hook runs before
+  // this returns), unsent bytes are dropped.
   void close();
 
  private:
@@ -138,7 +140,9 @@ class server_conn final : private stream_handler {
   bool output_full() const;
   void release_body_budget();
   bool reserve_body_budget(size_t bytes);
-  void abandon();
+  // Closed from here on: out of the listener's counts, and the abandon
+  // hook run.
+  void mark_closed();
 
   listener& _owner;
   uint64_t _id;
@@ -157,10 +161,20 @@ class server_conn final : private stream_handler {
   std::string _ip;             // the per-address count this connection holds (empty: none)
   server_conn* _prev = nullptr;  // listener's list of open connections
   server_conn* _next = nullptr;
-  server_conn* _hs_prev = nullptr;  // listener's list of connections not yet serving, oldest first
-  server_conn* _hs_next = nullptr;
-  bool _in_hs_list = false;
+  // Listener's list of quiet connections, the first to go when it is full:
+  // those in their handshake and those idle between requests with nothing
+  // left to send. Oldest first.
+  server_conn* _quiet_prev = nullptr;
+  server_conn* _quiet_next = nullptr;
+  bool _quiet = false;
 };
+
+// The key a connection counts under for max_connections_per_ip: an IPv4
+// address as it is, an IPv6 address by its /64 ("2001:db8:1:2::/64"; a
+// host or a subscriber is given a whole /64, so one count per address
+// would not bound it), an IPv4-mapped IPv6 address as its IPv4 address.
+// Anything else (not an address) is returned unchanged.
+std::string source_key(std::string_view ip);
 
 struct listener_options {
   std::string name;     // "api" or "ops": in logs and metric labels
@@ -169,7 +183,12 @@ struct listener_options {
   // reload takes effect for new connections only). Empty: plaintext.
   std::function<std::shared_ptr<const tls::context>()> tls;
   conn_options conn;
+  // When full, the oldest quiet connection (in its handshake, or idle
+  // between requests with nothing unsent) is closed to admit a new one.
   size_t max_connections = 10000;
+  // Per source (IPv4 address or IPv6 /64); beyond it a new connection is
+  // refused, unless the listener is also full and the connection that
+  // makes room is of the same source.
   size_t max_connections_per_ip = 256;
   // Bytes all of this listener's connections may hold in partly received
   // request bodies; a body that would pass it is refused with 503.
@@ -205,8 +224,8 @@ class listener {
   void remove(server_conn* c);
   void schedule(server_conn* c);
   void unschedule(server_conn* c);
-  void hs_insert(server_conn* c);
-  void hs_remove(server_conn* c);
+  void quiet_insert(server_conn* c);
+  void quiet_remove(server_conn* c);
 
   uv_loop_t* _loop;
   listener_options _options;
@@ -220,8 +239,10 @@ class listener {
   size_t _open = 0;
   size_t _body_bytes = 0;
   server_conn* _head = nullptr;
-  server_conn* _hs_head = nullptr;  // oldest connection not yet serving
-  server_conn* _hs_tail = nullptr;
+  server_conn* _quiet_head = nullptr;  // oldest quiet connection
+  server_conn* _quiet_tail = nullptr;
+  // Open connections per source: an IPv4 address, or an IPv6 /64 (what one
+  // host or subscriber is usually given).
   std::unordered_map<std::string, size_t> _per_ip;
   // Connections whose pipeline continues from the loop (an answer given
   // from outside their own request callback).

@@ -102,7 +102,9 @@ class stream {
   // No more output: after what is queued, TLS close_notify, then FIN, then
   // read and discard the peer's input until its EOF or `linger` runs out,
   // then close. Reading and handler input callbacks stop; on_closed()
-  // follows (on_end() does not).
+  // follows (on_end() does not). The TLS session and the input buffer are
+  // freed once the last bytes are taken: a lingering connection holds only
+  // its unsent output.
   void finish(const linger_options& linger);
   // Closes now; queued output is dropped. on_closed() follows from the loop.
   void close();
@@ -116,9 +118,15 @@ class stream {
   // 0 stops it. Not available after finish().
   void arm_timer(uint32_t ms);
 
-  bool is_tls() const { return _tls != nullptr; }
+  // Gives back the memory an idle connection does not need: the input
+  // buffer (if empty) and the TLS input buffer, which otherwise keeps the
+  // size of the largest burst it was fed.
+  void release_idle_buffers();
+
+  bool is_tls() const { return _is_tls; }
   bool secure() const { return _secure; }
   bool closing() const { return _closing; }
+  // Null after finish().
   const tls::session* tls() const { return _tls.get(); }
   // The verified peer certificate's names (TLS, once secure).
   const tls::identity& peer() const { return _peer; }
@@ -166,6 +174,7 @@ class stream {
   bool _reading_wanted = true;
   bool _reading = false;
   bool _secure = false;
+  bool _is_tls = false;
   bool _finishing = false;  // finish() called: output ends, then linger
   bool _shut = false;       // FIN sent
   bool _lingering = false;

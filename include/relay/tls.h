@@ -114,6 +114,9 @@ class session {
   void shutdown();
 
   bool has_output() const;
+  // If all fed input has been read, replaces the input buffer with a new,
+  // empty one: a memory BIO keeps the capacity of the largest burst.
+  void release_input_buffer();
   // Moves the ciphertext waiting to be sent to the end of `out`.
   void take_output(std::string& out);
 

@@ -19,8 +19,11 @@ server_conn::server_conn(listener& owner, uint64_t id, stream* s)
 void server_conn::on_secure(stream&) { connected(); }
 
 void server_conn::connected() {
-  _owner.hs_remove(this);
+  // Out of the handshake and idle: requeued as the newest quiet one (a
+  // request, if one follows at once, takes it off again).
+  _owner.quiet_remove(this);
   _state = state::idle;
+  _owner.quiet_insert(this);
   _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
   _owner._handler.on_connected(*this);
 }
@@ -48,6 +51,7 @@ void server_conn::process() {
       break;
     }
     if (_state == state::idle) {
+      _owner.quiet_remove(this);
       _state = state::reading_headers;
       _stream->arm_timer(o.header_timeout_ms);
     }
@@ -113,6 +117,11 @@ void server_conn::process() {
   if (_state != state::closed) {
     _stream->flush();
     update_reading();
+    if (_state == state::idle && in.empty()) {
+      _stream->release_idle_buffers();
+      // Nothing asked, nothing unsent: a full listener may close it.
+      if (_stream->pending_output() == 0) _owner.quiet_insert(this);
+    }
     // The socket may have taken everything at once (no write completion
     // will follow): requests held back by the bound continue from the loop.
     if (held_back && !output_full()) _owner.schedule(this);
@@ -167,7 +176,7 @@ void server_conn::reject(api_error e, std::string_view detail) {
 void server_conn::end_with_final_answer() {
   _state = state::closing_after_write;
   _abandon = nullptr;
-  _owner.hs_remove(this);
+  _owner.quiet_remove(this);
   // The stream sends what is queued, close_notify and FIN, then discards
   // input for a bounded time so that the answer is not lost to a reset.
   _stream->finish(_owner._options.conn.linger);
@@ -267,9 +276,20 @@ void server_conn::begin_drain() {
 
 void server_conn::close() {
   if (_state == state::closed) return;
+  mark_closed();
+  _stream->close();
+}
+
+void server_conn::mark_closed() {
   _state = state::closed;
   _owner.remove(this);
-  _stream->close();
+  // The handler forgets the request now, not at on_closed(): a waiter woken
+  // in between would lease jobs to a connection that can no longer answer.
+  if (_abandon) {
+    auto hook = std::move(_abandon);
+    _abandon = nullptr;
+    hook();
+  }
 }
 
 void server_conn::on_end(stream&, stream_end why, std::string_view detail) {
@@ -284,23 +304,11 @@ void server_conn::on_end(stream&, stream_end why, std::string_view detail) {
   }
   // A half-closed client cannot read an answer either (HTTP/1.1 clients do
   // not half-close), so the connection ends here.
-  if (_state != state::closed) {
-    _state = state::closed;
-    _owner.remove(this);
-  }
+  if (_state != state::closed) mark_closed();
 }
 
 void server_conn::on_closed(stream&) {
-  if (_state != state::closed) {
-    _state = state::closed;
-    _owner.remove(this);
-  }
-  // From the loop: the handler forgets a request nobody will read.
-  if (_abandon) {
-    auto hook = std::move(_abandon);
-    _abandon = nullptr;
-    hook();
-  }
+  if (_state != state::closed) mark_closed();
   delete this;
 }
 

@@ -1,6 +1,7 @@
 #include <arpa/inet.h>
 
 #include <charconv>
+#include <cstring>
 
 #include "relay/log.h"
 #include "relay/server.h"
@@ -60,6 +61,22 @@ namespace {
 std::string label(const std::string& name) { return "listener=\"" + ops::registry::label_value(name) + "\""; }
 
 }  // namespace
+
+std::string source_key(std::string_view ip) {
+  std::string text(ip);
+  in6_addr a{};
+  if (inet_pton(AF_INET6, text.c_str(), &a) != 1) return text;
+  static constexpr uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+  if (std::memcmp(a.s6_addr, mapped, sizeof mapped) == 0) {
+    char v4[INET_ADDRSTRLEN] = "";
+    inet_ntop(AF_INET, a.s6_addr + 12, v4, sizeof v4);
+    return v4;
+  }
+  std::memset(a.s6_addr + 8, 0, 8);
+  char v6[INET6_ADDRSTRLEN] = "";
+  inet_ntop(AF_INET6, &a, v6, sizeof v6);
+  return std::string(v6) + "/64";
+}
 
 listener::listener(uv_loop_t* loop, listener_options o, request_handler& handler, ops::registry& metrics)
     : _loop(loop),
@@ -140,9 +157,22 @@ void listener::on_connection(uv_stream_t* server, int status) {
   static refuse nobody;
   stream* s = stream::accept(server, nobody, ctx);
   if (!s) return;
-  std::string ip(s->remote_ip());
+  std::string ip = source_key(s->remote_ip());
+  // A full listener makes room by closing its oldest quiet connection, so
+  // that silent or idle sockets cannot lock out clients that speak.
+  server_conn* victim = l->_open >= l->_options.max_connections ? l->_quiet_head : nullptr;
+  if (l->_open >= l->_options.max_connections && !victim) {
+    l->_refused.inc();
+    log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
+        .str("reason", "limits.max_connections reached, every connection busy");
+    s->detach();
+    s->close();
+    return;
+  }
   auto known = l->_per_ip.find(ip);
-  if (known != l->_per_ip.end() && known->second >= l->_options.max_connections_per_ip) {
+  size_t from_source = known == l->_per_ip.end() ? 0 : known->second;
+  if (victim && victim->_ip == ip) --from_source;  // it makes room for its own source
+  if (from_source >= l->_options.max_connections_per_ip) {
     l->_refused_per_ip.inc();
     log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
         .str("reason", "limits.max_connections_per_ip reached");
@@ -150,20 +180,11 @@ void listener::on_connection(uv_stream_t* server, int status) {
     s->close();
     return;
   }
-  if (l->_open >= l->_options.max_connections) {
-    // Full: the oldest connection that has not started serving makes room
-    // (a flood of silent sockets cannot lock out clients that speak).
-    if (l->_hs_head) {
-      l->_evicted.inc();
-      l->_hs_head->close();
-    } else {
-      l->_refused.inc();
-      s->detach();
-      s->close();
-      return;
-    }
+  if (victim) {
+    l->_evicted.inc();
+    victim->close();
   }
-  // Looked up again: evicting may have erased this address's entry.
+  // Looked up again: evicting may have erased this source's entry.
   ++l->_per_ip[ip];
   auto* c = new server_conn(*l, l->_next_id++, s);
   c->_ip = std::move(ip);
@@ -174,13 +195,13 @@ void listener::on_connection(uv_stream_t* server, int status) {
   ++l->_open;
   l->_open_gauge.set(static_cast<int64_t>(l->_open));
   l->_accepted.inc();
-  l->hs_insert(c);
+  l->quiet_insert(c);
   s->arm_timer(l->_options.conn.handshake_timeout_ms);
   if (l->_closed) c->begin_drain();
 }
 
 void listener::remove(server_conn* c) {
-  hs_remove(c);
+  quiet_remove(c);
   unschedule(c);
   if (c->_prev) c->_prev->_next = c->_next;
   else if (_head == c) _head = c->_next;
@@ -193,23 +214,24 @@ void listener::remove(server_conn* c) {
   c->release_body_budget();
 }
 
-void listener::hs_insert(server_conn* c) {
-  c->_in_hs_list = true;
-  c->_hs_prev = _hs_tail;
-  c->_hs_next = nullptr;
-  if (_hs_tail) _hs_tail->_hs_next = c;
-  else _hs_head = c;
-  _hs_tail = c;
+void listener::quiet_insert(server_conn* c) {
+  if (c->_quiet) return;
+  c->_quiet = true;
+  c->_quiet_prev = _quiet_tail;
+  c->_quiet_next = nullptr;
+  if (_quiet_tail) _quiet_tail->_quiet_next = c;
+  else _quiet_head = c;
+  _quiet_tail = c;
 }
 
-void listener::hs_remove(server_conn* c) {
-  if (!c->_in_hs_list) return;
-  c->_in_hs_list = false;
-  if (c->_hs_prev) c->_hs_prev->_hs_next = c->_hs_next;
-  else _hs_head = c->_hs_next;
-  if (c->_hs_next) c->_hs_next->_hs_prev = c->_hs_prev;
-  else _hs_tail = c->_hs_prev;
-  c->_hs_prev = c->_hs_next = nullptr;
+void listener::quiet_remove(server_conn* c) {
+  if (!c->_quiet) return;
+  c->_quiet = false;
+  if (c->_quiet_prev) c->_quiet_prev->_quiet_next = c->_quiet_next;
+  else _quiet_head = c->_quiet_next;
+  if (c->_quiet_next) c->_quiet_next->_quiet_prev = c->_quiet_prev;
+  else _quiet_tail = c->_quiet_prev;
+  c->_quiet_prev = c->_quiet_next = nullptr;
 }
 
 void listener::schedule(server_conn* c) {

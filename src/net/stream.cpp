@@ -46,6 +46,7 @@ stream* stream::accept(uv_stream_t* server, stream_handler& h, std::shared_ptr<c
   s->note_remote();
   if (tls) s->_tls = std::make_unique<tls::session>(std::move(tls));
   else s->_secure = true;  // plaintext: nothing to wait for (on_secure is not called)
+  s->_is_tls = s->_tls != nullptr;
   s->start_reading();
   return s;
 }
@@ -55,6 +56,7 @@ stream* stream::connect(uv_loop_t* loop, const sockaddr* addr, stream_handler& h
                         std::string& error) {
   auto* s = new stream(loop, h);
   if (tls) s->_tls = std::make_unique<tls::session>(std::move(tls), server_name);
+  s->_is_tls = s->_tls != nullptr;
   s->_connect.data = s;
   int rc = uv_tcp_connect(&s->_connect, &s->_tcp, addr, on_connect);
   if (rc != 0) {
@@ -273,6 +275,9 @@ void stream::finish(const linger_options& linger) {
     _plain_out.clear();
     _tls->take_output(_out);  // an alert, if the handshake failed
   }
+  // Nothing more is read through TLS or handed to the handler.
+  _tls.reset();
+  std::string().swap(_input);
   // Keep reading (and discarding) while the answer is written: a client
   // still sending a body it was refused would otherwise block on its write
   // and never read the answer. Time bounds the whole close, not bytes.
@@ -308,6 +313,11 @@ void stream::on_shutdown(uv_shutdown_t* req, int status) {
   auto* s = static_cast<stream*>(req->data);
   --s->_pending_reqs;
   if (status < 0 && !s->_closing) s->close();
+}
+
+void stream::release_idle_buffers() {
+  if (_input.empty()) std::string().swap(_input);
+  if (_tls) _tls->release_input_buffer();
 }
 
 void stream::arm_timer(uint32_t ms) {

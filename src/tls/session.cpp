@@ -2,6 +2,8 @@
 
 #include <cassert>
 
+#include <openssl/buffer.h>
+
 #include "relay/tls.h"
 #include "tls/compat.h"
 
@@ -143,6 +145,22 @@ void session::shutdown() {
     SSL_shutdown(_ssl);
     compat::drain_error_queue();
   }
+}
+
+namespace {
+constexpr size_t small_input_buffer = 16 * 1024 + 512;  // one TLS record
+}  // namespace
+
+void session::release_input_buffer() {
+  if (!_ssl || BIO_ctrl_pending(_in) > 0) return;
+  BUF_MEM* mem = nullptr;
+  BIO_get_mem_ptr(_in, &mem);
+  if (!mem || mem->max <= small_input_buffer) return;  // not worth a new one
+  BIO* fresh = BIO_new(BIO_s_mem());
+  if (!fresh) return;  // keep the old one: it still works
+  BIO_set_mem_eof_return(fresh, -1);
+  SSL_set0_rbio(_ssl, fresh);  // frees the old one
+  _in = fresh;
 }
 
 bool session::has_output() const { return _out && BIO_ctrl_pending(_out) > 0; }
