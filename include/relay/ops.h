@@ -32,4 +32,9 @@ class ops_handler final : public net::request_handler {
 // manager then sees no readiness, which a unit timeout reports).
 bool notify_service_manager(std::string_view state);
 
+// Makes the allocator return large freed blocks to the system at once
+// (glibc otherwise keeps them: see allocator.cpp), so that RSS follows what
+// is held. Call first thing in main(), before anything is allocated.
+void return_freed_memory_promptly();
+
 }  // namespace relay::ops

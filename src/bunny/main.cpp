@@ -40,6 +40,7 @@ struct process {
 }  // namespace
 
 int main(int argc, char** argv) {
+  relay::ops::return_freed_memory_promptly();
   std::optional<std::string> config_file;
   relay::config::override_list overrides;
   bool check_only = false;

@@ -9,6 +9,7 @@
 
 #include "relay/config.h"
 #include "relay/log.h"
+#include "relay/ops.h"
 #include "relay/relay_server.h"
 
 namespace {
@@ -34,6 +35,7 @@ int fail(const std::string& msg, int code = 2) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  relay::ops::return_freed_memory_promptly();
   std::optional<std::string> config_file;
   relay::config::override_list overrides;
   bool check_only = false;
