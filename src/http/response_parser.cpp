@@ -150,7 +150,13 @@ response_parser::event response_parser::finish() {
   // unsafe EOF while it is paused after a response.)
   if (_complete || !_started) return event::need_more;
   llhttp_errno_t err = llhttp_finish(&_parser);
-  if (err == HPE_PAUSED && _complete) return event::response_complete;
+  if (err == HPE_PAUSED && _complete) {
+    // Ended by the end of the stream: whatever its headers said (llhttp
+    // can call a 204 with an unknown Transfer-Encoding keep-alive), there
+    // is no connection left to keep.
+    _keep_alive = false;
+    return event::response_complete;
+  }
   if (!_failed) fail("response cut short by the end of the stream");
   return event::error;
 }
