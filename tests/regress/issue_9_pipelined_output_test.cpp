@@ -101,7 +101,7 @@ TEST_CASE("a connection that pipelines 1,000 reads of a 1 MB job and never reads
                   << " KiB = max_pending_output + one response + 64 KiB + " << slack_kib << " KiB slack)");
   MESSAGE("another client meanwhile: " << served.requests << " requests, " << served.errors << " errors, p99 "
                                        << served.p99_ms << " ms");
-  CHECK_LE(rss.growth(), bound_kib);
+  if (h::rss_bounds_apply) CHECK_LE(rss.growth(), bound_kib);
   CHECK_GT(served.requests, 0u);
   CHECK_EQ(served.errors, 0u);
 
@@ -179,7 +179,7 @@ TEST_CASE("connections that pipeline GET /metrics on the ops listener and never 
                   << rss.after() << " KiB; growth " << rss.growth() << " KiB (bound " << bound_kib << " KiB)");
   MESSAGE("meanwhile /healthz " << health << " in " << health_ms << " ms; API client " << served.requests
                                 << " requests, " << served.errors << " errors, p99 " << served.p99_ms << " ms");
-  CHECK_LE(rss.growth(), bound_kib);
+  if (h::rss_bounds_apply) CHECK_LE(rss.growth(), bound_kib);
   CHECK_EQ(health, 200);
   CHECK_EQ(served.errors, 0u);
 
