@@ -161,12 +161,15 @@ class server_conn final : private stream_handler {
   std::string _ip;             // the per-address count this connection holds (empty: none)
   server_conn* _prev = nullptr;  // listener's list of open connections
   server_conn* _next = nullptr;
-  // Listener's list of quiet connections, the first to go when it is full:
-  // those in their handshake and those idle between requests with nothing
-  // left to send. Oldest first.
-  server_conn* _quiet_prev = nullptr;
-  server_conn* _quiet_next = nullptr;
-  bool _quiet = false;
+  // Listener's list of evictable connections, the first to go when it is
+  // full: every connection that relay owes no answer, i.e. that waits on
+  // its peer (handshake, between requests, a request or body still
+  // arriving, output the peer does not read, lingering after a final
+  // answer). Ordered by when each was last served, oldest first, so that
+  // sockets that never get a request through go before clients that do.
+  server_conn* _evictable_prev = nullptr;
+  server_conn* _evictable_next = nullptr;
+  bool _evictable = false;
 };
 
 // The key a connection counts under for max_connections_per_ip: an IPv4
@@ -183,15 +186,17 @@ struct listener_options {
   // reload takes effect for new connections only). Empty: plaintext.
   std::function<std::shared_ptr<const tls::context>()> tls;
   conn_options conn;
-  // When full, the oldest quiet connection (in its handshake, or idle
-  // between requests with nothing unsent) is closed to admit a new one.
+  // When full, the evictable connection served longest ago (one relay owes
+  // no answer: see server_conn) is closed to admit a new one; only when
+  // every connection has a request in hand is a new one refused.
   size_t max_connections = 10000;
   // Per source (IPv4 address or IPv6 /64); beyond it a new connection is
   // refused, unless the listener is also full and the connection that
   // makes room is of the same source.
   size_t max_connections_per_ip = 256;
   // Bytes all of this listener's connections may hold in partly received
-  // request bodies; a body that would pass it is refused with 503.
+  // request bodies, counted as they arrive (not as announced); a body that
+  // would pass it is refused with 503.
   size_t max_pending_body_bytes = 256u << 20;
 };
 
@@ -224,8 +229,8 @@ class listener {
   void remove(server_conn* c);
   void schedule(server_conn* c);
   void unschedule(server_conn* c);
-  void quiet_insert(server_conn* c);
-  void quiet_remove(server_conn* c);
+  void evictable_insert(server_conn* c);
+  void evictable_remove(server_conn* c);
 
   uv_loop_t* _loop;
   listener_options _options;
@@ -239,8 +244,8 @@ class listener {
   size_t _open = 0;
   size_t _body_bytes = 0;
   server_conn* _head = nullptr;
-  server_conn* _quiet_head = nullptr;  // oldest quiet connection
-  server_conn* _quiet_tail = nullptr;
+  server_conn* _evictable_head = nullptr;  // served longest ago
+  server_conn* _evictable_tail = nullptr;
   // Open connections per source: an IPv4 address, or an IPv6 /64 (what one
   // host or subscriber is usually given).
   std::unordered_map<std::string, size_t> _per_ip;

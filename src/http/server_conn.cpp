@@ -19,11 +19,10 @@ server_conn::server_conn(listener& owner, uint64_t id, stream* s)
 void server_conn::on_secure(stream&) { connected(); }
 
 void server_conn::connected() {
-  // Out of the handshake and idle: requeued as the newest quiet one (a
-  // request, if one follows at once, takes it off again).
-  _owner.quiet_remove(this);
+  // Out of the handshake: requeued as the newest evictable one.
+  _owner.evictable_remove(this);
   _state = state::idle;
-  _owner.quiet_insert(this);
+  _owner.evictable_insert(this);
   _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
   _owner._handler.on_connected(*this);
 }
@@ -51,7 +50,8 @@ void server_conn::process() {
       break;
     }
     if (_state == state::idle) {
-      _owner.quiet_remove(this);
+      // Still evictable, and no younger: a request that is never finished
+      // must not protect its slot.
       _state = state::reading_headers;
       _stream->arm_timer(o.header_timeout_ms);
     }
@@ -66,19 +66,22 @@ void server_conn::process() {
     if (r.what == http::request_parser::event::headers_complete) {
       // Method, path and peer decide before one body byte is held.
       _state = state::handling;
+      _owner.evictable_remove(this);
       _stream->arm_timer(0);
       if (!_owner._handler.on_headers(*this, req)) {
         // Answered, now or later (an answer may wait for the journal); the
         // body stays unread and the answer closes the connection.
         break;
       }
-      size_t announced = req.chunked ? 0 : static_cast<size_t>(req.content_length);
-      if (!reserve_body_budget(announced)) {
+      // The budget counts bytes as they arrive, not what is announced: a
+      // trickle of many announced-large bodies must not reserve it all.
+      if (_owner._body_bytes >= _owner._options.max_pending_body_bytes) {
         _owner._body_refused.inc();
         reject(api_error::unavailable, "too many request bodies in progress; retry later");
         break;
       }
       _state = state::reading_body;
+      _owner.evictable_insert(this);  // waiting on the peer again
       _body_started = uv_now(_stream->loop());
       _body_seen = 0;
       _body_last_progress = _body_started;
@@ -87,7 +90,6 @@ void server_conn::process() {
       continue;
     }
     if (_state == state::reading_body) {
-      // Chunked bodies are budgeted as they arrive.
       if (req.body.size() > _body_seen) {
         _body_seen = req.body.size();
         _body_last_progress = uv_now(_stream->loop());
@@ -101,6 +103,7 @@ void server_conn::process() {
     if (r.what == http::request_parser::event::need_more) break;
     release_body_budget();
     _state = state::handling;
+    _owner.evictable_remove(this);
     _stream->arm_timer(0);
     _owner._handler.on_request(*this, req);  // may answer now
   }
@@ -117,11 +120,7 @@ void server_conn::process() {
   if (_state != state::closed) {
     _stream->flush();
     update_reading();
-    if (_state == state::idle && in.empty()) {
-      _stream->release_idle_buffers();
-      // Nothing asked, nothing unsent: a full listener may close it.
-      if (_stream->pending_output() == 0) _owner.quiet_insert(this);
-    }
+    if (_state == state::idle && in.empty()) _stream->release_idle_buffers();
     // The socket may have taken everything at once (no write completion
     // will follow): requests held back by the bound continue from the loop.
     if (held_back && !output_full()) _owner.schedule(this);
@@ -152,6 +151,9 @@ void server_conn::finish_response(bool close_after) {
     return;
   }
   _state = state::idle;
+  // Owed nothing: evictable again, as the newest (what it was last served
+  // decides its place, not when it connected).
+  _owner.evictable_insert(this);
   _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
   // Answered from outside this connection's own request callback (a long
   // poll, a journal acknowledgement): the pipeline continues from the loop.
@@ -176,7 +178,8 @@ void server_conn::reject(api_error e, std::string_view detail) {
 void server_conn::end_with_final_answer() {
   _state = state::closing_after_write;
   _abandon = nullptr;
-  _owner.quiet_remove(this);
+  // Owed nothing more: a full listener may cut the lingering short.
+  _owner.evictable_insert(this);
   // The stream sends what is queued, close_notify and FIN, then discards
   // input for a bounded time so that the answer is not lost to a reset.
   _stream->finish(_owner._options.conn.linger);

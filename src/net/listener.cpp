@@ -158,9 +158,10 @@ void listener::on_connection(uv_stream_t* server, int status) {
   stream* s = stream::accept(server, nobody, ctx);
   if (!s) return;
   std::string ip = source_key(s->remote_ip());
-  // A full listener makes room by closing its oldest quiet connection, so
-  // that silent or idle sockets cannot lock out clients that speak.
-  server_conn* victim = l->_open >= l->_options.max_connections ? l->_quiet_head : nullptr;
+  // A full listener makes room by closing the evictable connection served
+  // longest ago, so that sockets that never finish a request (silent,
+  // slow, not reading) cannot lock out clients that do.
+  server_conn* victim = l->_open >= l->_options.max_connections ? l->_evictable_head : nullptr;
   if (l->_open >= l->_options.max_connections && !victim) {
     l->_refused.inc();
     log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
@@ -195,13 +196,13 @@ void listener::on_connection(uv_stream_t* server, int status) {
   ++l->_open;
   l->_open_gauge.set(static_cast<int64_t>(l->_open));
   l->_accepted.inc();
-  l->quiet_insert(c);
+  l->evictable_insert(c);
   s->arm_timer(l->_options.conn.handshake_timeout_ms);
   if (l->_closed) c->begin_drain();
 }
 
 void listener::remove(server_conn* c) {
-  quiet_remove(c);
+  evictable_remove(c);
   unschedule(c);
   if (c->_prev) c->_prev->_next = c->_next;
   else if (_head == c) _head = c->_next;
@@ -214,24 +215,24 @@ void listener::remove(server_conn* c) {
   c->release_body_budget();
 }
 
-void listener::quiet_insert(server_conn* c) {
-  if (c->_quiet) return;
-  c->_quiet = true;
-  c->_quiet_prev = _quiet_tail;
-  c->_quiet_next = nullptr;
-  if (_quiet_tail) _quiet_tail->_quiet_next = c;
-  else _quiet_head = c;
-  _quiet_tail = c;
+void listener::evictable_insert(server_conn* c) {
+  if (c->_evictable) return;
+  c->_evictable = true;
+  c->_evictable_prev = _evictable_tail;
+  c->_evictable_next = nullptr;
+  if (_evictable_tail) _evictable_tail->_evictable_next = c;
+  else _evictable_head = c;
+  _evictable_tail = c;
 }
 
-void listener::quiet_remove(server_conn* c) {
-  if (!c->_quiet) return;
-  c->_quiet = false;
-  if (c->_quiet_prev) c->_quiet_prev->_quiet_next = c->_quiet_next;
-  else _quiet_head = c->_quiet_next;
-  if (c->_quiet_next) c->_quiet_next->_quiet_prev = c->_quiet_prev;
-  else _quiet_tail = c->_quiet_prev;
-  c->_quiet_prev = c->_quiet_next = nullptr;
+void listener::evictable_remove(server_conn* c) {
+  if (!c->_evictable) return;
+  c->_evictable = false;
+  if (c->_evictable_prev) c->_evictable_prev->_evictable_next = c->_evictable_next;
+  else _evictable_head = c->_evictable_next;
+  if (c->_evictable_next) c->_evictable_next->_evictable_prev = c->_evictable_prev;
+  else _evictable_tail = c->_evictable_prev;
+  c->_evictable_prev = c->_evictable_next = nullptr;
 }
 
 void listener::schedule(server_conn* c) {

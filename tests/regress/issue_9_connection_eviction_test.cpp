@@ -12,6 +12,7 @@
 //   parked long poll) are never evicted.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -136,16 +137,92 @@ TEST_CASE("a full listener evicts an idle keep-alive connection, never a parked 
   CHECK_EQ(closed, 0);
   CHECK_EQ(leased, 1);
 
-  // With every slot busy (the poll that was answered and the new client
-  // park again) a ninth client is refused: nothing is quiet.
+  // With every slot busy (the poll that was answered parks again, the new
+  // client long-polls the job it submitted) a ninth client is refused:
+  // relay owes every connection an answer.
   REQUIRE(winner);
-  for (h::tls_client* c : {winner, &fresh}) {
-    c->queue(h::post_request("/v1/queues/work/lease", R"({"max":1,"wait_ms":30000})"));
-    REQUIRE(c->flush(2000));
-  }
+  winner->queue(h::post_request("/v1/queues/work/lease", R"({"max":1,"wait_ms":30000})"));
+  REQUIRE(winner->flush(2000));
+  fresh.queue(h::get_request("/v1/jobs/" + test::field(submitted[0].body, "id") + "?wait_ms=30000"));
+  REQUIRE(fresh.flush(2000));
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   h::tls_client ninth(producer, relay.api_port);
   bool ok = ninth.handshake(3000);
-  MESSAGE("ninth client with every slot busy: handshake " << ok << " (" << ninth.error() << ")");
+  for (auto& p : polls) p->read_until_closed(100);
+  fresh.read_until_closed(100);
+  MESSAGE("ninth client with every slot busy: handshake " << ok << " (" << ninth.error() << "); idle one closed "
+                                                          << idle->closed() << ", polls closed "
+                                                          << std::count_if(polls.begin(), polls.end(),
+                                                                           [](auto& p) { return p->closed(); })
+                                                          << ", fresh closed " << fresh.closed());
   CHECK_FALSE(ok);
+}
+
+// - "Connections that stall their own request are never evicted" (found by
+//   the attack review): one partial request line, output the peer does not
+//   read, or a lingering close after a 400 took a connection off the
+//   eviction list, so 64 such sockets from one unauthenticated source held
+//   the ops listener until a timeout (10 s, 120 s, 30 s) and every probe
+//   failed meanwhile. Every connection that relay owes no answer is
+//   evictable, oldest served first.
+TEST_CASE("64 ops connections that stall their own requests do not lock out /healthz") {
+  relay_process relay;
+  const uint16_t ops_port = static_cast<uint16_t>(std::stoi(relay.ops.substr(relay.ops.rfind(':') + 1)));
+  std::string how;
+  SUBCASE("a request line, then nothing") { how = "partial headers"; }
+  SUBCASE("1,000 pipelined GET /metrics, never read") { how = "unread output"; }
+  SUBCASE("a malformed request, answered 400, then lingering") { how = "lingering"; }
+  CAPTURE(how);
+  fds attackers;
+  for (int i = 0; i < 64; ++i) {
+    int fd = h::tcp_connect(ops_port, h::loopback(1), false, how == "unread output" ? 4096 : 0);
+    REQUIRE_GE(fd, 0);
+    attackers.v.push_back(fd);
+    if (how == "partial headers") {
+      h::send_all(fd, "GET /healthz HTTP/1.1\r\n", 1000);
+    } else if (how == "unread output") {
+      std::string burst;
+      for (int k = 0; k < 1000; ++k) burst += h::get_request("/metrics");
+      h::send_all(fd, burst, 200);  // relay stops reading once its output is full
+    } else {
+      h::send_all(fd, "BOGUS\r\n\r\n", 1000);
+    }
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  int ok = 0;
+  for (int probe = 0; probe < 5; ++probe) {
+    auto health = relay.ops_get("/healthz");
+    ok += health.status == 200;
+  }
+  MESSAGE("/healthz with 64 ops connections stalled by " << how << ": " << ok << " of 5 probes answered 200");
+  CHECK_EQ(ok, 5);
+  // Each probe's connection made room by closing one of them.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  int closed = 0;
+  for (int fd : attackers.v) closed += h::peer_closed_now(fd);
+  MESSAGE(closed << " of the 64 were closed to make room");
+  CHECK_GE(closed, 1);
+}
+
+// - "A trickle of announced-large bodies takes the whole body budget": the
+//   budget was reserved for the announced Content-Length at the headers, so
+//   connections announcing 1 MiB and sending a few bytes a second held it
+//   all and every other submit got 503. The budget counts received bytes.
+TEST_CASE("bodies announced large but trickled do not take the body budget from other submits") {
+  relay_process relay({"--set", "limits.max_pending_body_bytes=4194304"});
+  auto producer = test::client_tls("producer");
+  std::vector<std::unique_ptr<h::tls_client>> tricklers;
+  for (int i = 0; i < 8; ++i) {
+    tricklers.push_back(std::make_unique<h::tls_client>(producer, relay.api_port));
+    REQUIRE(tricklers.back()->handshake());
+    tricklers.back()->queue(
+        "POST /v1/queues/work/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1048576\r\n\r\n{\"payload\":\"" +
+        std::string(100, 'x'));
+    REQUIRE(tricklers.back()->flush(2000));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto r = relay.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload":{"n":1}})");
+  MESSAGE("a submit beside 8 connections that announced 1 MiB bodies (4 MiB budget) and sent 112 bytes: " << r.status);
+  CHECK_EQ(r.status, 201);
 }
