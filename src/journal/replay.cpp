@@ -25,11 +25,18 @@ std::vector<uint64_t> list_segments(const std::string& dir) {
   DIR* d = opendir(dir.c_str());
   if (!d) return out;
   while (dirent* e = readdir(d)) {
-    unsigned long long n = 0;
-    char tail[8] = "";
-    if (std::sscanf(e->d_name, "segment-%16llu.%3s", &n, tail) == 2 && std::strcmp(tail, "log") == 0 &&
-        std::strlen(e->d_name) == 28)
-      out.push_back(n);
+    // Exactly what segment_path() writes: "segment-", 16 decimal digits,
+    // ".log". (sscanf would also take signs and spaces, so that two names
+    // could mean one number, or "-1" the largest.)
+    std::string_view name(e->d_name);
+    constexpr std::string_view prefix = "segment-", suffix = ".log";
+    if (name.size() != prefix.size() + 16 + suffix.size() || !name.starts_with(prefix) || !name.ends_with(suffix))
+      continue;
+    std::string_view digits = name.substr(prefix.size(), 16);
+    if (!std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) continue;
+    uint64_t n = 0;
+    for (char c : digits) n = n * 10 + static_cast<uint64_t>(c - '0');
+    out.push_back(n);
   }
   closedir(d);
   std::sort(out.begin(), out.end());
@@ -100,6 +107,14 @@ bool replay(const std::string& dir, bool repair, const std::function<bool(const 
       if (std::memcmp(data.data(), "RLYJ", 4) != 0 || version < oldest_format_version || version > format_version) {
         error = path + ": not a relay journal segment of format version " + std::to_string(oldest_format_version) +
                 " to " + std::to_string(format_version);
+        return false;
+      }
+      uint64_t number = 0;
+      for (int i = 7; i >= 0; --i) number = number << 8 | static_cast<uint8_t>(data[8 + static_cast<size_t>(i)]);
+      if (number != segments[si]) {
+        // A renamed or copied segment would replay its records out of order.
+        error = path + ": the segment header says it is segment " + std::to_string(number) +
+                ", its name says " + std::to_string(segments[si]);
         return false;
       }
     }
