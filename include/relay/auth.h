@@ -1,7 +1,8 @@
 // Authorisation: who may do what on which queue. Default deny.
 //
 // A policy names principals and says how each is recognised on a verified
-// client certificate (its first URI SAN, first DNS SAN, or subject CN), then
+// client certificate (by its one name: the first URI SAN if it has one, else
+// the first DNS SAN, else the subject CN; see tls::identity), then
 // grants permissions on queue names or "prefix-*" patterns ("*": all).
 // A policy is immutable once loaded; reloading builds a new one and swaps a
 // shared_ptr, so requests in flight finish under the policy they started with.
@@ -27,8 +28,9 @@ class policy {
   static std::shared_ptr<const policy> load(const std::string& path, std::string& error);
   static std::shared_ptr<const policy> parse(std::string_view json, const std::string& origin, std::string& error);
 
-  // The name of the policy principal that `id` matches, or null. URI SAN
-  // matchers win over DNS SAN matchers, which win over CN matchers.
+  // The name of the policy principal that `id` matches, or null. Only the
+  // identity's one name is looked up, among the matchers of its own kind
+  // (see tls::identity); a refused identity matches nothing.
   const std::string* match(const tls::identity& id) const;
   bool allows(const std::string* principal, permission p, std::string_view queue) const;
   // Whether `principal` holds `p` on at least one queue pattern.

@@ -69,13 +69,26 @@ class context {
   mutable ssl_session_st* _session = nullptr;
 };
 
-// Who the peer's verified certificate says it is. The principal is the first
-// URI SAN (e.g. a SPIFFE id), else the first DNS SAN, else the subject CN.
-// Names containing control characters or NUL bytes are ignored.
+// Who the peer's verified certificate says it is: exactly one name, the
+// principal. It is the first URI SAN (e.g. a SPIFFE id) if there is one,
+// else the first DNS SAN, else the subject CN, and it is matched only
+// against policy matchers of its own kind: a certificate whose URI SAN is
+// unknown is not recognised by its DNS SAN or CN.
+//
+// A certificate whose names cannot be read as exactly one principal -- a
+// URI or DNS SAN or a CN that is empty or holds control bytes or NUL, or
+// more than one CN -- is refused (`refused` says why; stream ends such a
+// connection as a TLS failure once the handshake completes). Such a name
+// is never skipped in favour of the next one.
 struct identity {
-  std::string uri_san;
-  std::string dns_san;
-  std::string cn;
+  enum class kind : uint8_t { none, uri_san, dns_san, cn };
+  std::string uri_san;  // the first URI SAN, if any
+  std::string dns_san;  // the first DNS SAN, if any
+  std::string cn;       // the subject CN, if any
+  std::string refused;  // non-empty: why these names are not an identity
+  enum kind kind() const {
+    return !uri_san.empty() ? kind::uri_san : !dns_san.empty() ? kind::dns_san : !cn.empty() ? kind::cn : kind::none;
+  }
   const std::string& principal() const {
     return !uri_san.empty() ? uri_san : !dns_san.empty() ? dns_san : cn;
   }

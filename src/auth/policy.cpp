@@ -171,13 +171,18 @@ std::shared_ptr<const policy> policy::parse(std::string_view json, const std::st
 }
 
 const std::string* policy::match(const tls::identity& id) const {
-  if (!id.uri_san.empty())
-    if (auto it = _by_uri.find(id.uri_san); it != _by_uri.end()) return it->second;
-  if (!id.dns_san.empty())
-    if (auto it = _by_dns.find(id.dns_san); it != _by_dns.end()) return it->second;
-  if (!id.cn.empty())
-    if (auto it = _by_cn.find(id.cn); it != _by_cn.end()) return it->second;
-  return nullptr;
+  // One name, matched only against matchers of its own kind: never a
+  // second chance through another field of the certificate.
+  const std::unordered_map<std::string, const std::string*>* index = nullptr;
+  switch (id.kind()) {
+    case tls::identity::kind::uri_san: index = &_by_uri; break;
+    case tls::identity::kind::dns_san: index = &_by_dns; break;
+    case tls::identity::kind::cn: index = &_by_cn; break;
+    case tls::identity::kind::none: return nullptr;
+  }
+  if (!id.refused.empty()) return nullptr;
+  auto it = index->find(id.principal());
+  return it == index->end() ? nullptr : it->second;
 }
 
 bool policy::allows(const std::string* principal, permission p, std::string_view queue) const {

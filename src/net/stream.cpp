@@ -176,8 +176,13 @@ void stream::received(const char* data, size_t len) {
 }
 
 void stream::became_secure() {
-  _secure = true;
   if (_tls) _peer = _tls->peer_identity();
+  if (!_peer.refused.empty()) {
+    // Verified by the CA, but not readable as exactly one principal.
+    end(stream_end::tls_error, "peer certificate refused: " + _peer.refused);
+    return;
+  }
+  _secure = true;
   if (_handler) _handler->on_secure(*this);
 }
 

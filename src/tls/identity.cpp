@@ -5,7 +5,7 @@ namespace relay::tls {
 namespace {
 
 // A name with control bytes (an embedded NUL above all) could make two
-// different certificates look like one principal; such names are not used.
+// different certificates look like one principal.
 bool printable(const unsigned char* p, int len) {
   if (len <= 0) return false;
   for (int i = 0; i < len; ++i)
@@ -13,10 +13,14 @@ bool printable(const unsigned char* p, int len) {
   return true;
 }
 
-std::string to_string(const ASN1_STRING* s) {
-  const unsigned char* p = ASN1_STRING_get0_data(s);
-  int len = ASN1_STRING_length(s);
-  if (!printable(p, len)) return {};
+// The name, or a reason in `refused` (the first one found is kept).
+std::string read_name(const ASN1_STRING* s, const char* what, std::string& refused) {
+  const unsigned char* p = s ? ASN1_STRING_get0_data(s) : nullptr;
+  int len = s ? ASN1_STRING_length(s) : 0;
+  if (!p || !printable(p, len)) {
+    if (refused.empty()) refused = std::string("a ") + what + (len <= 0 ? " is empty" : " holds control bytes or NUL");
+    return {};
+  }
   return std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(len));
 }
 
@@ -39,19 +43,38 @@ identity identity_from_certificate(X509* cert) {
     auto count = sk_GENERAL_NAME_num(names);
     for (decltype(count) i = 0; i < count; ++i) {
       const GENERAL_NAME* gn = sk_GENERAL_NAME_value(names, i);
-      if (gn->type == GEN_URI && id.uri_san.empty()) id.uri_san = to_string(gn->d.uniformResourceIdentifier);
-      if (gn->type == GEN_DNS && id.dns_san.empty()) id.dns_san = to_string(gn->d.dNSName);
+      // Every URI and DNS name is read, not only the first of each: a bad
+      // one anywhere refuses the certificate.
+      if (gn->type == GEN_URI) {
+        std::string name = read_name(gn->d.uniformResourceIdentifier, "URI SAN", id.refused);
+        if (id.uri_san.empty()) id.uri_san = std::move(name);
+      } else if (gn->type == GEN_DNS) {
+        std::string name = read_name(gn->d.dNSName, "DNS SAN", id.refused);
+        if (id.dns_san.empty()) id.dns_san = std::move(name);
+      }
     }
     GENERAL_NAMES_free(names);
   }
   X509_NAME* subject = X509_get_subject_name(cert);
   int idx = subject ? X509_NAME_get_index_by_NID(subject, NID_commonName, -1) : -1;
   if (idx >= 0) {
+    if (X509_NAME_get_index_by_NID(subject, NID_commonName, idx) >= 0 && id.refused.empty())
+      id.refused = "the subject has more than one CN";
     ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, idx));
     unsigned char* utf8 = nullptr;
     int len = ASN1_STRING_to_UTF8(&utf8, data);
     if (len > 0 && printable(utf8, len)) id.cn.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
+    else if (id.refused.empty())
+      id.refused = len < 0    ? "the subject CN is not a string"
+                   : len == 0 ? "the subject CN is empty"
+                              : "the subject CN holds control bytes or NUL";
     if (utf8) OPENSSL_free(utf8);
+  }
+  if (!id.refused.empty()) {
+    // Nothing of a refused certificate is used as a name.
+    identity none;
+    none.refused = std::move(id.refused);
+    return none;
   }
   return id;
 }

@@ -4,8 +4,9 @@
 //
 // Invariants: extraction never crashes or leaks whatever the names hold;
 // every name it returns is printable (no control bytes, no NUL), so that two
-// different certificates cannot look like one principal; the principal is
-// the first non-empty of URI SAN, DNS SAN and CN.
+// different certificates cannot look like one principal; a certificate with
+// a malformed name is refused with no name left; the principal is the first
+// non-empty of URI SAN, DNS SAN and CN.
 #include <openssl/err.h>
 #include <openssl/x509.h>
 
@@ -36,6 +37,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   X509_free(cert);
   ERR_clear_error();
   FUZZ_CHECK(printable(id.uri_san) && printable(id.dns_san) && printable(id.cn));
+  // A refused certificate yields no name at all; an accepted one a name.
+  if (!id.refused.empty()) FUZZ_CHECK(id.uri_san.empty() && id.dns_san.empty() && id.cn.empty());
   const std::string& principal = id.principal();
   if (!id.uri_san.empty()) FUZZ_CHECK(&principal == &id.uri_san);
   else if (!id.dns_san.empty()) FUZZ_CHECK(&principal == &id.dns_san);

@@ -52,7 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   id.dns_san = names[1];
   id.cn = names[2];
   std::string_view queue = names[3];
-  // Each kind of name alone, then all together (URI SAN first).
+  // Each kind of name alone, then all together (the URI SAN decides).
   std::vector<tls::identity> ids(4);
   ids[0].uri_san = id.uri_san;
   ids[1].dns_san = id.dns_san;
@@ -70,6 +70,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   FUZZ_CHECK(p->principal_count() > 0 || p->match(id) == nullptr);
+  // Exactly one name decides: the identity with every name matches as its
+  // first non-empty name alone would.
+  const std::string* all = p->match(id);
+  if (!id.uri_san.empty()) FUZZ_CHECK(all == p->match(ids[0]));
+  else if (!id.dns_san.empty()) FUZZ_CHECK(all == p->match(ids[1]));
+  else FUZZ_CHECK(all == p->match(ids[2]));
   (void)auth::valid_queue_name(queue);
   return 0;
 }

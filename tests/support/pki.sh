@@ -15,6 +15,10 @@
 #   expired   URI spiffe://test/ns/jobs/sa/bunny, expired in 2020
 #   revoked   URI spiffe://test/ns/jobs/sa/revoked, listed in DIR/crl.pem
 #   foreign   URI spiffe://test/ns/jobs/sa/bunny, issued by another CA
+#   cn-behind-uri   URI spiffe://test/ns/evil/sa/anything, CN ops-admin
+#   dns-behind-uri  URI spiffe://test/ns/evil/sa/anything, DNS producer.test
+#   bad-first-uri   URI "spiffe://test/x\x01", then URI spiffe://test/ns/jobs/sa/bunny
+#   two-cn          CN ops-admin and CN nobody
 # DIR/crl.pem        the CA's CRL
 # Keys are ECDSA P-256, readable by the owner only.
 set -eu
@@ -91,6 +95,19 @@ issue ca revoked revoked "$client
 subjectAltName=URI:spiffe://test/ns/jobs/sa/revoked" -days 825
 issue foreignca foreign worker "$client
 subjectAltName=URI:spiffe://test/ns/jobs/sa/bunny" -days 825
+# Certificates whose names try to borrow another principal's grants.
+issue ca cn-behind-uri ops-admin "$client
+subjectAltName=URI:spiffe://test/ns/evil/sa/anything" -days 825
+issue ca dns-behind-uri x "$client
+subjectAltName=URI:spiffe://test/ns/evil/sa/anything,DNS:producer.test" -days 825
+# A first URI SAN with a control byte, then bunny's: written as DER, which
+# the config syntax cannot express. GeneralNames ::= SEQUENCE of [6] IA5String.
+hex() { printf '%s' "$1" | od -An -tx1 | tr -d ' \n'; }
+first="$(hex 'spiffe://test/x')01"  # 16 bytes
+second=$(hex 'spiffe://test/ns/jobs/sa/bunny')  # 30 bytes
+issue ca bad-first-uri worker "$client
+2.5.29.17=DER:3032""8610$first""861e$second" -days 825
+issue ca two-cn "ops-admin/CN=nobody" "$client" -days 825
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -revoke revoked.crt
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -gencrl -out crl.pem
 chmod 644 ./*.crt crl.pem

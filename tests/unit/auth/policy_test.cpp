@@ -26,18 +26,34 @@ const char* sample = R"({
 
 }  // namespace
 
-TEST_CASE("principals are matched on the certificate, URI SAN first") {
+TEST_CASE("a principal is one name, matched only against matchers of its own kind") {
   std::string error;
   auto p = parse(sample, error);
   REQUIRE_MESSAGE(p, error);
+  // The URI SAN is the name; the DNS SAN and CN are not looked at.
   tls::identity bunny{"spiffe://azure/ns/jobs/sa/bunny", "producer.aws.internal", "ops-admin"};
   REQUIRE(p->match(bunny));
   CHECK_EQ(*p->match(bunny), "bunny");
   tls::identity producer{"", "producer.aws.internal", "x"};
+  REQUIRE(p->match(producer));
   CHECK_EQ(*p->match(producer), "producer");
-  tls::identity ops{"spiffe://elsewhere", "", "ops-admin"};
+  tls::identity ops{"", "", "ops-admin"};
+  REQUIRE(p->match(ops));
   CHECK_EQ(*p->match(ops), "ops");
+  // An unknown first name is unknown: no second chance through the others
+  // (a CA that constrains URI SANs but not CNs must not grant admin).
+  CHECK(p->match(tls::identity{"spiffe://test/ns/evil/sa/anything", "", "ops-admin"}) == nullptr);
+  CHECK(p->match(tls::identity{"spiffe://test/ns/evil/sa/anything", "producer.aws.internal", ""}) == nullptr);
+  CHECK(p->match(tls::identity{"", "evil.example", "ops-admin"}) == nullptr);
   CHECK(p->match(tls::identity{"spiffe://azure/ns/jobs/sa/bunny2", "", ""}) == nullptr);
+  // A name of one kind never matches a matcher of another.
+  CHECK(p->match(tls::identity{"", "spiffe://azure/ns/jobs/sa/bunny", ""}) == nullptr);
+  CHECK(p->match(tls::identity{"", "", "producer.aws.internal"}) == nullptr);
+  // A refused identity matches nothing.
+  tls::identity refused;
+  refused.refused = "a URI SAN holds control bytes or NUL";
+  CHECK(p->match(refused) == nullptr);
+  CHECK(p->match(tls::identity{}) == nullptr);
 }
 
 TEST_CASE("grants: exact names, prefix patterns, and default deny") {
