@@ -92,8 +92,8 @@ listener::listener(uv_loop_t* loop, listener_options o, request_handler& handler
                                           "max_connections_per_ip open.",
                                           label(_options.name))),
       _evicted(metrics.get_counter("relay_connections_evicted_total",
-                                   "Connections still in their handshake closed to admit a new one "
-                                   "when the listener was full.",
+                                   "Connections owed no answer (the one served longest ago) closed to "
+                                   "admit a new one when the listener was full.",
                                    label(_options.name))),
       _handshake_failures(metrics.get_counter("relay_tls_handshake_failures_total",
                                               "TLS handshakes that failed or timed out.", label(_options.name))),
