@@ -72,10 +72,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(p->principal_count() > 0 || p->match(id) == nullptr);
   // Exactly one name decides: the identity with every name matches as its
   // first non-empty name alone would.
-  const std::string* all = p->match(id);
-  if (!id.uri_san.empty()) FUZZ_CHECK(all == p->match(ids[0]));
-  else if (!id.dns_san.empty()) FUZZ_CHECK(all == p->match(ids[1]));
-  else FUZZ_CHECK(all == p->match(ids[2]));
+  const std::string* by_all = p->match(id);
+  if (!id.uri_san.empty()) FUZZ_CHECK(by_all == p->match(ids[0]));
+  else if (!id.dns_san.empty()) FUZZ_CHECK(by_all == p->match(ids[1]));
+  else FUZZ_CHECK(by_all == p->match(ids[2]));
   (void)auth::valid_queue_name(queue);
   return 0;
 }

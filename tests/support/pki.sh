@@ -105,8 +105,9 @@ subjectAltName=URI:spiffe://test/ns/evil/sa/anything,DNS:producer.test" -days 82
 hex() { printf '%s' "$1" | od -An -tx1 | tr -d ' \n'; }
 first="$(hex 'spiffe://test/x')01"  # 16 bytes
 second=$(hex 'spiffe://test/ns/jobs/sa/bunny')  # 30 bytes
+der="2.5.29.17=DER:30328610${first}861e${second}"
 issue ca bad-first-uri worker "$client
-2.5.29.17=DER:3032""8610$first""861e$second" -days 825
+$der" -days 825
 issue ca two-cn "ops-admin/CN=nobody" "$client" -days 825
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -revoke revoked.crt
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -gencrl -out crl.pem
