@@ -118,10 +118,10 @@ class stream {
   // 0 stops it. Not available after finish().
   void arm_timer(uint32_t ms);
 
-  // Gives back the memory an idle connection does not need: the input
-  // buffer (if empty) and the TLS input buffer, which otherwise keeps the
-  // size of the largest burst it was fed.
-  void release_idle_buffers();
+  // Gives back the TLS input buffer, which otherwise keeps the size of the
+  // largest burst it was fed (for an idle connection; the handler releases
+  // input() itself).
+  void release_tls_input_buffer();
 
   bool is_tls() const { return _is_tls; }
   bool secure() const { return _secure; }

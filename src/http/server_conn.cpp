@@ -120,7 +120,7 @@ void server_conn::process() {
   if (_state != state::closed) {
     _stream->flush();
     update_reading();
-    if (_state == state::idle && in.empty()) _stream->release_idle_buffers();
+    if (_state == state::idle && in.empty()) _stream->release_tls_input_buffer();
     // The socket may have taken everything at once (no write completion
     // will follow): requests held back by the bound continue from the loop.
     if (held_back && !output_full()) _owner.schedule(this);

@@ -161,26 +161,21 @@ void listener::on_connection(uv_stream_t* server, int status) {
   // A full listener makes room by closing the evictable connection served
   // longest ago, so that sockets that never finish a request (silent,
   // slow, not reading) cannot lock out clients that do.
-  server_conn* victim = l->_open >= l->_options.max_connections ? l->_evictable_head : nullptr;
-  if (l->_open >= l->_options.max_connections && !victim) {
-    l->_refused.inc();
+  auto refuse = [&](ops::counter& counted, const char* reason) {
+    counted.inc();
     log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
-        .str("reason", "limits.max_connections reached, every connection busy");
+        .str("reason", reason);
     s->detach();
     s->close();
-    return;
-  }
+  };
+  const bool full = l->_open >= l->_options.max_connections;
+  server_conn* victim = full ? l->_evictable_head : nullptr;
+  if (full && !victim) return refuse(l->_refused, "limits.max_connections reached, every connection busy");
   auto known = l->_per_ip.find(ip);
   size_t from_source = known == l->_per_ip.end() ? 0 : known->second;
   if (victim && victim->_ip == ip) --from_source;  // it makes room for its own source
-  if (from_source >= l->_options.max_connections_per_ip) {
-    l->_refused_per_ip.inc();
-    log::info("connection_refused").str("listener", l->_options.name).str("remote", s->remote_address())
-        .str("reason", "limits.max_connections_per_ip reached");
-    s->detach();
-    s->close();
-    return;
-  }
+  if (from_source >= l->_options.max_connections_per_ip)
+    return refuse(l->_refused_per_ip, "limits.max_connections_per_ip reached");
   if (victim) {
     l->_evicted.inc();
     victim->close();

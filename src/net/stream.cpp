@@ -320,8 +320,7 @@ void stream::on_shutdown(uv_shutdown_t* req, int status) {
   if (status < 0 && !s->_closing) s->close();
 }
 
-void stream::release_idle_buffers() {
-  if (_input.empty()) std::string().swap(_input);
+void stream::release_tls_input_buffer() {
   if (_tls) _tls->release_input_buffer();
 }
 

@@ -28,23 +28,13 @@ double open_connections(const relay_process& relay, const std::string& listener)
   return h::metric(relay.ops_get("/metrics").body, "relay_connections_open{listener=\"" + listener + "\"}");
 }
 
-struct fds {
-  std::vector<int> v;
-  fds() = default;
-  fds(const fds&) = delete;
-  fds& operator=(const fds&) = delete;
-  ~fds() {
-    for (int fd : v) ::close(fd);
-  }
-};
-
 }  // namespace
 
 TEST_CASE("a full ops listener admits a connection whose own source holds the oldest quiet slot") {
   relay_process relay;
   const uint16_t ops_port = static_cast<uint16_t>(std::stoi(relay.ops.substr(relay.ops.rfind(':') + 1)));
   // The ops listener's 64 slots, one per source, 127.0.0.2 the oldest.
-  fds silent;
+  h::sockets silent;
   for (int i = 0; i < 64; ++i) {
     int fd = h::tcp_connect(ops_port, h::loopback(2 + i));
     REQUIRE_GE(fd, 0);
@@ -173,7 +163,7 @@ TEST_CASE("64 ops connections that stall their own requests do not lock out /hea
   SUBCASE("1,000 pipelined GET /metrics, never read") { how = "unread output"; }
   SUBCASE("a malformed request, answered 400, then lingering") { how = "lingering"; }
   CAPTURE(how);
-  fds attackers;
+  h::sockets attackers;
   for (int i = 0; i < 64; ++i) {
     int fd = h::tcp_connect(ops_port, h::loopback(1), false, how == "unread output" ? 4096 : 0);
     REQUIRE_GE(fd, 0);

@@ -48,23 +48,13 @@ std::pair<int, double> legitimate_request(uint16_t port, const std::string& targ
   return {got.empty() ? 0 : got[0].status, h::ms_since(t0)};
 }
 
-struct fds {
-  std::vector<int> v;
-  fds() = default;
-  fds(const fds&) = delete;
-  fds& operator=(const fds&) = delete;
-  ~fds() {
-    for (int fd : v) ::close(fd);
-  }
-};
-
 }  // namespace
 
 TEST_CASE("a legitimate client completes a request while max_connections bare TCP connections that never send are open") {
   // The handshake timeout is long, so only eviction can free a slot.
   relay_process relay({"--set", "limits.max_connections=50", "--set", "limits.handshake_timeout_ms=60000", "--set",
                        "limits.header_timeout_ms=60000"});
-  fds bare;
+  h::sockets bare;
   for (int i = 0; i < 50; ++i) {
     int fd = h::tcp_connect(relay.api_port);
     REQUIRE_GE(fd, 0);
@@ -81,7 +71,7 @@ TEST_CASE("a legitimate client completes a request while max_connections bare TC
 
 TEST_CASE("connections from one address beyond max_connections_per_ip are closed at once while other addresses are served") {
   relay_process relay({"--set", "limits.max_connections_per_ip=8"});
-  fds from2;
+  h::sockets from2;
   for (int i = 0; i < 20; ++i) {
     int fd = h::tcp_connect(relay.api_port, h::loopback(2));
     REQUIRE_MESSAGE(fd >= 0, "cannot connect from 127.0.0.2: " << std::strerror(errno));
@@ -140,7 +130,7 @@ TEST_CASE("64 silent connections to the ops listener do not lock out /healthz") 
   SUBCASE("from the probe's own address") { source = h::loopback(1); }
   SUBCASE("from another address") { source = h::loopback(2); }
   CAPTURE(source);
-  fds silent;
+  h::sockets silent;
   for (int i = 0; i < 64; ++i) {
     int fd = h::tcp_connect(ops_port, source);
     REQUIRE_GE(fd, 0);
@@ -171,7 +161,7 @@ TEST_CASE("a legitimate client completes a request while 10,000 handshake-less s
                        "limits.handshake_timeout_ms=120000", "--set", "limits.header_timeout_ms=120000"});
   const pid_t pid = relay.proc->pid();
   long rss_before = h::rss_kib(pid);
-  fds bare;
+  h::sockets bare;
   auto t0 = h::clock::now();
   for (int i = 0; i < sockets; ++i) {
     int fd = h::tcp_connect(relay.api_port, h::loopback(2 + i / per_address), true);

@@ -49,6 +49,17 @@ inline double ms_since(clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(clock::now() - t0).count();
 }
 
+// Raw sockets a test holds open, closed when it ends.
+struct sockets {
+  std::vector<int> v;
+  sockets() = default;
+  sockets(const sockets&) = delete;
+  sockets& operator=(const sockets&) = delete;
+  ~sockets() {
+    for (int fd : v) ::close(fd);
+  }
+};
+
 // ---- relay's memory, from /proc ----
 
 // Whether relay's RSS means anything here. Under AddressSanitizer freed
