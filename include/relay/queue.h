@@ -250,6 +250,7 @@ class job_queue {
   lease_waiter* _wait_tail = nullptr;
   size_t _waiters = 0;
   std::array<size_t, job_state_count> _counts{};
+  size_t _jobs = 0;  // held, any state: a queue with none is not listed
   queue_counters _counters;
 };
 
@@ -309,8 +310,11 @@ class broker {
   op_error lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
                  time_ms now, std::vector<job*>& out);
   // Parks `w` on `queue` (FIFO among waiters) until a job is ready for it.
-  // Call only after lease() returned nothing.
-  op_error park(std::string_view queue, lease_waiter& w);
+  // Call only after lease() returned nothing. Parking does not create the
+  // queue: a queue that holds no job is neither listed nor counted towards
+  // limits.max_queues, whoever waits on it (waiters are bounded by the
+  // connections that hold them), and it is forgotten once nobody waits.
+  void park(std::string_view queue, lease_waiter& w);
   void unpark(lease_waiter& w);
 
   struct heartbeat_result {
@@ -353,8 +357,11 @@ class broker {
   record meta_record(time_ms now) const;
 
   const job* find(job_id id) const;
+  // Queues that hold at least one job (in any state); the others are not
+  // shown.
   const job_queue* find_queue(std::string_view name) const;
   void for_each_queue(const std::function<void(const job_queue&)>& fn) const;
+  size_t queue_count() const { return _queues_with_jobs; }
   // Up to `limit` dead jobs of `queue`, oldest death first.
   std::vector<const job*> dead_jobs(std::string_view queue, size_t limit) const;
   size_t job_count() const { return _jobs.size(); }
@@ -368,10 +375,13 @@ class broker {
   const broker_limits& limits() const { return _limits; }
 
  private:
-  // lookup: existing queues only. create: within limits.max_queues (a live
-  // request). restore: always (a record whose limits were checked when made).
-  enum class open_mode : uint8_t { lookup, create, restore };
+  // lookup: existing queues only. create: for a job, within
+  // limits.max_queues (a live request). restore: for a job, always (a record
+  // whose limits were checked when made). wait: for a waiter, uncounted.
+  enum class open_mode : uint8_t { lookup, create, restore, wait };
   job_queue* queue_for(std::string_view name, open_mode mode, op_error& err);
+  // Drops `q` once it holds no job and no waiter.
+  void forget_if_unused(job_queue& q);
   void commit(const record& r);
   void set_state(job& j, job_state s);
   void make_ready(job& j, bool fresh);
@@ -403,6 +413,7 @@ class broker {
   size_t _held_bytes = 0;
   std::unordered_map<job_id, job> _jobs;
   std::unordered_map<std::string, std::unique_ptr<job_queue>> _queues;
+  size_t _queues_with_jobs = 0;
   std::unordered_map<std::string, job_id> _idempotency;  // queue + '\0' + key
   std::unordered_set<std::string> _principals;
   std::vector<job*> _timed;

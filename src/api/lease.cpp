@@ -76,11 +76,7 @@ void service::lease(context& c) {
   w->max = args.max;
   w->lease_ms = args.lease_ms;
   w->owner = c.conn.principal;
-  if (_broker.park(q, *w) != queue::op_error::none) {
-    delete w;
-    respond_error(c, api_error::too_many_queues);
-    return;
-  }
+  _broker.park(q, *w);
   w->start(args.wait_ms);
 }
 
@@ -130,6 +126,10 @@ void service::complete_or_fail(context& c, bool fail) {
 }
 
 void service::results(context& c) {
+  if (!c.policy->allows_somewhere(c.policy_principal, auth::permission::consume)) {
+    deny(c, auth::permission::consume, {}, c.policy_principal ? "no grant" : "unknown principal");
+    return;
+  }
   std::vector<outcome_args> items;
   decode_error err;
   if (!_decoder.results(c.req.body, items, err)) {
@@ -145,20 +145,21 @@ void service::results(context& c) {
     const queue::job* j = _broker.find(a.id);
     int status = 200;
     api_error e = api_error::internal;
-    if (!j) {
+    bool visible = j && c.policy->allows(c.policy_principal, auth::permission::consume, j->queue->name());
+    if (!visible) {
+      // As for a single result: a job on a queue the caller may not consume
+      // is answered as one that does not exist, and the denial audited.
+      if (j) record_denial(c, auth::permission::consume, j->queue->name(), "no grant on the job's queue");
       status = 404;
       e = api_error::not_found;
-    } else if (!c.policy->allows(c.policy_principal, auth::permission::consume, j->queue->name())) {
-      status = 403;
-      e = api_error::forbidden;
-      _denials.inc();
     } else {
       queue::op_error r = a.failed ? _broker.fail(a.id, a.lease, c.conn.principal, a.error, a.retry_delay_ms, t)
                                    : _broker.complete(a.id, a.lease, c.conn.principal, a.result, t);
       if (r != queue::op_error::none) {
         e = lease_error(r);
         status = describe(e).status;
-        if (r == queue::op_error::wrong_owner) _denials.inc();
+        if (r == queue::op_error::wrong_owner)
+          record_denial(c, auth::permission::consume, j->queue->name(), "lease of another principal");
       }
     }
     if (i) body += ',';

@@ -98,7 +98,7 @@ bool service::authorize(context& c, auth::permission p, std::string_view queue) 
   return false;
 }
 
-void service::deny(context& c, auth::permission p, std::string_view queue, std::string_view why) {
+void service::record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why) {
   _denials.inc();
   log::warn("authz_denied")
       .str("principal", c.conn.principal ? *c.conn.principal : "")
@@ -108,26 +108,35 @@ void service::deny(context& c, auth::permission p, std::string_view queue, std::
       .str("route", route_name(c.match.which))
       .str("reason", why)
       .str("remote", c.conn.remote_address());
+}
+
+void service::deny(context& c, auth::permission p, std::string_view queue, std::string_view why) {
+  record_denial(c, p, queue, why);
+  // The queue is in the audit line, never in the answer: the answer must
+  // not tell a caller the name of a queue it may not see.
   std::string msg = "principal is not allowed to ";
   msg += auth::to_string(p);
-  if (!queue.empty()) {
-    msg += " on queue ";
-    msg += queue;
-  }
+  if (!queue.empty()) msg += " on this queue";
   respond_error(c, api_error::forbidden, msg);
 }
 
 const queue::job* service::job_for(context& c, auth::permission p) {
   auto id = queue::parse_job_id(c.match.job);
   const queue::job* j = id ? _broker.find(*id) : nullptr;
-  if (!j) {
-    // Do not confirm or deny job ids to a principal that could never see one.
-    if (!c.policy->allows_somewhere(c.policy_principal, p)) deny(c, p, {}, "no grant");
-    else respond_error(c, api_error::not_found, "no such job");
+  if (j && c.policy->allows(c.policy_principal, p, j->queue->name())) return j;
+  // Denied or missing, the answer depends only on the caller's grants and
+  // never on whether the job exists: ids are sequential, so anything else
+  // would let a caller enumerate every job and the name of its queue. The
+  // denial is still audited, with the queue.
+  std::string_view queue = j ? std::string_view(j->queue->name()) : std::string_view();
+  if (!c.policy->allows_somewhere(c.policy_principal, p)) {
+    record_denial(c, p, queue, c.policy_principal ? "no grant" : "unknown principal");
+    respond_error(c, api_error::forbidden, "principal is not allowed to " + std::string(auth::to_string(p)));
     return nullptr;
   }
-  if (!authorize(c, p, j->queue->name())) return nullptr;
-  return j;
+  if (j) record_denial(c, p, queue, "no grant on the job's queue");
+  respond_error(c, api_error::not_found, "no such job");
+  return nullptr;
 }
 
 namespace {
@@ -315,6 +324,12 @@ void service::collect_queue_metrics(std::string& out) const {
     reg::write_header(out, counter_names[i], counter_help[i], "counter");
     out += counters[i];
   }
+  // Waits on queues that hold no job are in no per-queue series.
+  reg::write_header(out, "relay_parked_requests", "Long polls parked, by kind.", "gauge");
+  out += "relay_parked_requests{kind=\"lease\"} " + std::to_string(_lease_waits.size()) + "\n";
+  out += "relay_parked_requests{kind=\"job\"} " + std::to_string(_job_waits.size()) + "\n";
+  reg::write_header(out, "relay_queues", "Queues holding at least one job (limits.max_queues bounds it).", "gauge");
+  out += "relay_queues " + std::to_string(_broker.queue_count()) + "\n";
   reg::write_header(out, "relay_jobs_held", "Jobs held in memory, all queues and states.", "gauge");
   out += "relay_jobs_held " + std::to_string(_broker.job_count()) + "\n";
   reg::write_header(out, "relay_job_bytes_held", "Payload, result and error bytes held.", "gauge");

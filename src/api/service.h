@@ -64,6 +64,9 @@ class service final : public net::request_handler {
   // principal. False when an answer was sent.
   bool admit(context& c);
   bool authorize(context& c, auth::permission p, std::string_view queue);
+  // Audits a denial (log line and counter) without answering.
+  void record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why);
+  // record_denial() and a 403 that names no queue.
   void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
   // Takes the body by value: an answer built by the handler is moved, not
   // copied, into the journal wait.
@@ -75,7 +78,8 @@ class service final : public net::request_handler {
   void respond_error(context& c, api_error e, std::string_view detail = {});
   void count(route r, int status);
   // The job a /v1/jobs/{id} route names, after checking `p` on its queue;
-  // null when an answer was already sent.
+  // null when an answer was already sent. A job on a queue the caller lacks
+  // `p` on is answered exactly as one that does not exist (and audited).
   const queue::job* job_for(context& c, auth::permission p);
 
   void submit(context& c);

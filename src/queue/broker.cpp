@@ -231,16 +231,24 @@ principal_ref broker::intern(std::string_view principal) {
 job_queue* broker::queue_for(std::string_view name, open_mode mode, op_error& err) {
   err = op_error::none;
   auto it = _queues.find(std::string(name));
-  if (it != _queues.end()) return it->second.get();
-  if (mode == open_mode::lookup) return nullptr;
-  if (mode == open_mode::create && _queues.size() >= _limits.max_queues) {
+  job_queue* q = it == _queues.end() ? nullptr : it->second.get();
+  if (mode == open_mode::lookup) return q;
+  // Only a job makes a queue count: one that has only waiters is no queue
+  // yet, so a consume-only caller cannot use up max_queues.
+  bool counted = q && q->_jobs > 0;
+  if (mode == open_mode::create && !counted && _queues_with_jobs >= _limits.max_queues) {
     err = op_error::too_many_queues;
     return nullptr;
   }
-  auto q = std::make_unique<job_queue>(std::string(name));
-  job_queue* raw = q.get();
-  _queues.emplace(std::string(name), std::move(q));
-  return raw;
+  if (q) return q;
+  auto made = std::make_unique<job_queue>(std::string(name));
+  q = made.get();
+  _queues.emplace(std::string(name), std::move(made));
+  return q;
+}
+
+void broker::forget_if_unused(job_queue& q) {
+  if (q._jobs == 0 && q._waiters == 0) _queues.erase(q.name());
 }
 
 job* broker::find_mutable(job_id id) {
@@ -255,13 +263,14 @@ const job* broker::find(job_id id) const {
 
 const job_queue* broker::find_queue(std::string_view name) const {
   auto it = _queues.find(std::string(name));
-  return it == _queues.end() ? nullptr : it->second.get();
+  return it == _queues.end() || it->second->_jobs == 0 ? nullptr : it->second.get();
 }
 
 void broker::for_each_queue(const std::function<void(const job_queue&)>& fn) const {
   std::vector<const job_queue*> sorted;
   sorted.reserve(_queues.size());
-  for (const auto& [name, q] : _queues) sorted.push_back(q.get());
+  for (const auto& [name, q] : _queues)
+    if (q->_jobs > 0) sorted.push_back(q.get());
   std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->name() < b->name(); });
   for (const auto* q : sorted) fn(*q);
 }
@@ -348,11 +357,10 @@ op_error broker::lease(std::string_view queue, size_t max, uint32_t lease_ms, pr
   return op_error::none;
 }
 
-op_error broker::park(std::string_view queue, lease_waiter& w) {
+void broker::park(std::string_view queue, lease_waiter& w) {
   assert(!w._parked_on);
   op_error err;
-  job_queue* q = queue_for(queue, open_mode::create, err);
-  if (!q) return err;
+  job_queue* q = queue_for(queue, open_mode::wait, err);
   w._parked_on = q;
   w._prev = q->_wait_tail;
   w._next = nullptr;
@@ -360,7 +368,6 @@ op_error broker::park(std::string_view queue, lease_waiter& w) {
   else q->_wait_head = &w;
   q->_wait_tail = &w;
   ++q->_waiters;
-  return op_error::none;
 }
 
 void broker::unpark(lease_waiter& w) {
@@ -373,6 +380,7 @@ void broker::unpark(lease_waiter& w) {
   w._prev = w._next = nullptr;
   w._parked_on = nullptr;
   --q->_waiters;
+  forget_if_unused(*q);
 }
 
 void broker::dispatch(job_queue& q, time_ms now) {
@@ -630,7 +638,12 @@ void broker::forget(job& j) {
     auto it = _idempotency.find(idempotency_slot(j.queue->name(), j.idempotency_key));
     if (it != _idempotency.end() && it->second == j.id) _idempotency.erase(it);
   }
+  job_queue& q = *j.queue;
   _jobs.erase(j.id);
+  if (--q._jobs == 0) {
+    --_queues_with_jobs;
+    forget_if_unused(q);
+  }
 }
 
 bool broker::apply(const record& r) {
@@ -809,6 +822,7 @@ job& broker::restore_job(const record& r) {
   job& j = _jobs.try_emplace(r.id).first->second;
   j.id = r.id;
   j.queue = q;
+  if (q->_jobs++ == 0) ++_queues_with_jobs;
   j.priority = r.priority;
   j.max_attempts = r.max_attempts;
   j.lease_ms = r.lease_ms;

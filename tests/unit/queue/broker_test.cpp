@@ -239,10 +239,14 @@ TEST_CASE_FIXTURE(fixture, "waiters are served oldest first, one submit each") {
   for (auto* w : {&w1, &w2, &w3}) {
     w->owner = worker;
     w->max = 5;
-    REQUIRE(b.park("q", *w) == op_error::none);
+    b.park("q", *w);
   }
-  CHECK_EQ(b.find_queue("q")->waiting_workers(), 3u);
+  // Waiters alone make no queue (issue 10: nobody can fill max_queues by
+  // waiting).
+  CHECK_EQ(b.find_queue("q"), nullptr);
+  CHECK_EQ(b.queue_count(), 0u);
   job_id a = submit("1");
+  CHECK_EQ(b.find_queue("q")->waiting_workers(), 2u);
   job_id c = submit("2");
   CHECK_EQ(w1.got, std::vector<job_id>{a});
   CHECK_EQ(w2.got, std::vector<job_id>{c});
@@ -254,11 +258,35 @@ TEST_CASE_FIXTURE(fixture, "waiters are served oldest first, one submit each") {
   CHECK_EQ(b.find_queue("q")->ready(), 1u);
 }
 
+TEST_CASE_FIXTURE(fixture, "a queue with neither jobs nor waiters is forgotten") {
+  test_waiter w;
+  w.owner = worker;
+  b.park("only-waited", w);
+  b.unpark(w);
+  CHECK_EQ(b.find_queue("only-waited"), nullptr);
+  // The limit counts queues with jobs only.
+  broker_limits l;
+  l.max_queues = 1;
+  broker small(l, counting_random());
+  test_waiter x, y;
+  x.owner = y.owner = small.intern("w");
+  small.park("a", x);
+  small.park("b", y);
+  submit_params p;
+  p.queue = "c";
+  p.payload = "1";
+  CHECK(small.submit(p, now).created);
+  p.queue = "d";
+  CHECK_EQ(small.submit(p, now).error, op_error::too_many_queues);
+  small.unpark(x);
+  small.unpark(y);
+}
+
 TEST_CASE_FIXTURE(fixture, "a waiter is woken when a delayed job becomes ready") {
   job_id d = submit("1", 5, 200);
   test_waiter w;
   w.owner = worker;
-  REQUIRE(b.park("q", w) == op_error::none);
+  b.park("q", w);
   now += 200;
   b.advance(now);
   CHECK_EQ(w.got, std::vector<job_id>{d});
@@ -318,7 +346,7 @@ TEST_CASE("finished jobs are forgotten after their retention, with their idempot
   CHECK(b.find(id) != nullptr);
   b.advance(1010);
   CHECK(b.find(id) == nullptr);
-  CHECK_EQ(b.find_queue("q")->count(job_state::succeeded), 0u);
+  CHECK_EQ(b.find_queue("q"), nullptr);  // its last job gone, the queue is forgotten
   CHECK(b.submit(p, 1010).created);  // the key is free again
 }
 
