@@ -46,6 +46,10 @@ namespace relay::log {
 
 enum class level : uint8_t { debug, info, warn, error };
 
+// Which stream a line belongs to: the operational log, or the audit stream
+// (see relay/audit.h), which is never filtered by level.
+enum class channel : uint8_t { ops, audit };
+
 // Lines below `min` are discarded. Defaults to info.
 void set_min_level(level min);
 // "debug", "info", "warn" or "error"; anything else is info.
@@ -58,7 +62,7 @@ bool enabled(level l);
 //   log::warn("tls_handshake_failed").str("remote", "10.0.0.7:5133");  // source 10.0.0.7
 class line {
  public:
-  line(level l, std::string_view event);
+  line(level l, std::string_view event, channel c = channel::ops);
   line(const line&) = delete;
   line& operator=(const line&) = delete;
   ~line();
@@ -75,6 +79,7 @@ class line {
 
  private:
   level _level;
+  channel _channel;
   bool _enabled;
   bool _source_set = false;
   size_t _event_len = 0;  // _buf holds the raw event, then `,"key":value`...
@@ -96,6 +101,13 @@ uint64_t dropped_lines();
 // repeat count) has been written to stderr. True if it all was. Safe to call
 // from any thread except from inside a log call.
 bool flush(std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+
+// The audit stream's file (relay/audit.h wraps these).
+bool open_audit_file(const std::string& path, std::string& error);
+void reopen_audit_file();
+uint64_t audit_dropped_lines();
+uint64_t audit_reopens();
+bool flush_audit(std::chrono::milliseconds timeout);
 
 // "10.0.0.7:5133" → "10.0.0.7", "[::1]:80" → "::1"; anything else unchanged.
 std::string_view host_of(std::string_view address);

@@ -1,6 +1,8 @@
 #include "relay/log.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -39,14 +41,46 @@ int64_t wall_ms() {
 // few enough bytes that one write never holds much.
 constexpr size_t max_write_bytes = 64 * 1024;
 
-// The process's one buffer and the thread that writes it to stderr. Never
-// destroyed: the writer thread may still be blocked in write(2) on a stalled
-// pipe when the process exits, and must not find the buffer gone.
+// A buffer and the thread that writes it out: the operational log's to
+// stderr, the audit stream's to stderr or to its own file. Never destroyed:
+// the writer thread may still be blocked in write(2) on a stalled pipe when
+// the process exits, and must not find the buffer gone.
 class sink {
  public:
+  // The operational log (stderr).
   static sink& get() {
-    static sink* s = new sink();
+    static sink* s = new sink(STDERR_FILENO, {});
     return *s;
+  }
+  // The audit stream's own file, once audit::open() named one.
+  static std::atomic<sink*>& audit_file() {
+    static std::atomic<sink*> s{nullptr};
+    return s;
+  }
+
+  sink(int fd, std::string path) : _buf(buffer::default_capacity, wall_ms), _fd(fd), _path(std::move(path)) {
+    if (!_path.empty()) _checked_ms = wall_ms();
+    try {
+      std::thread([this] { run(); }).detach();
+    } catch (const std::system_error&) {
+      // No thread to be had: write synchronously, as before there was one.
+      _no_thread = true;
+    }
+    if (_path.empty()) {
+      std::atexit([] {
+        if (sink* a = sink::audit_file().load()) a->flush(std::chrono::milliseconds(2000));
+        sink::get().flush(std::chrono::milliseconds(2000));
+      });
+    }
+  }
+
+  // The file is reopened by the writer thread before its next write: after
+  // SIGHUP, or when the path no longer names the open file (logrotate moved
+  // it). Never on the caller's thread: opening may block.
+  void request_reopen() {
+    std::lock_guard lock(_mu);
+    _reopen = true;
+    if (_writer_waiting) _wake.notify_one();
   }
 
   void append(level l, std::string_view event, std::string_view source, std::string_view fields,
@@ -65,6 +99,13 @@ class sink {
     return _buf.dropped();
   }
 
+  const std::string& path() const { return _path; }
+
+  uint64_t reopened() {
+    std::lock_guard lock(_mu);
+    return _reopens;
+  }
+
   bool flush(std::chrono::milliseconds timeout) {
     std::unique_lock lock(_mu);
     _buf.expire_all();
@@ -77,19 +118,13 @@ class sink {
   }
 
  private:
-  sink() : _buf(buffer::default_capacity, wall_ms) {
-    try {
-      std::thread([this] { run(); }).detach();
-    } catch (const std::system_error&) {
-      // No thread to be had: write synchronously, as before there was one.
-      _no_thread = true;
-    }
-    std::atexit([] { sink::get().flush(std::chrono::milliseconds(2000)); });
-  }
+  // How often the writer checks that the path still names its file.
+  static constexpr int64_t moved_check_ms = 1000;
 
   void run() {
     std::unique_lock lock(_mu);
     for (;;) {
+      if (!_path.empty()) maybe_reopen(lock);
       int64_t next = _buf.expire();
       std::string_view text = _buf.peek();
       if (!text.empty()) {
@@ -99,7 +134,7 @@ class sink {
         // peek()'s bytes stay put while loggers append: the lock is not
         // needed to read them, and write(2) may block for as long as the
         // reader of stderr likes.
-        bool ok = write_all(text.data(), n);
+        bool ok = write_all(_fd, text.data(), n);
         lock.lock();
         _writing = false;
         if (!ok) _buf.count_lost(lines_in(text.substr(0, n)));
@@ -108,10 +143,34 @@ class sink {
       }
       _idle.notify_all();
       _writer_waiting = true;
+      if (!_path.empty() && (next < 0 || next > _checked_ms + moved_check_ms)) next = _checked_ms + moved_check_ms;
       if (next < 0) _wake.wait(lock);
       else _wake.wait_for(lock, std::chrono::milliseconds(std::max<int64_t>(1, next - wall_ms())));
       _writer_waiting = false;
     }
+  }
+
+  // Called with the lock held; drops it around the file system calls.
+  void maybe_reopen(std::unique_lock<std::mutex>& lock) {
+    int64_t now = wall_ms();
+    if (!_reopen && now < _checked_ms + moved_check_ms) return;
+    bool asked = _reopen;
+    _reopen = false;
+    _checked_ms = now;
+    lock.unlock();
+    bool moved = false;
+    if (!asked) {
+      struct stat by_path{}, open_file{};
+      moved = ::stat(_path.c_str(), &by_path) != 0 || ::fstat(_fd, &open_file) != 0 ||
+              by_path.st_ino != open_file.st_ino || by_path.st_dev != open_file.st_dev;
+    }
+    int fd = -1;
+    if (asked || moved) fd = ::open(_path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    lock.lock();
+    if (fd < 0) return;  // keep writing to the file we have (and retry later)
+    ::close(_fd);
+    _fd = fd;
+    ++_reopens;
   }
 
   // Without a writer thread (thread creation failed): the old synchronous way.
@@ -119,7 +178,7 @@ class sink {
     _buf.expire();
     for (std::string_view text = _buf.peek(); !text.empty(); text = _buf.peek()) {
       size_t n = whole_lines(text);
-      if (!write_all(text.data(), n)) _buf.count_lost(lines_in(text.substr(0, n)));
+      if (!write_all(_fd, text.data(), n)) _buf.count_lost(lines_in(text.substr(0, n)));
       _buf.consume(n);
     }
   }
@@ -136,15 +195,15 @@ class sink {
     return n;
   }
 
-  // False if stderr failed for good (closed, or not writable at all).
-  static bool write_all(const char* p, size_t left) {
+  // False if the output failed for good (closed, or not writable at all).
+  static bool write_all(int fd, const char* p, size_t left) {
     while (left > 0) {
-      ssize_t n = ::write(STDERR_FILENO, p, left);
+      ssize_t n = ::write(fd, p, left);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) {
           // Someone made stderr non-blocking; wait for room, on this thread.
-          pollfd pfd{STDERR_FILENO, POLLOUT, 0};
+          pollfd pfd{fd, POLLOUT, 0};
           ::poll(&pfd, 1, 1000);
           continue;
         }
@@ -163,7 +222,20 @@ class sink {
   bool _writer_waiting = false;
   bool _writing = false;
   bool _no_thread = false;
+  // The writer thread's alone (the atexit flush runs after it has written).
+  int _fd;
+  const std::string _path;  // empty: never reopened
+  int64_t _checked_ms = 0;
+  bool _reopen = false;      // under _mu
+  uint64_t _reopens = 0;     // under _mu
 };
+
+sink& sink_for(channel c) {
+  if (c == channel::audit) {
+    if (sink* a = sink::audit_file().load(std::memory_order_acquire)) return *a;
+  }
+  return sink::get();
+}
 
 }  // namespace
 
@@ -178,6 +250,40 @@ level parse_level(std::string_view name) {
 bool enabled(level l) { return l >= g_min_level.load(std::memory_order_relaxed); }
 
 uint64_t dropped_lines() { return sink::get().dropped(); }
+
+bool open_audit_file(const std::string& path, std::string& error) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    error = path + ": cannot open for appending: " + std::strerror(errno);
+    return false;
+  }
+  // Once per process, at start-up, before any other thread logs.
+  if (sink* open = sink::audit_file().load()) {
+    ::close(fd);
+    error = path + ": the audit stream is already open on " + open->path();
+    return false;
+  }
+  sink::audit_file().store(new sink(fd, path), std::memory_order_release);
+  return true;
+}
+
+void reopen_audit_file() {
+  if (sink* a = sink::audit_file().load(std::memory_order_acquire)) a->request_reopen();
+}
+
+uint64_t audit_dropped_lines() {
+  sink* a = sink::audit_file().load(std::memory_order_acquire);
+  return a ? a->dropped() : 0;
+}
+
+uint64_t audit_reopens() {
+  sink* a = sink::audit_file().load(std::memory_order_acquire);
+  return a ? a->reopened() : 0;
+}
+
+bool flush_audit(std::chrono::milliseconds timeout) {
+  return sink_for(channel::audit).flush(timeout);
+}
 
 bool flush(std::chrono::milliseconds timeout) { return sink::get().flush(timeout); }
 
@@ -195,17 +301,21 @@ std::string_view host_of(std::string_view address) {
 
 // ---- line ----
 
-line::line(level l, std::string_view event) : _level(l), _enabled(enabled(l)) {
+line::line(level l, std::string_view event, channel c)
+    : _level(l), _channel(c), _enabled(c == channel::audit || enabled(l)) {
   if (!_enabled) return;
   _buf.reserve(160);
   _buf += event;
   _event_len = event.size();
+  // The marker that tells audit lines apart where they share stderr with
+  // the operational log, and that a SIEM can filter on anywhere.
+  if (c == channel::audit) _buf += ",\"audit\":true";
 }
 
 line::~line() {
   if (!_enabled) return;
   std::string_view all = _buf;
-  sink::get().append(_level, all.substr(0, _event_len), _source, all.substr(_event_len), _reason);
+  sink_for(_channel).append(_level, all.substr(0, _event_len), _source, all.substr(_event_len), _reason);
 }
 
 line& line::str(std::string_view key, std::string_view value) {
