@@ -17,18 +17,22 @@
 //
 // The events relay writes (fields beyond "event", "audit", "level",
 // "ts_ms" and "source"):
-//   started              version, tls, auth_mode, listen, pid
-//   stopped              connections_cut
-//   handshake_refused    listener, remote, reason; subject, sha256, serial
-//                        when the peer presented a certificate
+//   started              pid, tls_library, auth_mode, listen, cert_sha256,
+//                        client_ca_sha256, crl_sha256, policy_sha256,
+//                        policy_principals
+//   stopped              pid, connections_cut
+//   tls_handshake_failed listener, remote, reason; subject, sha256 and
+//                        serial when the peer presented a certificate
+//                        (also a verified one whose names are refused)
 //   authz_denied         principal, policy_principal, permission, queue,
 //                        route, reason, remote (per item in POST /v1/results)
-//   admin_action         principal, action (requeue_dead, cancel), queue,
-//                        job or count, remote
-//   reloaded             what changed: cert_sha256, client_ca_sha256,
-//                        crl_sha256, policy_sha256 (each with *_changed)
-//   reload_refused       reason, kept
-//   connection_revoked   remote, principal, reason (a reload's re-check)
+//   admin_action         principal, policy_principal, action (requeue_dead,
+//                        cancel), queue, route, remote, job or count; never
+//                        collapsed
+//   reloaded             cert_sha256, client_ca_sha256, crl_sha256,
+//                        policy_sha256, each with *_changed, and
+//                        policy_principals
+//   reload_failed        reason, kept
 #pragma once
 
 #include <chrono>

@@ -37,6 +37,11 @@ struct relay_config {
   } auth;
   std::string policy = "policy.json";
   struct {
+    // The audit stream's file (see relay/audit.h); null: stderr, among the
+    // operational lines, each marked "audit":true.
+    std::optional<std::string> path;
+  } audit;
+  struct {
     std::string dir = "/var/lib/relay";
     std::string fsync = "always";
     uint64_t batch_interval_ms = 100;        // fsync period in "batch" mode (the window a crash may lose)
@@ -125,6 +130,12 @@ std::string to_json(const relay_config& c);
 // false, with `error` = "<key> <path>: <why>", if it cannot be opened for
 // reading or is a directory.
 bool readable_file(std::string_view key, const std::string& path, std::string& error);
+
+// Whether a secret file (a private key, an API key file) is open to users
+// other than its owner: group or other permission bits. Exposure is warned
+// about, not refused: a Kubernetes Secret volume is 0644 unless its
+// defaultMode says otherwise. `warning` names the key, path and mode.
+bool exposed_secret(std::string_view key, const std::string& path, std::string& warning);
 
 // Loads and validates bunny's configuration (URLs, handler choice).
 bool load(const std::optional<std::string>& file, const override_list& overrides, bunny_config& out,

@@ -45,6 +45,18 @@ struct client_options {
 // means building a new context and swapping the shared_ptr that new
 // connections take theirs from; live connections keep the one they started
 // with until they close.
+// What the audit stream says of a certificate a peer presented, so that a
+// refused one can be found again: its subject (RFC 2253, control bytes
+// escaped), the SHA-256 of its DER encoding and its serial number, both in
+// hex. All empty when no certificate was presented.
+struct certificate_summary {
+  std::string subject;
+  std::string sha256;
+  std::string serial;
+  bool empty() const { return sha256.empty(); }
+};
+certificate_summary summarize_certificate(x509_st* cert);
+
 class context {
  public:
   // On failure returns null and sets `error` to a message naming the file.
@@ -57,6 +69,8 @@ class context {
 
   ssl_ctx_st* native() const { return _ctx; }
   bool is_server() const { return _server; }
+  // The context's own certificate (for the audit line of a reload).
+  certificate_summary own_certificate() const;
   // Client contexts with resume_sessions: the session to offer, or null.
   // Loop-thread state (the cache is the context's only mutable part).
   ssl_session_st* cached_session() const { return _session; }
@@ -98,6 +112,8 @@ struct identity {
 // presented it). Safe on any parsed certificate, however odd its names.
 identity identity_from_certificate(x509_st* cert);
 
+
+
 class session {
  public:
   enum class status {
@@ -137,6 +153,9 @@ class session {
   bool resumed() const;
   // The verified peer certificate's names; empty if the peer sent none.
   identity peer_identity() const;
+  // The certificate the peer presented, verified or not (a handshake that
+  // failed verification still has it): for audit lines.
+  certificate_summary presented_certificate() const;
   // Why the last call returned status::error.
   const std::string& error() const { return _error; }
 
@@ -159,4 +178,6 @@ std::string_view library_version();
 namespace relay::tls {
 // Cryptographically secure random bytes from the TLS library's generator.
 void random_bytes(uint8_t* out, size_t n);
+// SHA-256 of `data`, lowercase hex.
+std::string sha256_hex(std::string_view data);
 }  // namespace relay::tls

@@ -91,6 +91,7 @@ void service::requeue_dead(context& c) {
     return;
   }
   auto done = _broker.requeue_dead(c.match.queue, args.ids, args.max, now());
+  audit_admin_action(c, "requeue_dead", c.match.queue, {}, done.size());
   std::string body = "{\"requeued\":[";
   for (size_t i = 0; i < done.size(); ++i) {
     if (i) body += ',';

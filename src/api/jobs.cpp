@@ -109,9 +109,12 @@ void service::cancel_job(context& c) {
   const queue::job* j = job_for(c, auth::permission::submit);
   if (!j) return;
   switch (_broker.cancel(j->id, now())) {
-    case queue::op_error::none:
-      respond(c, 200, "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"state\":\"cancelled\"}");
+    case queue::op_error::none: {
+      std::string id = queue::format_job_id(j->id);
+      audit_admin_action(c, "cancel", j->queue->name(), id);
+      respond(c, 200, "{\"id\":\"" + id + "\",\"state\":\"cancelled\"}");
       return;
+    }
     case queue::op_error::not_cancellable:
       respond_error(c, api_error::not_cancellable,
                     "the job is " + std::string(queue::to_string(j->state)) + " and cannot be cancelled");

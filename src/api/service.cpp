@@ -4,6 +4,7 @@
 
 #include "api/waits.h"
 #include "relay/json.h"
+#include "relay/audit.h"
 #include "relay/log.h"
 
 namespace relay::api {
@@ -100,7 +101,7 @@ bool service::authorize(context& c, auth::permission p, std::string_view queue) 
 
 void service::record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why) {
   _denials.inc();
-  log::warn("authz_denied")
+  audit::event("authz_denied")
       .str("principal", c.conn.principal ? *c.conn.principal : "")
       .str("policy_principal", c.policy_principal ? *c.policy_principal : "")
       .str("permission", auth::to_string(p))
@@ -108,6 +109,22 @@ void service::record_denial(context& c, auth::permission p, std::string_view que
       .str("route", route_name(c.match.which))
       .str("reason", why)
       .str("remote", c.conn.remote_address());
+}
+
+void service::audit_admin_action(context& c, std::string_view action, std::string_view queue, std::string_view job,
+                                 size_t count) {
+  auto line = audit::event("admin_action", log::level::info);
+  // Every admin action keeps its own line (no collapsing by source): the
+  // rate of these is the caller's grant's to bound, and each names a job.
+  line.source({});
+  line.str("principal", c.conn.principal ? *c.conn.principal : "")
+      .str("policy_principal", c.policy_principal ? *c.policy_principal : "")
+      .str("action", action)
+      .str("queue", queue)
+      .str("route", route_name(c.match.which))
+      .str("remote", c.conn.remote_address());
+  if (!job.empty()) line.str("job", job);
+  else line.num("count", static_cast<int64_t>(count));
 }
 
 void service::deny(context& c, auth::permission p, std::string_view queue, std::string_view why) {

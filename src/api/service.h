@@ -66,6 +66,10 @@ class service final : public net::request_handler {
   bool authorize(context& c, auth::permission p, std::string_view queue);
   // Audits a denial (log line and counter) without answering.
   void record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why);
+  // The audit line of a change made on someone's authority beyond their own
+  // jobs' lifecycle: a dead-job requeue, a cancellation. `job` or `count`.
+  void audit_admin_action(context& c, std::string_view action, std::string_view queue, std::string_view job,
+                          size_t count = 0);
   // record_denial() and a 403 that names no queue.
   void deny(context& c, auth::permission p, std::string_view queue, std::string_view why);
   // Takes the body by value: an answer built by the handler is moved, not

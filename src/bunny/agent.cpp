@@ -117,7 +117,9 @@ agent::agent(uv_loop_t* loop, config::bunny_config cfg, ops::registry& m)
       _tls_reloads(m.get_counter("bunny_tls_reloads_total", "Client certificate reloads.")),
       _duration(m.get_histogram("bunny_handler_duration_seconds", "Handler run time.", ops::latency_bounds_seconds())),
       _running_gauge(m.get_gauge("bunny_jobs_running", "Handler runs in progress.")),
-      _connected_gauge(m.get_gauge("bunny_relay_connected", "1 when the last exchange with relay succeeded.")) {
+      _connected_gauge(m.get_gauge("bunny_relay_connected", "1 when the last exchange with relay succeeded.")),
+      _exposed_secrets(m.get_gauge("bunny_secret_files_exposed",
+                                   "Secret files (tls.key, api_key_file) readable or writable by others than their owner.")) {
   uint8_t seed[8];
   tls::random_bytes(seed, sizeof seed);
   std::memcpy(&_rng, seed, sizeof _rng);
@@ -155,6 +157,17 @@ bool agent::start(std::string& error) {
   }
   _tls = tls::context::make_client(tls_options(_cfg), error);
   if (!_tls) return false;
+  // Warned about, not refused: Secret volumes are 0644 unless told otherwise.
+  int64_t exposed = 0;
+  const std::string no_file;
+  const std::string* key_file = _cfg.api_key_file ? &*_cfg.api_key_file : &no_file;
+  for (auto [key, path] : {std::pair<const char*, const std::string*>{"tls.key", &_cfg.tls.key}, {"api_key_file", key_file}}) {
+    std::string warning;
+    if (path->empty() || !config::exposed_secret(key, *path, warning)) continue;
+    ++exposed;
+    log::warn("secret_file_exposed").str("key", key).str("path", *path).str("reason", warning);
+  }
+  _exposed_secrets.set(exposed);
   if (_cfg.api_key_file) {
     std::ifstream in(*_cfg.api_key_file, std::ios::binary);
     if (!in) {
@@ -308,8 +321,11 @@ void agent::on_leased(const std::string& error, http::client_response& r) {
   simdjson::ondemand::document doc;
   simdjson::ondemand::array jobs;
   size_t got = 0;
+  // Never the body itself in the log: it may hold payloads.
   if (parser.iterate(body).get(doc) || doc["jobs"].get_array().get(jobs)) {
-    log::error("bad_lease_answer").str("body", body.substr(0, 300));
+    log::error("bad_lease_answer")
+        .str("reason", "not a JSON object with a \"jobs\" array")
+        .num("bytes", static_cast<int64_t>(r.body.size()));
     retry_poll_later();
     return;
   }
@@ -336,7 +352,9 @@ void agent::on_leased(const std::string& error, http::client_response& r) {
       else if (key == "payload" && json::raw_value(field.value(), s)) in.payload = s;
     }
     if (!ok || in.id.empty() || lease.empty()) {
-      log::error("bad_lease_answer").str("body", body.substr(0, 300));
+      log::error("bad_lease_answer")
+          .str("reason", "a job without an id or a lease, or with a field that is not JSON")
+          .num("bytes", static_cast<int64_t>(body.size()));
       break;
     }
     ++got;

@@ -104,6 +104,7 @@ class agent {
   ops::histogram& _duration;
   ops::gauge& _running_gauge;
   ops::gauge& _connected_gauge;
+  ops::gauge& _exposed_secrets;
 };
 
 }  // namespace relay::bunny

@@ -19,6 +19,7 @@ const schema& relay_schema() {
       {"auth.mode", kind::choice, field<c>([](c& x) { return &x.auth.mode; }), {"mtls"}, 0, 0, "api_key mtls+api_key"},
       {"auth.api_keys", kind::optional_path, field<c>([](c& x) { return &x.auth.api_keys; })},
       {"policy", kind::path, field<c>([](c& x) { return &x.policy; })},
+      {"audit.path", kind::optional_path, field<c>([](c& x) { return &x.audit.path; })},
       {"journal.dir", kind::path, field<c>([](c& x) { return &x.journal.dir; })},
       {"journal.fsync", kind::choice, field<c>([](c& x) { return &x.journal.fsync; }), {"always", "batch", "off"}},
       {"journal.batch_interval_ms", kind::number, field<c>([](c& x) { return &x.journal.batch_interval_ms; }), {}, 1, 60000},

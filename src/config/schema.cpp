@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -249,6 +250,16 @@ bool readable_file(std::string_view key, const std::string& path, std::string& e
     error = std::string(key) + " " + path + ": is a directory, not a file";
     return false;
   }
+  return true;
+}
+
+bool exposed_secret(std::string_view key, const std::string& path, std::string& warning) {
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0 || (st.st_mode & (S_IRWXG | S_IRWXO)) == 0) return false;
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  warning = std::string(key) + " " + path + " is mode " + mode +
+            ": readable or writable by users other than its owner (chmod 600, or defaultMode 0400 on the Secret volume)";
   return true;
 }
 

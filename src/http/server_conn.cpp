@@ -1,5 +1,6 @@
 #include <cassert>
 
+#include "relay/audit.h"
 #include "relay/log.h"
 #include "relay/server.h"
 
@@ -295,13 +296,17 @@ void server_conn::mark_closed() {
   }
 }
 
-void server_conn::on_end(stream&, stream_end why, std::string_view detail) {
+void server_conn::on_end(stream& s, stream_end why, std::string_view detail) {
   if (_state == state::handshake && why != stream_end::eof) {
     _owner._handshake_failures.inc();
-    log::warn("tls_handshake_failed")
-        .str("listener", _owner._options.name)
-        .str("remote", remote_address())
-        .str("reason", detail);
+    // An audit event: who tried, with what certificate, and why it was
+    // refused (a silent peer or a timeout is refused too). The session is
+    // still there while on_end runs.
+    tls::certificate_summary cert;
+    if (const tls::session* t = s.tls()) cert = t->presented_certificate();
+    auto line = audit::event("tls_handshake_failed");
+    line.str("listener", _owner._options.name).str("remote", remote_address()).str("reason", detail);
+    if (!cert.empty()) line.str("subject", cert.subject).str("sha256", cert.sha256).str("serial", cert.serial);
   } else if (why == stream_end::tls_error) {
     log::info("tls_error").str("listener", _owner._options.name).str("remote", remote_address()).str("reason", detail);
   }

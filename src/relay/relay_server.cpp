@@ -2,8 +2,13 @@
 
 #include <sys/resource.h>
 
-#include <chrono>
+#include <unistd.h>
 
+#include <chrono>
+#include <fstream>
+#include <sstream>
+
+#include "relay/audit.h"
 #include "relay/log.h"
 
 namespace relay {
@@ -27,6 +32,16 @@ bool check_files(const config::relay_config& cfg, std::string& error) {
   return readable_file("tls.cert", cfg.tls.cert, error) && readable_file("tls.key", cfg.tls.key, error) &&
          readable_file("tls.client_ca", cfg.tls.client_ca, error) &&
          (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error);
+}
+
+// SHA-256 of a file's bytes; empty if it cannot be read (a reload that got
+// this far has just read it).
+std::string file_sha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return {};
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return tls::sha256_hex(ss.str());
 }
 
 // How long watched files must stay unchanged before they are reloaded.
@@ -57,13 +72,22 @@ relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repai
                                        "result=\"ok\"")),
       _reloads_failed(_metrics.get_counter("relay_reloads_total", "Reloads of TLS material and policy (SIGHUP or a file change).",
                                            "result=\"failed\"")),
-      _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")) {
+      _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")),
+      _exposed_secrets(_metrics.get_gauge("relay_secret_files_exposed",
+                                          "Secret files (tls.key, auth.api_keys) readable or writable by others than their owner.")) {
   // The log buffer is the process's; its losses are reported with relay's figures.
   _metrics.add_collector([](std::string& out) {
     ops::registry::write_header(out, "relay_log_lines_dropped_total",
                                 "Log lines dropped because stderr was not read fast enough (the log buffer was full).",
                                 "counter");
     out += "relay_log_lines_dropped_total " + std::to_string(log::dropped_lines()) + "\n";
+    ops::registry::write_header(out, "relay_audit_lines_dropped_total",
+                                "Audit lines dropped because audit.path was not written fast enough (its buffer was full).",
+                                "counter");
+    out += "relay_audit_lines_dropped_total " + std::to_string(audit::dropped_lines()) + "\n";
+    ops::registry::write_header(out, "relay_audit_reopens_total",
+                                "Times the audit file was reopened (SIGHUP, or its path moved).", "counter");
+    out += "relay_audit_reopens_total " + std::to_string(audit::reopens()) + "\n";
   });
 }
 
@@ -89,11 +113,18 @@ bool relay_server::start(std::string& error) {
     t->data = this;
   }
   _handles_open = true;
+  // First, so that every refusal from here on is in the audit stream.
+  if (_cfg.audit.path && !audit::open(*_cfg.audit.path, error)) {
+    error = "audit.path " + error;
+    return false;
+  }
   if (!check_files(_cfg, error)) return false;
   _tls = tls::context::make_server(tls_options(_cfg), error);
   if (!_tls) return false;
   _policy = auth::policy::load(_cfg.policy, error);
   if (!_policy) return false;
+  _loaded = fingerprint(*_tls);
+  check_secret_modes();
 
   queue::broker_limits limits;
   limits.max_jobs = _cfg.limits.max_jobs;
@@ -133,6 +164,16 @@ bool relay_server::start(std::string& error) {
   log::info("relay_started")
       .str("tls_library", tls::library_version())
       .str("policy", _cfg.policy)
+      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+  audit::event("started", log::level::info)
+      .num("pid", static_cast<int64_t>(::getpid()))
+      .str("tls_library", tls::library_version())
+      .str("auth_mode", _cfg.auth.mode)
+      .str("listen", _api_listener->address())
+      .str("cert_sha256", _loaded.cert)
+      .str("client_ca_sha256", _loaded.client_ca)
+      .str("crl_sha256", _loaded.crl)
+      .str("policy_sha256", _loaded.policy)
       .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
   // The journal is replayed and both listeners are open: a Type=notify unit
   // counts as started only now.
@@ -280,20 +321,59 @@ void relay_server::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*,
                  reload_settle_ms, 0);
 }
 
+relay_server::fingerprints relay_server::fingerprint(const tls::context& ctx) const {
+  fingerprints f;
+  f.cert = ctx.own_certificate().sha256;
+  f.client_ca = file_sha256(_cfg.tls.client_ca);
+  if (_cfg.tls.crl) f.crl = file_sha256(*_cfg.tls.crl);
+  f.policy = file_sha256(_cfg.policy);
+  return f;
+}
+
 void relay_server::reload() {
+  // A rotated audit file is reopened with every reload (SIGHUP is what
+  // logrotate's postrotate sends).
+  audit::reopen();
   std::string error;
   auto ctx = tls::context::make_server(tls_options(_cfg), error);
   auto pol = ctx ? auth::policy::load(_cfg.policy, error) : nullptr;
   if (!ctx || !pol) {
     _reloads_failed.inc();
-    log::error("reload_failed").str("reason", error).str("kept", "previous TLS material and policy");
+    audit::event("reload_failed", log::level::error)
+        .str("reason", error)
+        .str("kept", "previous TLS material and policy");
     return;
   }
   // Live connections keep the context they were accepted with.
   _tls = std::move(ctx);
   _policy = std::move(pol);
   _reloads_ok.inc();
-  log::info("reloaded").num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+  fingerprints now = fingerprint(*_tls);
+  audit::event("reloaded", log::level::info)
+      .str("cert_sha256", now.cert)
+      .boolean("cert_changed", now.cert != _loaded.cert)
+      .str("client_ca_sha256", now.client_ca)
+      .boolean("client_ca_changed", now.client_ca != _loaded.client_ca)
+      .str("crl_sha256", now.crl)
+      .boolean("crl_changed", now.crl != _loaded.crl)
+      .str("policy_sha256", now.policy)
+      .boolean("policy_changed", now.policy != _loaded.policy)
+      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+  _loaded = std::move(now);
+  check_secret_modes();
+}
+
+void relay_server::check_secret_modes() {
+  size_t exposed = 0;
+  std::string warning;
+  auto check = [&](std::string_view key, const std::string& path) {
+    if (!config::exposed_secret(key, path, warning)) return;
+    ++exposed;
+    log::warn("secret_file_exposed").str("key", key).str("path", path).str("reason", warning);
+  };
+  check("tls.key", _cfg.tls.key);
+  if (_cfg.auth.api_keys) check("auth.api_keys", *_cfg.auth.api_keys);
+  _exposed_secrets.set(static_cast<int64_t>(exposed));
 }
 
 void relay_server::begin_drain() {
@@ -321,7 +401,11 @@ void relay_server::on_drain_tick(uv_timer_t* t) {
 void relay_server::stop() {
   if (_stopped) return;
   _stopped = true;
-  if (_api_listener) log::info("stopped").num("connections_cut", static_cast<int64_t>(_api_listener->open_connections()));
+  if (_api_listener) {
+    auto cut = static_cast<int64_t>(_api_listener->open_connections());
+    log::info("stopped").num("connections_cut", cut);
+    audit::event("stopped", log::level::info).num("pid", static_cast<int64_t>(::getpid())).num("connections_cut", cut);
+  }
   if (_handles_open) {
     for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle}) {
       uv_timer_stop(t);

@@ -48,6 +48,14 @@ class relay_server {
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
+  // What a reload swaps in, as the audit stream names it.
+  struct fingerprints {
+    std::string cert, client_ca, crl, policy;
+  };
+  fingerprints fingerprint(const tls::context& ctx) const;
+  // Warns (log and relay_secret_files_exposed) about key files open to
+  // others; at start and on every reload.
+  void check_secret_modes();
   static void on_compact_tick(uv_timer_t* t);
   void compact_step();
 
@@ -56,6 +64,7 @@ class relay_server {
   ops::registry _metrics;
   std::shared_ptr<const tls::context> _tls;
   std::shared_ptr<const auth::policy> _policy;
+  fingerprints _loaded;
   std::unique_ptr<queue::broker> _broker;
   std::unique_ptr<journal::writer> _journal;
   bool _repair_journal;
@@ -85,6 +94,7 @@ class relay_server {
   ops::counter& _reloads_ok;
   ops::counter& _reloads_failed;
   ops::counter& _compactions;
+  ops::gauge& _exposed_secrets;
 };
 
 }  // namespace relay

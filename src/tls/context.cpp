@@ -1,5 +1,6 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
+#include <openssl/sha.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -178,9 +179,24 @@ std::shared_ptr<const context> context::make_client(const client_options& o, std
 
 std::string_view library_version() { return compat::library_name(); }
 
+certificate_summary context::own_certificate() const { return summarize_certificate(SSL_CTX_get0_certificate(_ctx)); }
+
 }  // namespace relay::tls
 
 namespace relay::tls {
+std::string sha256_hex(std::string_view data) {
+  static constexpr char hex[] = "0123456789abcdef";
+  uint8_t md[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const uint8_t*>(data.data()), data.size(), md);
+  std::string out;
+  out.reserve(2 * sizeof md);
+  for (uint8_t b : md) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
+}
+
 void random_bytes(uint8_t* out, size_t n) {
   // Both libraries abort rather than return weak bytes on failure in practice;
   // check anyway so that a failure is never silent.

@@ -35,6 +35,47 @@ identity session::peer_identity() const {
   return id;
 }
 
+certificate_summary session::presented_certificate() const {
+  if (!_ssl) return {};
+  X509* cert = compat::peer_certificate(_ssl);
+  if (!cert) return {};
+  certificate_summary s = summarize_certificate(cert);
+  X509_free(cert);
+  return s;
+}
+
+certificate_summary summarize_certificate(X509* cert) {
+  certificate_summary s;
+  if (!cert) return s;
+  static constexpr char hex[] = "0123456789abcdef";
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int md_len = 0;
+  if (X509_digest(cert, EVP_sha256(), md, &md_len) == 1) {
+    for (unsigned int i = 0; i < md_len; ++i) {
+      s.sha256 += hex[md[i] >> 4];
+      s.sha256 += hex[md[i] & 15];
+    }
+  }
+  if (const ASN1_INTEGER* serial = X509_get_serialNumber(cert)) {
+    const unsigned char* p = ASN1_STRING_get0_data(serial);
+    for (int i = 0; i < ASN1_STRING_length(serial); ++i) {
+      s.serial += hex[p[i] >> 4];
+      s.serial += hex[p[i] & 15];
+    }
+  }
+  if (BIO* bio = BIO_new(BIO_s_mem())) {
+    // RFC 2253 with control and non-ASCII bytes escaped: a crafted subject
+    // cannot forge a line or hide in one.
+    if (X509_NAME_print_ex(bio, X509_get_subject_name(cert), 0, XN_FLAG_RFC2253) >= 0) {
+      s.subject.resize(BIO_ctrl_pending(bio));
+      int n = BIO_read(bio, s.subject.data(), static_cast<int>(s.subject.size()));
+      s.subject.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    }
+    BIO_free(bio);
+  }
+  return s;
+}
+
 identity identity_from_certificate(X509* cert) {
   identity id;
   auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
