@@ -131,10 +131,11 @@ std::string to_json(const relay_config& c);
 // reading or is a directory.
 bool readable_file(std::string_view key, const std::string& path, std::string& error);
 
-// Whether a secret file (a private key, an API key file) is open to users
-// other than its owner: group or other permission bits. Exposure is warned
-// about, not refused: a Kubernetes Secret volume is 0644 unless its
-// defaultMode says otherwise. `warning` names the key, path and mode.
+// Whether a secret file (a private key, an API key file) is open to any
+// user (an "other" permission bit) or writable by its group. Group read is
+// allowed: it is how a pod's fsGroup reaches a Secret mounted 0440.
+// Exposure is warned about, not refused: a Kubernetes Secret volume is 0644
+// unless its defaultMode says otherwise. `warning` names key, path and mode.
 bool exposed_secret(std::string_view key, const std::string& path, std::string& warning);
 
 // Loads and validates bunny's configuration (URLs, handler choice).

@@ -119,7 +119,7 @@ agent::agent(uv_loop_t* loop, config::bunny_config cfg, ops::registry& m)
       _running_gauge(m.get_gauge("bunny_jobs_running", "Handler runs in progress.")),
       _connected_gauge(m.get_gauge("bunny_relay_connected", "1 when the last exchange with relay succeeded.")),
       _exposed_secrets(m.get_gauge("bunny_secret_files_exposed",
-                                   "Secret files (tls.key, api_key_file) readable or writable by others than their owner.")) {
+                                   "Secret files (tls.key, api_key_file) readable by any user or writable by their group.")) {
   uint8_t seed[8];
   tls::random_bytes(seed, sizeof seed);
   std::memcpy(&_rng, seed, sizeof _rng);

@@ -255,11 +255,13 @@ bool readable_file(std::string_view key, const std::string& path, std::string& e
 
 bool exposed_secret(std::string_view key, const std::string& path, std::string& warning) {
   struct stat st{};
-  if (::stat(path.c_str(), &st) != 0 || (st.st_mode & (S_IRWXG | S_IRWXO)) == 0) return false;
+  // Group read is how a Kubernetes pod's fsGroup reaches a Secret (0440);
+  // anyone-may-read, or a group that may write, is exposure.
+  if (::stat(path.c_str(), &st) != 0 || (st.st_mode & (S_IRWXO | S_IWGRP)) == 0) return false;
   char mode[8];
   std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
   warning = std::string(key) + " " + path + " is mode " + mode +
-            ": readable or writable by users other than its owner (chmod 600, or defaultMode 0400 on the Secret volume)";
+            ": readable by any user, or writable by its group (chmod 600, or defaultMode 0440 with fsGroup on a Secret volume)";
   return true;
 }
 

@@ -74,7 +74,7 @@ relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repai
                                            "result=\"failed\"")),
       _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")),
       _exposed_secrets(_metrics.get_gauge("relay_secret_files_exposed",
-                                          "Secret files (tls.key, auth.api_keys) readable or writable by others than their owner.")) {
+                                          "Secret files (tls.key, auth.api_keys) readable by any user or writable by their group.")) {
   // The log buffer is the process's; its losses are reported with relay's figures.
   _metrics.add_collector([](std::string& out) {
     ops::registry::write_header(out, "relay_log_lines_dropped_total",

@@ -10,7 +10,7 @@
 
 #include "../support/bunny_fixture.h"
 
-TEST_CASE("relay warns about a world-readable tls.key, and stops once it is 0600") {
+TEST_CASE("relay warns about a world-readable tls.key, and stops once it is 0440 (group read, as fsGroup needs)") {
   test::tmpdir keys;
   std::string key = keys / "server.key";
   test::write_file(key, test::read_file(test::pki() + "/server.key"));
@@ -23,7 +23,7 @@ TEST_CASE("relay warns about a world-readable tls.key, and stops once it is 0600
   CHECK(relay.ops_get("/metrics").body.find("relay_secret_files_exposed 1\n") != std::string::npos);
   CHECK(relay.proc->log().find("PRIVATE KEY") == std::string::npos);
 
-  REQUIRE_EQ(chmod(key.c_str(), 0600), 0);
+  REQUIRE_EQ(chmod(key.c_str(), 0440), 0);
   relay.proc->signal(SIGHUP);
   bool cleared = false;
   for (int i = 0; i < 100 && !cleared; ++i) {
@@ -35,7 +35,7 @@ TEST_CASE("relay warns about a world-readable tls.key, and stops once it is 0600
   CHECK_EQ(relay.curl("admin", "GET", "/v1/queues").status, 200);
 }
 
-TEST_CASE("bunny warns about a group-readable key file") {
+TEST_CASE("bunny warns about a world-readable key file") {
   test::relay_process relay;
   test::bunny_process bunny(relay, {});
   // The fixture writes the bunny's key with the default umask (0644).
