@@ -20,6 +20,7 @@ struct ssl_st;
 struct ssl_session_st;
 struct bio_st;
 struct x509_st;
+struct x509_store_ctx_st;
 
 namespace relay::tls {
 
@@ -162,12 +163,16 @@ class session {
  private:
   void init(bool server);
   status fail(int ret);
+  // Server side: remembers the leaf a failed verification was about, which
+  // OpenSSL does not keep once the handshake has failed.
+  static int on_verify(int ok, x509_store_ctx_st* store);
 
   std::shared_ptr<const context> _ctx;
   ssl_st* _ssl = nullptr;
   bio_st* _in = nullptr;   // ciphertext from the peer, owned by _ssl
   bio_st* _out = nullptr;  // ciphertext for the peer, owned by _ssl
   std::string _error;
+  certificate_summary _refused_certificate;
 };
 
 // The TLS library's name and version, for logs.

@@ -36,6 +36,7 @@ identity session::peer_identity() const {
 }
 
 certificate_summary session::presented_certificate() const {
+  if (!_refused_certificate.empty()) return _refused_certificate;
   if (!_ssl) return {};
   X509* cert = compat::peer_certificate(_ssl);
   if (!cert) return {};

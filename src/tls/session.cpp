@@ -58,8 +58,23 @@ void session::init(bool server) {
   BIO_set_mem_eof_return(_in, -1);
   BIO_set_mem_eof_return(_out, -1);
   SSL_set_bio(_ssl, _in, _out);  // _ssl owns both from here on
-  if (server) SSL_set_accept_state(_ssl);
-  else SSL_set_connect_state(_ssl);
+  if (server) {
+    SSL_set_accept_state(_ssl);
+    // Ex-data slot 0 is the "app data" slot; nothing else uses it on a session.
+    SSL_set_ex_data(_ssl, 0, this);
+    SSL_set_verify(_ssl, SSL_get_verify_mode(_ssl), on_verify);
+  } else {
+    SSL_set_connect_state(_ssl);
+  }
+}
+
+int session::on_verify(int ok, X509_STORE_CTX* store) {
+  if (ok) return ok;
+  auto* ssl = static_cast<SSL*>(X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  auto* self = ssl ? static_cast<session*>(SSL_get_ex_data(ssl, 0)) : nullptr;
+  if (self && self->_refused_certificate.empty())
+    self->_refused_certificate = summarize_certificate(X509_STORE_CTX_get0_cert(store));
+  return ok;
 }
 
 session::~session() {
