@@ -16,17 +16,21 @@
 // Repeats collapse. A line may name its *source*: explicitly with
 // .source(s), or implicitly through a "remote" field (.str("remote", addr)),
 // whose host part — the peer's IP without the port — becomes the source.
-// Lines are repeats when they have the same event, source and "reason" field
-// (or both none): the first is written in full and opens a one-second window;
-// repeats inside the window are counted, not written, whatever their other
-// fields; when the window ends, one line
-// {"event":E,"source":S[,"reason":R],"repeated":N,...} reports the N
-// suppressed lines (none if N is 0). So a flood from one peer costs about two
-// lines a second for each distinct reason, while different failures of one
-// peer (an expired certificate, then a revoked one) each get their line.
-// Lines without a source never collapse. At most
+// Operational lines are repeats when they have the same event, source and
+// "reason" field (or both none); audit lines (relay/audit.h) when they have
+// the same event, source and every field but "remote". The first is written
+// in full and opens a one-second window; repeats inside the window are
+// counted, not written; when the window ends, one line
+// {"event":E,"source":S[,"reason":R | ,<audit fields>],"repeated":N,...}
+// reports the N suppressed lines (none if N is 0). So a flood from one peer
+// costs about two lines a second for each distinct reason, while different
+// failures of one peer (an expired certificate, then a revoked one) each get
+// their line, and in the audit stream each distinct principal, queue or
+// certificate does. Lines without a source never collapse. At most
 // buffer::max_sources windows are open at once; lines from further sources
-// are written uncollapsed (and still bounded by the buffer).
+// are written uncollapsed. Audit lines that are not repeats are budgeted per
+// second, per source and in all (see buffer::append); string values longer
+// than 1024 bytes are cut and marked.
 //
 // At process exit (std::atexit) and on flush(), the writer gets up to two
 // seconds to write out what is pending, repeat counts included, so the last
@@ -78,6 +82,12 @@ class line {
   line& source(std::string_view s);
 
  private:
+  // Longer string values are cut (at a character boundary) and marked.
+  static constexpr size_t max_value_bytes = 1024;
+  // The field just appended (from `field_start` in _buf) may be part of
+  // what makes this line a repeat of another; see buffer::append.
+  void collapse_on(std::string_view key, size_t field_start);
+
   level _level;
   channel _channel;
   bool _enabled;
@@ -85,7 +95,7 @@ class line {
   size_t _event_len = 0;  // _buf holds the raw event, then `,"key":value`...
   std::string _buf;
   std::string _source;
-  std::string _reason;
+  std::string _collapse;  // `,"key":value`... that repeats must share
 };
 
 inline line debug(std::string_view event) { return line(level::debug, event); }
@@ -121,17 +131,27 @@ class buffer {
   static constexpr size_t default_capacity = size_t{4} << 20;
   static constexpr int64_t repeat_window_ms = 1000;
   static constexpr size_t max_sources = 1024;
+  static constexpr uint32_t max_audit_lines_per_source = 32;
+  static constexpr uint32_t max_audit_lines_per_window = 1024;
   // Milliseconds since the epoch; used for "ts_ms" and for repeat windows.
   using clock = std::function<int64_t()>;
 
   buffer(size_t capacity, clock now_ms);
 
-  // One line: `fields` is `,"key":value...` (possibly empty) and `reason`
-  // the value of its "reason" field, if any. Writes
+  // One line: `fields` is `,"key":value...` (possibly empty). Writes
   // {"event":E<fields>[,"source":S],"level":L,"ts_ms":T}\n, or counts a
   // repeat, or drops the line when there is no room. False if not written.
+  // Lines with a source repeat each other when they share event, source and
+  // `collapse`, a `,"key":value...` fragment that the "repeated" line
+  // echoes: an operational line's "reason" field; for an audit line every
+  // field but "remote" (so each distinct principal, queue or certificate
+  // keeps a line of its own). Audit lines with a source that are not
+  // repeats are also budgeted: at most max_audit_lines_per_source a second
+  // from one source and max_audit_lines_per_window in all; the rest are
+  // counted into one {"event":"audit_lines_suppressed",...} line per source
+  // a second.
   bool append(level l, std::string_view event, std::string_view source, std::string_view fields,
-              std::string_view reason = {});
+              std::string_view collapse = {}, bool audit = false);
   // Closes the repeat windows that are over, writing their "repeated" lines.
   // Returns when the next open window ends (clock ms), or -1 if none is open.
   int64_t expire();
@@ -148,6 +168,8 @@ class buffer {
   size_t pending() const { return _size; }
   size_t capacity() const { return _ring.size(); }
   uint64_t dropped() const { return _dropped; }
+  // Of those, audit lines.
+  uint64_t audit_dropped() const { return _audit_dropped; }
   // Counts lines lost after they were buffered (stderr failed for good).
   void count_lost(uint64_t lines);
 
@@ -158,6 +180,8 @@ class buffer {
     level lvl = level::info;
   };
   bool put(std::string_view text);
+  bool admit_audit_line(std::string_view source, int64_t now);
+  void report_suppressed(int64_t new_epoch);
   void close_window(const std::string& key, const window& w);
   void maybe_report_drops();
   std::string finish(level l, int64_t now);
@@ -173,6 +197,15 @@ class buffer {
   // order they opened.
   std::unordered_map<std::string, window> _windows;
   std::deque<std::pair<int64_t, std::string>> _window_order;
+  uint64_t _audit_dropped = 0;
+  uint64_t _audit_unreported = 0;
+  // The audit budget of the current second (_budget_epoch): lines admitted
+  // per source and in all, and lines suppressed per source ("*": sources
+  // beyond max_sources).
+  int64_t _budget_epoch = 0;
+  uint32_t _budget_lines = 0;
+  std::unordered_map<std::string, uint32_t> _budgets;
+  std::unordered_map<std::string, uint64_t> _suppressed;
   std::string _scratch;
 };
 

@@ -142,14 +142,12 @@ void service::results(context& c) {
   body += "{\"results\":[";
   for (size_t i = 0; i < items.size(); ++i) {
     const outcome_args& a = items[i];
-    const queue::job* j = _broker.find(a.id);
+    // As for a single result: a job on a queue the caller may not consume
+    // is answered as one that does not exist, at the same cost.
+    const queue::job* j = visible_job(c, auth::permission::consume, a.id);
     int status = 200;
     api_error e = api_error::internal;
-    bool visible = j && c.policy->allows(c.policy_principal, auth::permission::consume, j->queue->name());
-    if (!visible) {
-      // As for a single result: a job on a queue the caller may not consume
-      // is answered as one that does not exist, and the denial audited.
-      if (j) record_denial(c, auth::permission::consume, j->queue->name(), "no grant on the job's queue");
+    if (!j) {
       status = 404;
       e = api_error::not_found;
     } else {

@@ -137,23 +137,49 @@ void service::deny(context& c, auth::permission p, std::string_view queue, std::
   respond_error(c, api_error::forbidden, msg);
 }
 
+const queue::job* service::visible_job(context& c, auth::permission p, queue::job_id id) {
+  const queue::job* j = _broker.find(id);
+  // The same work whether the job exists or not: the policy is asked about
+  // the job's queue or about none, and either way one audit line is
+  // written (a denial naming the real queue, or a miss), so neither the
+  // answer nor its timing tells a caller that a job it may not see exists.
+  std::string_view queue = j ? std::string_view(j->queue->name()) : std::string_view();
+  bool allowed = c.policy->allows(c.policy_principal, p, queue);
+  if (j && allowed) return j;
+  if (j) record_denial(c, p, queue, "no grant on the job's queue");
+  else record_miss(c, p, id);
+  return nullptr;
+}
+
+void service::record_miss(context& c, auth::permission p, queue::job_id id) {
+  // Looking up ids that do not exist is how enumeration looks; the line
+  // has a denial's shape so that writing it costs what a denial costs.
+  audit::event("job_not_found", log::level::info)
+      .str("principal", c.conn.principal ? *c.conn.principal : "")
+      .str("policy_principal", c.policy_principal ? *c.policy_principal : "")
+      .str("permission", auth::to_string(p))
+      .str("queue", "")
+      .str("route", route_name(c.match.which))
+      .str("reason", id ? "no such job" : "not a job id")
+      .str("remote", c.conn.remote_address());
+}
+
 const queue::job* service::job_for(context& c, auth::permission p) {
-  auto id = queue::parse_job_id(c.match.job);
-  const queue::job* j = id ? _broker.find(*id) : nullptr;
-  if (j && c.policy->allows(c.policy_principal, p, j->queue->name())) return j;
   // Denied or missing, the answer depends only on the caller's grants and
   // never on whether the job exists: ids are sequential, so anything else
-  // would let a caller enumerate every job and the name of its queue. The
-  // denial is still audited, with the queue.
-  std::string_view queue = j ? std::string_view(j->queue->name()) : std::string_view();
+  // would let a caller enumerate every job and the name of its queue.
   if (!c.policy->allows_somewhere(c.policy_principal, p)) {
-    record_denial(c, p, queue, c.policy_principal ? "no grant" : "unknown principal");
+    auto id = queue::parse_job_id(c.match.job);
+    const queue::job* j = id ? _broker.find(*id) : nullptr;
+    record_denial(c, p, j ? std::string_view(j->queue->name()) : std::string_view(),
+                  c.policy_principal ? "no grant" : "unknown principal");
     respond_error(c, api_error::forbidden, "principal is not allowed to " + std::string(auth::to_string(p)));
     return nullptr;
   }
-  if (j) record_denial(c, p, queue, "no grant on the job's queue");
-  respond_error(c, api_error::not_found, "no such job");
-  return nullptr;
+  auto id = queue::parse_job_id(c.match.job);
+  const queue::job* j = visible_job(c, p, id.value_or(0));
+  if (!j) respond_error(c, api_error::not_found, "no such job");
+  return j;
 }
 
 namespace {

@@ -85,6 +85,10 @@ class service final : public net::request_handler {
   // null when an answer was already sent. A job on a queue the caller lacks
   // `p` on is answered exactly as one that does not exist (and audited).
   const queue::job* job_for(context& c, auth::permission p);
+  // The job `id` if the caller holds `p` on its queue, else null with an
+  // audit line: the same work for a job it may not see as for none.
+  const queue::job* visible_job(context& c, auth::permission p, queue::job_id id);
+  void record_miss(context& c, auth::permission p, queue::job_id id);
 
   void submit(context& c);
   void get_job(context& c);

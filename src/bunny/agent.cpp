@@ -325,7 +325,7 @@ void agent::on_leased(const std::string& error, http::client_response& r) {
   if (parser.iterate(body).get(doc) || doc["jobs"].get_array().get(jobs)) {
     log::error("bad_lease_answer")
         .str("reason", "not a JSON object with a \"jobs\" array")
-        .num("bytes", static_cast<int64_t>(r.body.size()));
+        .num("bytes", static_cast<int64_t>(body.size()));
     retry_poll_later();
     return;
   }
@@ -388,11 +388,13 @@ void agent::job_done(job_slot* j, outcome o) {
   if (o.ok) _succeeded.inc();
   else _failed.inc();
   if (o.timed_out) _timed_out.inc();
+  // Only bunny's own words go to the log; the handler's (a stderr tail, a
+  // local service's answer) go to relay: they may echo the payload.
   log::info("job_finished")
       .str("job", j->input.id)
       .boolean("ok", o.ok)
       .num("duration_ms", static_cast<int64_t>(seconds * 1000))
-      .str("error", o.error);
+      .str("error", std::string_view(o.error).substr(0, o.error_own_bytes));
   if (j->lease_lost) {
     finish_job(j);
   } else {

@@ -200,14 +200,18 @@ class exec_run final : public handler_run {
     o.timed_out = _timed_out;
     if (!_spawn_error.empty()) o.error = _spawn_error;
     else if (_cancelled) o.error = _why;
-    else if (_timed_out) o.error = "handler timed out after " + std::to_string(_h.options.timeout_ms) + " ms" + tail();
+    else if (_timed_out) o.error = "handler timed out after " + std::to_string(_h.options.timeout_ms) + " ms";
     else if (_overflow) o.error = "handler stdout exceeds " + std::to_string(_h.options.max_output_bytes) + " bytes";
-    else if (_signal) o.error = "handler killed by signal " + std::to_string(_signal) + tail();
-    else if (_status != 0) o.error = "handler exited with status " + std::to_string(_status) + tail();
+    else if (_signal) o.error = "handler killed by signal " + std::to_string(_signal);
+    else if (_status != 0) o.error = "handler exited with status " + std::to_string(_status);
     else {
       std::string why;
       if (as_json_result(_stdout, o.result, why)) o.ok = true;
-      else o.error = "handler stdout is not a JSON result (" + why + ")" + tail();
+      else o.error = "handler stdout is not a JSON result (" + why + ")";
+    }
+    if (!o.ok && _spawn_error.empty() && !_cancelled && !_overflow) {
+      o.error_own_bytes = o.error.size();
+      o.error += tail();
     }
     return o;
   }

@@ -25,6 +25,10 @@ struct outcome {
   bool ok = false;
   std::string result;  // raw JSON, when ok
   std::string error;   // why not, when !ok
+  // How much of `error` bunny wrote itself; the rest (a stderr tail, the
+  // local service's answer) is the handler's and may echo the payload, so
+  // it goes to relay but never to bunny's log.
+  size_t error_own_bytes = std::string::npos;
   bool timed_out = false;
   bool cancelled = false;
 };

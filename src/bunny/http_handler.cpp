@@ -51,7 +51,9 @@ class http_run final : public handler_run {
       _outcome.timed_out = error.find("timed out") != std::string::npos;
       _outcome.error = "http handler: " + error;
     } else if (r.status < 200 || r.status > 299) {
-      _outcome.error = "http handler answered " + std::to_string(r.status) + ": " + r.body.substr(0, 1024);
+      _outcome.error = "http handler answered " + std::to_string(r.status);
+      _outcome.error_own_bytes = _outcome.error.size();
+      _outcome.error += ": " + r.body.substr(0, 1024);
     } else {
       std::string why;
       if (as_json_result(r.body, _outcome.result, why)) _outcome.ok = true;

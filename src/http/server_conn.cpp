@@ -228,7 +228,13 @@ void server_conn::on_timeout(stream&) {
     case state::handshake:
       _owner._timeouts.inc();
       _owner._handshake_failures.inc();
-      log::info("tls_handshake_timeout").str("listener", _owner._options.name).str("remote", remote_address());
+      // Audited like any refused handshake: it held a connection slot. (A
+      // peer that closes before finishing, a TCP health check, is not an
+      // authentication attempt and is not audited.)
+      audit::event("tls_handshake_failed")
+          .str("listener", _owner._options.name)
+          .str("remote", remote_address())
+          .str("reason", "no TLS handshake within limits.handshake_timeout_ms");
       close();
       break;
     case state::reading_headers:

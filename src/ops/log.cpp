@@ -84,9 +84,9 @@ class sink {
   }
 
   void append(level l, std::string_view event, std::string_view source, std::string_view fields,
-              std::string_view reason) {
+              std::string_view collapse, bool audit) {
     std::lock_guard lock(_mu);
-    _buf.append(l, event, source, fields, reason);
+    _buf.append(l, event, source, fields, collapse, audit);
     if (_no_thread) {
       write_out_locked();
       return;
@@ -97,6 +97,11 @@ class sink {
   uint64_t dropped() {
     std::lock_guard lock(_mu);
     return _buf.dropped();
+  }
+
+  uint64_t audit_dropped() {
+    std::lock_guard lock(_mu);
+    return _buf.audit_dropped();
   }
 
   const std::string& path() const { return _path; }
@@ -134,7 +139,15 @@ class sink {
         // peek()'s bytes stay put while loggers append: the lock is not
         // needed to read them, and write(2) may block for as long as the
         // reader of stderr likes.
-        bool ok = write_all(_fd, text.data(), n);
+        int err = 0;
+        bool ok = write_all(_fd, text.data(), n, err);
+        if (!_path.empty() && ok == _write_failing) {
+          // The audit file failed (a full disk) or recovered: say so once,
+          // in the operational log, so that someone looks.
+          _write_failing = !ok;
+          if (ok) log::line(level::warn, "audit_write_recovered").str("path", _path);
+          else log::line(level::error, "audit_write_failed").str("path", _path).str("reason", std::strerror(err));
+        }
         lock.lock();
         _writing = false;
         if (!ok) _buf.count_lost(lines_in(text.substr(0, n)));
@@ -178,7 +191,8 @@ class sink {
     _buf.expire();
     for (std::string_view text = _buf.peek(); !text.empty(); text = _buf.peek()) {
       size_t n = whole_lines(text);
-      if (!write_all(_fd, text.data(), n)) _buf.count_lost(lines_in(text.substr(0, n)));
+      int err = 0;
+      if (!write_all(_fd, text.data(), n, err)) _buf.count_lost(lines_in(text.substr(0, n)));
       _buf.consume(n);
     }
   }
@@ -196,10 +210,11 @@ class sink {
   }
 
   // False if the output failed for good (closed, or not writable at all).
-  static bool write_all(int fd, const char* p, size_t left) {
+  static bool write_all(int fd, const char* p, size_t left, int& err) {
     while (left > 0) {
       ssize_t n = ::write(fd, p, left);
       if (n < 0) {
+        err = errno;
         if (errno == EINTR) continue;
         if (errno == EAGAIN) {
           // Someone made stderr non-blocking; wait for room, on this thread.
@@ -226,6 +241,7 @@ class sink {
   int _fd;
   const std::string _path;  // empty: never reopened
   int64_t _checked_ms = 0;
+  bool _write_failing = false;  // the writer thread's
   bool _reopen = false;      // under _mu
   uint64_t _reopens = 0;     // under _mu
 };
@@ -273,7 +289,7 @@ void reopen_audit_file() {
 
 uint64_t audit_dropped_lines() {
   sink* a = sink::audit_file().load(std::memory_order_acquire);
-  return a ? a->dropped() : 0;
+  return a ? a->dropped() : sink::get().audit_dropped();
 }
 
 uint64_t audit_reopens() {
@@ -309,46 +325,79 @@ line::line(level l, std::string_view event, channel c)
   _event_len = event.size();
   // The marker that tells audit lines apart where they share stderr with
   // the operational log, and that a SIEM can filter on anywhere.
-  if (c == channel::audit) _buf += ",\"audit\":true";
+  if (c == channel::audit) {
+    _buf += ",\"audit\":true";
+    _collapse = ",\"audit\":true";
+  }
 }
 
 line::~line() {
   if (!_enabled) return;
   std::string_view all = _buf;
-  sink_for(_channel).append(_level, all.substr(0, _event_len), _source, all.substr(_event_len), _reason);
+  sink_for(_channel).append(_level, all.substr(0, _event_len), _source, all.substr(_event_len), _collapse,
+                            _channel == channel::audit);
+}
+
+void line::collapse_on(std::string_view key, size_t field_start) {
+  // An audit line repeats another only if everything but the peer's port
+  // is the same: principal, queue, route, certificate... so a flood
+  // collapses while every distinct actor and target keeps its own line.
+  // Operational lines collapse on their reason alone.
+  if (_channel == channel::audit) {
+    if (key != "remote") _collapse.append(_buf, field_start);
+  } else if (key == "reason") {
+    _collapse.assign(_buf, field_start);
+  }
 }
 
 line& line::str(std::string_view key, std::string_view value) {
   if (!_enabled) return *this;
+  size_t start = _buf.size();
   _buf += ',';
   json::append_key(_buf, key);
-  json::append_string(_buf, value);
+  if (value.size() > max_value_bytes) {
+    // Cut at a character boundary, and say so: a peer-supplied value (a
+    // certificate subject, a name) must not make one line huge.
+    size_t cut = max_value_bytes;
+    while (cut > 0 && (static_cast<unsigned char>(value[cut]) & 0xc0) == 0x80) --cut;
+    std::string shortened(value.substr(0, cut));
+    shortened += "...(" + std::to_string(value.size()) + " bytes)";
+    json::append_string(_buf, shortened);
+  } else {
+    json::append_string(_buf, value);
+  }
   if (key == "remote" && !_source_set) _source = host_of(value);
-  else if (key == "reason") _reason = value;
+  collapse_on(key, start);
   return *this;
 }
 
 line& line::num(std::string_view key, int64_t value) {
   if (!_enabled) return *this;
+  size_t start = _buf.size();
   _buf += ',';
   json::append_key(_buf, key);
   json::append_int(_buf, value);
+  collapse_on(key, start);
   return *this;
 }
 
 line& line::boolean(std::string_view key, bool value) {
   if (!_enabled) return *this;
+  size_t start = _buf.size();
   _buf += ',';
   json::append_key(_buf, key);
   _buf += value ? "true" : "false";
+  collapse_on(key, start);
   return *this;
 }
 
 line& line::raw(std::string_view key, std::string_view json_value) {
   if (!_enabled) return *this;
+  size_t start = _buf.size();
   _buf += ',';
   json::append_key(_buf, key);
   _buf += json_value;
+  collapse_on(key, start);
   return *this;
 }
 
@@ -373,16 +422,16 @@ std::string buffer::finish(level l, int64_t now) {
 }
 
 bool buffer::append(level l, std::string_view event, std::string_view source, std::string_view fields,
-                    std::string_view reason) {
+                    std::string_view collapse, bool audit) {
   int64_t now = _now();
   if (!source.empty()) {
     std::string key;
-    key.reserve(event.size() + source.size() + reason.size() + 2);
+    key.reserve(event.size() + source.size() + collapse.size() + 2);
     key += event;
     key += '\0';
     key += source;
     key += '\0';
-    key += reason;
+    key += collapse;
     auto it = _windows.find(key);
     if (it != _windows.end()) {
       window& w = it->second;
@@ -396,6 +445,9 @@ bool buffer::append(level l, std::string_view event, std::string_view source, st
       close_window(it->first, w);
       _windows.erase(it);
     }
+    // Audit lines that are not repeats still cost the writer and the disk:
+    // a peer can make every line distinct (a new certificate per attempt).
+    if (audit && !admit_audit_line(source, now)) return false;
     if (_windows.size() < max_sources) {
       _windows.emplace(key, window{now + repeat_window_ms, 0, l});
       _window_order.emplace_back(now + repeat_window_ms, std::move(key));
@@ -410,7 +462,55 @@ bool buffer::append(level l, std::string_view event, std::string_view source, st
     json::append_string(_scratch, source);
   }
   _scratch += finish(l, now);
-  return put(_scratch);
+  bool written = put(_scratch);
+  if (!written && audit) {
+    ++_audit_dropped;
+    ++_audit_unreported;
+  }
+  return written;
+}
+
+bool buffer::admit_audit_line(std::string_view source, int64_t now) {
+  int64_t epoch = now / repeat_window_ms;
+  if (epoch != _budget_epoch) report_suppressed(epoch);
+  auto it = _budgets.find(std::string(source));
+  if (it == _budgets.end() && _budgets.size() < max_sources) it = _budgets.emplace(std::string(source), 0).first;
+  uint32_t* from_source = it != _budgets.end() ? &it->second : nullptr;
+  bool admit = _budget_lines < max_audit_lines_per_window &&
+               (!from_source || *from_source < max_audit_lines_per_source);
+  if (admit) {
+    ++_budget_lines;
+    if (from_source) ++*from_source;
+    return true;
+  }
+  auto& s = _suppressed[from_source ? std::string(source) : std::string("*")];
+  ++s;
+  return false;
+}
+
+void buffer::report_suppressed(int64_t new_epoch) {
+  for (const auto& [source, lines] : _suppressed) {
+    _scratch.clear();
+    _scratch += "{\"event\":\"audit_lines_suppressed\",\"audit\":true,\"source\":";
+    json::append_string(_scratch, source);
+    _scratch += ",\"lines\":";
+    _scratch += std::to_string(lines);
+    _scratch += ",\"window_ms\":";
+    _scratch += std::to_string(repeat_window_ms);
+    _scratch += ",\"why\":\"more distinct audit lines than ";
+    _scratch += std::to_string(source == "*" ? max_audit_lines_per_window : max_audit_lines_per_source);
+    _scratch += source == "*" ? " a second in all" : " a second from one source";
+    _scratch += '"';
+    _scratch += finish(level::warn, _now());
+    if (!put(_scratch)) {
+      ++_audit_dropped;
+      ++_audit_unreported;
+    }
+  }
+  _suppressed.clear();
+  _budgets.clear();
+  _budget_lines = 0;
+  _budget_epoch = new_epoch;
 }
 
 void buffer::close_window(const std::string& key, const window& w) {
@@ -418,16 +518,14 @@ void buffer::close_window(const std::string& key, const window& w) {
   std::string_view k = key;
   size_t nul1 = k.find('\0');
   size_t nul2 = k.find('\0', nul1 + 1);
-  std::string_view reason = k.substr(nul2 + 1);
   _scratch.clear();
   _scratch += "{\"event\":";
   json::append_string(_scratch, k.substr(0, nul1));
   _scratch += ",\"source\":";
   json::append_string(_scratch, k.substr(nul1 + 1, nul2 - nul1 - 1));
-  if (!reason.empty()) {
-    _scratch += ",\"reason\":";
-    json::append_string(_scratch, reason);
-  }
+  // What made these lines repeats: their reason, or for audit lines every
+  // field but the peer's port (the "audit" marker among them).
+  _scratch += k.substr(nul2 + 1);
   _scratch += ",\"repeated\":";
   _scratch += std::to_string(w.repeats);
   _scratch += ",\"window_ms\":";
@@ -438,6 +536,7 @@ void buffer::close_window(const std::string& key, const window& w) {
 
 int64_t buffer::expire() {
   int64_t now = _now();
+  if (!_suppressed.empty() && now / repeat_window_ms != _budget_epoch) report_suppressed(now / repeat_window_ms);
   while (!_window_order.empty()) {
     auto& [ends, key] = _window_order.front();
     auto it = _windows.find(key);
@@ -455,6 +554,7 @@ int64_t buffer::expire() {
 }
 
 void buffer::expire_all() {
+  if (!_suppressed.empty()) report_suppressed(_budget_epoch + 1);
   for (auto& [key, w] : _windows) close_window(key, w);
   _windows.clear();
   _window_order.clear();
@@ -488,7 +588,14 @@ void buffer::maybe_report_drops() {
   report += std::to_string(_unreported);
   report += ",\"total\":";
   report += std::to_string(_dropped);
-  report += ",\"why\":\"stderr was not read fast enough; the log buffer was full\"";
+  if (_audit_unreported > 0) {
+    // Audit lines were among them: the SIEM must see that it lost some.
+    report += ",\"audit_lines\":";
+    report += std::to_string(_audit_unreported);
+    report += ",\"audit\":true";
+    _audit_unreported = 0;
+  }
+  report += ",\"why\":\"the output was not written fast enough; the buffer was full\"";
   report += finish(level::warn, _now());
   _unreported = 0;
   put(report);

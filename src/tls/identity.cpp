@@ -4,12 +4,43 @@
 namespace relay::tls {
 namespace {
 
-// A name with control bytes (an embedded NUL above all) could make two
-// different certificates look like one principal.
-bool printable(const unsigned char* p, int len) {
+// URI and DNS SANs are IA5Strings naming a URI or a host: visible ASCII
+// only. A control byte (an embedded NUL above all), a space or a byte above
+// 0x7e could make two different certificates look like one principal, or
+// one look like another in a log.
+bool visible_ascii(const unsigned char* p, int len) {
   if (len <= 0) return false;
   for (int i = 0; i < len; ++i)
-    if (p[i] < 0x20 || p[i] == 0x7f) return false;
+    if (p[i] < 0x21 || p[i] > 0x7e) return false;
+  return true;
+}
+
+// A CN is text (UTF-8 once converted): valid UTF-8 with no C0 or C1
+// control, no line or paragraph separator, and no invisible formatting
+// character (bidi overrides, zero-width characters, soft hyphen, BOM), which
+// could make "ops-admin" and a look-alike print the same.
+bool printable_utf8(const unsigned char* p, int len) {
+  if (len <= 0) return false;
+  int i = 0;
+  while (i < len) {
+    uint32_t c = p[i];
+    int extra = c < 0x80 ? 0 : (c >> 5) == 0x6 ? 1 : (c >> 4) == 0xe ? 2 : (c >> 3) == 0x1e ? 3 : -1;
+    if (extra < 0 || i + extra >= len) return false;  // not a lead byte, or cut short
+    if (extra > 0) c &= 0x3fu >> extra;
+    for (int k = 1; k <= extra; ++k) {
+      if ((p[i + k] & 0xc0) != 0x80) return false;
+      c = c << 6 | (p[i + k] & 0x3fu);
+    }
+    static constexpr uint32_t min_for[4] = {0, 0x80, 0x800, 0x10000};
+    if (c < min_for[extra] || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) return false;  // overlong, surrogate
+    bool control = c < 0x20 || (c >= 0x7f && c <= 0x9f);
+    bool separator = c == 0x2028 || c == 0x2029;
+    bool format = c == 0xad || c == 0x61c || c == 0x180e || (c >= 0x200b && c <= 0x200f) ||
+                  (c >= 0x202a && c <= 0x202e) || (c >= 0x2060 && c <= 0x2064) || (c >= 0x2066 && c <= 0x206f) ||
+                  c == 0xfeff || (c >= 0xfff9 && c <= 0xfffb) || (c >= 0xe0000 && c <= 0xe007f);
+    if (control || separator || format) return false;
+    i += extra + 1;
+  }
   return true;
 }
 
@@ -17,8 +48,9 @@ bool printable(const unsigned char* p, int len) {
 std::string read_name(const ASN1_STRING* s, const char* what, std::string& refused) {
   const unsigned char* p = s ? ASN1_STRING_get0_data(s) : nullptr;
   int len = s ? ASN1_STRING_length(s) : 0;
-  if (!p || !printable(p, len)) {
-    if (refused.empty()) refused = std::string("a ") + what + (len <= 0 ? " is empty" : " holds control bytes or NUL");
+  if (!p || !visible_ascii(p, len)) {
+    if (refused.empty())
+      refused = std::string("a ") + what + (len <= 0 ? " is empty" : " holds a byte that is not visible ASCII");
     return {};
   }
   return std::string(reinterpret_cast<const char*>(p), static_cast<size_t>(len));
@@ -105,11 +137,11 @@ identity identity_from_certificate(X509* cert) {
     ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, idx));
     unsigned char* utf8 = nullptr;
     int len = ASN1_STRING_to_UTF8(&utf8, data);
-    if (len > 0 && printable(utf8, len)) id.cn.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
+    if (len > 0 && printable_utf8(utf8, len)) id.cn.assign(reinterpret_cast<char*>(utf8), static_cast<size_t>(len));
     else if (id.refused.empty())
       id.refused = len < 0    ? "the subject CN is not a string"
                    : len == 0 ? "the subject CN is empty"
-                              : "the subject CN holds control bytes or NUL";
+                              : "the subject CN holds a control, separator or invisible formatting character, or is not UTF-8";
     if (utf8) OPENSSL_free(utf8);
   }
   if (!id.refused.empty()) {

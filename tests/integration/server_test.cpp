@@ -41,7 +41,7 @@ TEST_CASE("a TLS client that never completes the handshake is dropped") {
   char c;
   CHECK_LE(recv(fd, &c, 1, 0), 0);
   close(fd);
-  CHECK(relay.proc->wait_for_line("tls_handshake_timeout").has_value());
+  CHECK(relay.proc->wait_for_line("no TLS handshake within limits.handshake_timeout_ms").has_value());
 }
 
 TEST_CASE("pipelined requests are answered in order on one connection") {

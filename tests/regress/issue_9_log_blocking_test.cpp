@@ -30,7 +30,7 @@ class piped_relay {
     test::write_file(dir / "policy.json", test::default_policy());
     test::write_file(dir / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
       "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p + R"(/ca.crt"},
-      "policy": "policy.json", "journal": {"dir": "journal"}})");
+      "policy": "policy.json", "journal": {"dir": "journal"}, "limits": {"max_connections_per_ip": 1}})");
     int fds[2];
     REQUIRE_EQ(pipe2(fds, O_CLOEXEC), 0);
     _read_fd = fds[0];
@@ -121,6 +121,13 @@ std::string line_with(const std::string& text, const std::string& needle) {
 
 // One plaintext "handshake" from 127.x.y.z, which relay's TLS refuses.
 // Returns the socket, or -1.
+// A connection from a source that already has one: refused at once with a
+// connection_refused line (limits.max_connections_per_ip is 1). Refused
+// handshakes are audit lines, which relay budgets per second; these
+// operational lines are not, so they are what fills the pipe.
+int bad_handshake(uint32_t n, uint16_t port);
+int refused_connection(uint32_t n, uint16_t port) { return bad_handshake(n, port); }
+
 int bad_handshake(uint32_t n, uint16_t port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
@@ -214,6 +221,8 @@ TEST_CASE("relay keeps serving while its stderr pipe is full, and counts and rep
     for (int i = 0; i < 64 && attempts < max_attempts; ++i, ++attempts) {
       int fd = bad_handshake(attempts, api_port);
       if (fd >= 0) open.push_back(fd);
+      int second = refused_connection(attempts, api_port);
+      if (second >= 0) open.push_back(second);
     }
     // With a blocking log write, relay stalls on the full pipe and these
     // sockets are never closed.

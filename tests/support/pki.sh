@@ -66,7 +66,7 @@ issue() {  # ca name cn extensions [extra openssl ca args...]
   ca=$1 name=$2 cn=$3 ext=$4
   shift 4
   openssl_quiet ecparam -name prime256v1 -genkey -noout -out "$name.key"
-  openssl_quiet req -new -key "$name.key" -out "$name.csr" -subj "/CN=$cn"
+  openssl_quiet req -new -utf8 -key "$name.key" -out "$name.csr" -subj "/CN=$cn"
   printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" "$ext" > "$name.ext"
   openssl_quiet ca -batch -config "$ca.cnf" -cert "$ca.crt" -keyfile "$ca.key" -in "$name.csr" -out "$name.crt" \
     -extfile "$name.ext" -notext "$@"
@@ -109,6 +109,13 @@ der="2.5.29.17=DER:30328610${first}861e${second}"
 issue ca bad-first-uri worker "$client
 $der" -days 825
 issue ca two-cn "ops-admin/CN=nobody" "$client" -days 825
+# Names that print like another or hold bytes a name cannot: a CN with a C1
+# control (U+0085), a CN behind a right-to-left override (U+202E), and
+# bunny's URI SAN followed by a byte above ASCII.
+issue ca cn-c1 "ops$(printf '\302\205')admin" "$client" -days 825
+issue ca cn-rlo "$(printf '\342\200\256')nimda-spo" "$client" -days 825
+issue ca uri-high-byte worker "$client
+2.5.29.17=DER:3021861f$(hex 'spiffe://test/ns/jobs/sa/bunny')ff" -days 825
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -revoke revoked.crt
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -gencrl -out crl.pem
 chmod 644 ./*.crt crl.pem

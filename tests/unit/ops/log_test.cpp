@@ -235,9 +235,9 @@ TEST_CASE("Process-wide log lines reach stderr through the writer thread, in ord
 
 TEST_CASE("Lines of one event from one source with different reasons are not repeats of each other") {
   clocked c;
-  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", "expired"));
-  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"revoked\"", "revoked"));
-  CHECK_FALSE(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", "expired"));
+  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", ",\"reason\":\"expired\""));
+  CHECK(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"revoked\"", ",\"reason\":\"revoked\""));
+  CHECK_FALSE(c.buf.append(log::level::warn, "tls_handshake_failed", "10.0.0.7", ",\"reason\":\"expired\"", ",\"reason\":\"expired\""));
   CHECK_EQ(test::lines(c.buf.take()).size(), 2u);
   c.now += 1000;
   CHECK_EQ(c.buf.expire(), -1);
@@ -266,4 +266,93 @@ TEST_CASE("A log line's \"reason\" field takes part in collapsing, and flush() w
   CHECK_NE(got[0].find("\"reason\":\"a\""), std::string::npos);
   CHECK_NE(got[1].find("\"reason\":\"b\""), std::string::npos);
   CHECK_EQ(got[2].rfind("{\"event\":\"unit_collapse\",\"source\":\"10.9.9.9\",\"reason\":\"a\",\"repeated\":2,", 0), 0u);
+}
+
+// Found by the attack review of issue 10: collapsing audit lines by event,
+// source and reason alone let a decoy denial hide the principal, queue and
+// certificate of every other attempt from that address for a second.
+TEST_CASE("Audit lines repeat only when every field but the peer's port is the same") {
+  clocked c;
+  auto denial = [&](const std::string& principal, const std::string& queue) {
+    std::string collapse = ",\"audit\":true,\"principal\":\"" + principal + "\",\"queue\":\"" + queue + "\"";
+    return c.buf.append(log::level::warn, "authz_denied", "10.0.0.7", collapse + ",\"remote\":\"10.0.0.7:1\"", collapse,
+                        true);
+  };
+  CHECK(denial("bunny", "render"));
+  CHECK(denial("producer", "payroll"));  // another principal: its own line
+  CHECK(denial("bunny", "payroll"));     // another queue: its own line
+  CHECK_FALSE(denial("bunny", "render"));
+  CHECK_FALSE(denial("bunny", "render"));
+  c.buf.take();
+  c.now += log::buffer::repeat_window_ms;
+  c.buf.expire();
+  std::string out = c.buf.take();
+  // The count names what repeated, and is marked as audit.
+  CHECK_NE(out.find("{\"event\":\"authz_denied\",\"source\":\"10.0.0.7\",\"audit\":true,\"principal\":\"bunny\","
+                    "\"queue\":\"render\",\"repeated\":2,"),
+           std::string::npos);
+}
+
+TEST_CASE("Distinct audit lines are budgeted per source and in all, and what is suppressed is counted in a line") {
+  clocked c;
+  auto distinct = [&](const std::string& source, int i) {
+    std::string f = ",\"audit\":true,\"sha256\":\"" + std::to_string(i) + "\"";
+    return c.buf.append(log::level::warn, "tls_handshake_failed", source, f, f, true);
+  };
+  int written = 0;
+  for (int i = 0; i < 100; ++i) written += distinct("10.0.0.7", i);
+  CHECK_EQ(written, static_cast<int>(log::buffer::max_audit_lines_per_source));
+  // Other sources still get theirs, up to the budget in all.
+  int others = 0;
+  for (int i = 0; i < 5000; ++i) others += distinct("10.1." + std::to_string(i / 250) + "." + std::to_string(i % 250), i);
+  CHECK_EQ(written + others, static_cast<int>(log::buffer::max_audit_lines_per_window));
+  // Operational lines are not budgeted.
+  CHECK(c.buf.append(log::level::warn, "request_timeout", "10.0.0.7", ",\"n\":1", ",\"reason\":\"a\""));
+  c.buf.take();
+  c.now += log::buffer::repeat_window_ms;
+  c.buf.expire();
+  std::string out = c.buf.take();
+  CHECK_NE(out.find("{\"event\":\"audit_lines_suppressed\",\"audit\":true,\"source\":\"10.0.0.7\",\"lines\":68,"),
+           std::string::npos);
+  // A new second, a new budget.
+  CHECK(distinct("10.0.0.7", 100000));
+}
+
+TEST_CASE("Audit lines dropped from a full buffer are counted apart and the drop report is marked audit") {
+  clocked c(4096);
+  std::string f = ",\"audit\":true,\"x\":\"" + std::string(200, 'y') + "\"";
+  uint64_t refused = 0;
+  for (int i = 0; i < 40; ++i) refused += !c.buf.append(log::level::warn, "admin_action", {}, f, {}, true);
+  CHECK_GT(refused, 0u);
+  CHECK_EQ(c.buf.audit_dropped(), refused);
+  CHECK_EQ(c.buf.dropped(), refused);
+  // Reading makes room; the report follows the lines that were kept.
+  std::string out = c.buf.take();
+  CHECK(c.buf.append(log::level::info, "after", {}, {}));
+  out += c.buf.take();
+  CHECK_NE(out.find("\"event\":\"log_lines_dropped\""), std::string::npos);
+  CHECK_NE(out.find("\"audit_lines\":" + std::to_string(refused) + ",\"audit\":true"), std::string::npos);
+}
+
+TEST_CASE("A string value longer than 1024 bytes is cut and says how long it was") {
+  test::tmpdir dir;
+  std::string path = dir / "stderr";
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  REQUIRE_GE(fd, 0);
+  int saved = ::dup(STDERR_FILENO);
+  REQUIRE(log::flush());
+  ::dup2(fd, STDERR_FILENO);
+  // Two-byte characters, so that the cut must find a character boundary.
+  std::string huge;
+  for (int i = 0; i < 3000; ++i) huge += "\xc3\xa9";
+  log::warn("unit_huge").str("subject", huge);
+  bool flushed = log::flush();
+  ::dup2(saved, STDERR_FILENO);
+  ::close(saved);
+  ::close(fd);
+  CHECK(flushed);
+  std::string got = test::read_file(path);
+  CHECK_LT(got.size(), 1200u);
+  CHECK_NE(got.find("...(6000 bytes)"), std::string::npos);
+  CHECK_EQ(got.find("\xc3\"", 0), std::string::npos);  // no half character before the marker
 }
