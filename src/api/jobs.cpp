@@ -56,6 +56,21 @@ void service::submit(context& c) {
   std::string body;
   bool all_created = true;
   if (batch) body = "{\"ids\":[";
+  // Idempotency keys belong to the principal that submits: scoped only by
+  // queue, a principal allowed to submit there could claim another's key
+  // ahead of it (its job silently replaced) or learn the id and state of
+  // another's job from a guessed key. The broker keeps the key opaque; the
+  // principal travels in it, journal and snapshots included.
+  std::vector<std::string> scoped_keys;
+  scoped_keys.reserve(items.size());
+  for (auto& it : items) {
+    if (it.idempotency_key.empty()) continue;
+    std::string k = c.conn.principal ? *c.conn.principal : std::string();
+    k += '\0';
+    k += it.idempotency_key;
+    scoped_keys.push_back(std::move(k));
+    it.idempotency_key = scoped_keys.back();
+  }
   for (size_t i = 0; i < items.size(); ++i) {
     queue::submit_params& p = items[i];
     p.queue = q;
