@@ -76,6 +76,7 @@ void service::lease(context& c) {
   w->max = args.max;
   w->lease_ms = args.lease_ms;
   w->owner = c.conn.principal;
+  w->queue = q;
   _broker.park(q, *w);
   w->start(args.wait_ms);
 }

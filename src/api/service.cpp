@@ -320,6 +320,26 @@ void service::drain() {
   for (job_wait* w : std::vector<job_wait*>(_job_waits.begin(), _job_waits.end())) w->expire();
 }
 
+void service::policy_changed() {
+  std::shared_ptr<const auth::policy> pol = _policy();
+  if (!pol) return;
+  // Copies: answering removes entries.
+  for (lease_wait* w : std::vector<lease_wait*>(_lease_waits.begin(), _lease_waits.end())) {
+    const std::string* who = pol->match(w->conn.peer());
+    if (!pol->allows(who, auth::permission::consume, w->queue)) w->expire();
+  }
+  for (job_wait* w : std::vector<job_wait*>(_job_waits.begin(), _job_waits.end())) {
+    const std::string* who = pol->match(w->conn.peer());
+    const queue::job* j = _broker.find(w->id);
+    if (j && pol->allows(who, auth::permission::read, j->queue->name())) continue;
+    if (!pol->allows_somewhere(who, auth::permission::read))
+      w->refuse(describe(api_error::forbidden).status,
+                api_error_body(api_error::forbidden, "principal is not allowed to read"));
+    else
+      w->refuse(describe(api_error::not_found).status, api_error_body(api_error::not_found, "no such job"));
+  }
+}
+
 void service::close() {
   if (_closed) return;
   drain();

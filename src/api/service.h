@@ -40,6 +40,12 @@ class service final : public net::request_handler {
   void on_request(net::server_conn& conn, http::request& req) override;
   void on_rejected(net::server_conn& conn, api_error e) override;
 
+  // After a policy reload: a parked request whose caller no longer holds
+  // the grant it was parked under is answered now -- a lease with no jobs
+  // (its next lease is refused), a job wait as a job it may not see -- so
+  // that a grant revoked while a long poll waits cannot still deliver a
+  // job or a payload.
+  void policy_changed();
   // Answers every parked request now (leases with no jobs, job waits with
   // the job's current state) and answers new long polls at once.
   void drain();

@@ -45,6 +45,7 @@ struct service::lease_wait final : queue::lease_waiter {
 
   service& svc;
   net::server_conn& conn;
+  std::string queue;
   uv_timer_t timer{};
 };
 
@@ -73,6 +74,13 @@ struct service::job_wait final : queue::job_watcher {
     } else {
       svc.send(conn, route::get_job, 404, api_error_body(api_error::not_found, "no such job"));
     }
+  }
+  // The caller lost its read grant while it waited: answered as job_for()
+  // answers it now.
+  void refuse(int status, std::string body) {
+    svc._broker.unwatch(*this);
+    svc.finish_job_wait(this);
+    svc.send(conn, route::get_job, status, std::move(body));
   }
   void abandon() {
     svc._broker.unwatch(*this);

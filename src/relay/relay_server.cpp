@@ -348,6 +348,7 @@ void relay_server::reload() {
   _tls = std::move(ctx);
   _policy = std::move(pol);
   _reloads_ok.inc();
+  if (_api) _api->policy_changed();
   fingerprints now = fingerprint(*_tls);
   audit::event("reloaded", log::level::info)
       .str("cert_sha256", now.cert)
