@@ -49,6 +49,7 @@ class relay_server {
   std::string readiness() const;
   bool open_journal(std::string& error);
   static void on_compact_tick(uv_timer_t* t);
+  static void on_ticket_tick(uv_timer_t* t);
   void compact_step();
 
   uv_loop_t* _loop;
@@ -76,6 +77,8 @@ class relay_server {
   // One reload for files that change together (a Secret swap, a key and
   // its certificate written one after the other).
   uv_timer_t _reload_settle{};
+  // Replaces the session ticket keys every tls.session_lifetime_ms.
+  uv_timer_t _ticket_timer{};
   uv_timer_t _drain_timer{};
   uint64_t _drain_started = 0;
   bool _draining = false;
