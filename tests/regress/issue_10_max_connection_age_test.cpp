@@ -71,6 +71,47 @@ TEST_CASE("limits.max_connection_age_ms retires connections between requests, ne
            3);
 }
 
+// The project's client (bunny, relayctl) pipelines: a request sent behind
+// the answer that retires a connection was never processed (relay discards
+// it), and used to fail with "server closed the connection".
+TEST_CASE("the project's client sends again what it pipelined behind an answer that retires the connection") {
+  relay_process relay({"--set", "limits.max_connection_age_ms=1000"});
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  relay::http::client_conn::options o;
+  o.host = "127.0.0.1";
+  o.port = relay.api_port;
+  o.server_name = "localhost";
+  o.tls = test::client_tls("worker");
+  auto* conn = relay::http::client_conn::create(&loop, o);
+  struct outcome {
+    bool done = false;
+    std::string error;
+    int status = 0;
+  } parked, behind;
+  auto record = [](outcome& out) {
+    return [&out](const std::string& e, relay::http::client_response& r) {
+      out.done = true;
+      out.error = e;
+      out.status = r.status;
+    };
+  };
+  // A long poll that outlives the age, and a request pipelined behind it.
+  conn->request("POST", "/v1/queues/work/lease", R"({"max":1,"wait_ms":2000})", record(parked), 10000);
+  conn->request("POST", "/v1/queues/work/lease", R"({"max":1,"wait_ms":0})", record(behind), 10000);
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!(parked.done && behind.done) && std::chrono::steady_clock::now() < until) uv_run(&loop, UV_RUN_ONCE);
+  CHECK_EQ(parked.status, 200);
+  CHECK_MESSAGE(behind.error.empty(), behind.error);
+  CHECK_EQ(behind.status, 200);
+  conn->close();
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ(uv_loop_close(&loop), 0);
+  CHECK_GE(h::metric(relay.ops_get("/metrics").body,
+                     "relay_connections_retired_total{listener=\"api\",reason=\"max_age\"}"),
+           1);
+}
+
 TEST_CASE("limits.max_connection_age_ms is validated and shown by --check-config") {
   relay_process relay;
   const std::string bin = test::env_or_fail("RELAY_BIN");
