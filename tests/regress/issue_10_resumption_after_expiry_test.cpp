@@ -38,6 +38,7 @@ attempt connect_and_lease(const std::shared_ptr<const relay::tls::context>& ctx,
     auto r = c.read_responses(1, 5000);
     if (!r.empty()) a.status = r[0].status;
     c.read_until_closed(200);  // NewSessionTicket, if any
+    c.close_notify();
   }
   a.error = c.error();
   return a;
@@ -61,17 +62,13 @@ TEST_CASE("a session of a certificate that has since expired is not resumed into
   REQUIRE_MESSAGE(first.status == 200, first.error);
   CHECK_FALSE(first.resumed);
   REQUIRE(ctx->cached_session() != nullptr);
-  // Resumption works while the certificate is valid...
-  attempt second = connect_and_lease(ctx, relay.api_port);
-  CHECK_EQ(second.status, 200);
-  REQUIRE(second.resumed);
-
-  // ...and not once it has expired.
+  // Once the certificate has expired, its session is resumed by the TLS
+  // library but refused by relay.
   std::this_thread::sleep_until(issued + std::chrono::seconds(valid_s + 2));
   attempt late = connect_and_lease(ctx, relay.api_port);
   MESSAGE("after expiry: handshake " << late.handshake << ", resumed " << late.resumed << ", status " << late.status
                                      << ", " << late.error);
-  CHECK(late.resumed);  // the client did offer the session and relay took the ticket
+  CHECK(late.resumed);  // the client offered the session and the library took the ticket
   CHECK_EQ(late.status, 0);  // but served nothing on it
   auto refused = relay.proc->wait_for_line("resumed session refused: certificate has expired", 5000);
   REQUIRE_MESSAGE(refused.has_value(), relay.proc->log());
@@ -183,16 +180,20 @@ TEST_CASE("rotated ticket keys end resumption of the tickets issued before") {
       if (server.handshake_complete() && i == 2) REQUIRE(server.write("answer") == relay::tls::session::status::ok);
     }
     REQUIRE(server.handshake_complete());
+    client.shutdown();  // OpenSSL resumes only sessions ended with close_notify
     return server.resumed();
   };
   CHECK_FALSE(handshake());
   REQUIRE(client_ctx->cached_session() != nullptr);
-  CHECK(handshake());
-  // One rotation: the ticket of the key in use until now still resumes
-  // (and the client is given one under the new key)...
+  // One rotation: a ticket of the key in use until now still resumes...
   REQUIRE(server_ctx->rotate_ticket_keys(error));
   CHECK(handshake());
-  // ...two: a ticket older than the previous key does not.
+  // ...two: a ticket older than the previous key does not. (A fresh
+  // client, whose ticket comes from a full handshake: OpenSSL 3.0 does not
+  // resume a ticket received on a resumed connection.)
+  client_ctx = relay::tls::context::make_client(co, error);
+  REQUIRE_MESSAGE(client_ctx, error);
+  CHECK_FALSE(handshake());
   REQUIRE(server_ctx->rotate_ticket_keys(error));
   REQUIRE(server_ctx->rotate_ticket_keys(error));
   CHECK_FALSE(handshake());  // a full handshake
