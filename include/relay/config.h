@@ -30,6 +30,10 @@ struct relay_config {
     // reload them as SIGHUP does (a Kubernetes Secret or ConfigMap update,
     // a renewed certificate). 0: only SIGHUP reloads.
     uint64_t reload_check_ms = 2000;
+    // How long a TLS session may be resumed (without a certificate
+    // exchange) after the full handshake that made it; the session ticket
+    // keys are replaced this often too. 0: no resumption.
+    uint64_t session_lifetime_ms = 300000;
   } tls;
   struct {
     std::string mode = "mtls";
@@ -68,6 +72,11 @@ struct relay_config {
     uint64_t min_body_rate_bytes_per_s = 1024;   // a body slower than this (after header_timeout_ms) is cut: 408
     uint64_t lingering_time_ms = 30000;          // after a final answer: at most this long discarding input
     uint64_t lingering_timeout_ms = 5000;        // ... and at most this long between two reads of it
+    // A connection older than this is closed between requests (0: never):
+    // defence in depth behind the re-verification of live connections on
+    // every reload. An hour, as nginx's keepalive_time: 10,000 long-polling
+    // workers then cost about 3 extra handshakes a second.
+    uint64_t max_connection_age_ms = 3600000;
   } limits;
   struct {
     std::string level = "info";

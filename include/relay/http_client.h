@@ -5,7 +5,10 @@
 // Requests are pipelined and answered in FIFO order. A transport, TLS or
 // protocol error, or a request timing out, fails every outstanding request
 // with the same error and closes the connection; whether to reconnect is the
-// owner's decision. The host name is resolved again on every connect.
+// owner's decision. An answer with Connection: close is not a failure: the
+// server processed nothing after it, so requests pipelined behind it are
+// sent again on a new connection. The host name is resolved again on every
+// connect.
 //
 // The process must ignore SIGPIPE (relay, bunny, relayctl and the tests do):
 // libuv writes to sockets with write(2), which raises it when the peer has

@@ -71,6 +71,12 @@ struct conn_options {
   // at most this plus one answer.
   size_t max_pending_output = 1024 * 1024;
   linger_options linger;  // the close after a final answer
+  // A connection older than this (from accept) is retired between
+  // requests: the next answer carries Connection: close, or an idle one is
+  // closed (close_notify, FIN). An answer in progress -- a parked long poll
+  // included -- is never cut. 0: no limit. With TLS, a connection is also
+  // retired so once its peer certificate's notAfter has passed.
+  uint64_t max_age_ms = 0;
 };
 
 class server_conn final : private stream_handler {
@@ -140,6 +146,10 @@ class server_conn final : private stream_handler {
   bool output_full() const;
   void release_body_budget();
   bool reserve_body_budget(size_t bytes);
+  // Retirement (conn_options::max_age_ms, the certificate's notAfter).
+  bool retire_due() const;
+  void count_retired();
+  uint32_t idle_timer_ms() const;
   // Closed from here on: out of the listener's counts, and the abandon
   // hook run.
   void mark_closed();
@@ -159,6 +169,11 @@ class server_conn final : private stream_handler {
   size_t _body_reserved = 0;   // bytes of the listener's body budget this request holds
   std::function<void()> _abandon;
   std::string _ip;             // the per-address count this connection holds (empty: none)
+  // The generation of the TLS context the peer was last verified against
+  // (tls::context::generation); 0 for plaintext.
+  uint64_t _tls_generation = 0;
+  uint64_t _retire_at = 0;     // uv_now() ms past which it is retired (0: never)
+  bool _retire_for_expiry = false;  // _retire_at is the certificate's notAfter
   server_conn* _prev = nullptr;  // listener's list of open connections
   server_conn* _next = nullptr;
   // Listener's list of evictable connections, the first to go when it is
@@ -217,6 +232,18 @@ class listener {
   // Stops accepting. Idle connections close now; busy ones close after
   // answering their current request.
   void drain();
+  // The TLS material was reloaded (listener_options::tls now returns a new
+  // context): verifies again the peer certificates of every connection that
+  // was verified against an older context, against the current one (its CA
+  // bundle and CRL, the handshake's flags, the current time), and closes
+  // each that no longer verifies at once -- an unanswered request is
+  // abandoned (its hook runs), nothing more is sent. Each such close is
+  // counted (relay_connections_revoked_total) and audited
+  // (connection_revoked). The work runs from the loop, a bounded batch per
+  // iteration, never from this call; a call during a sweep starts it over
+  // against the newer context. A handshake that completes after a reload on
+  // an older context is checked when it completes. No-op without TLS.
+  void recheck_peers();
   // Closes the listening socket and every connection.
   void close();
   size_t open_connections() const { return _open; }
@@ -226,6 +253,11 @@ class listener {
   friend class server_conn;
   static void on_connection(uv_stream_t* server, int status);
   static void on_resume(uv_idle_t* h);
+  static void on_recheck(uv_idle_t* h);
+  // Verifies `c`'s peer against `ctx` if it was verified against an older
+  // context (a secure connection: from the sweep, or as its handshake
+  // completes); closes it if it fails. False if it was closed.
+  bool recheck(server_conn& c, const tls::context& ctx);
   void remove(server_conn* c);
   void schedule(server_conn* c);
   void unschedule(server_conn* c);
@@ -253,6 +285,14 @@ class listener {
   // from outside their own request callback).
   std::vector<server_conn*> _to_resume;
   std::vector<server_conn*>* _resuming = nullptr;  // the batch on_resume() is running
+  // The peer re-verification sweep after a reload: the next connection to
+  // look at (remove() moves it on when that one goes), and this sweep's
+  // figures for its closing log line.
+  uv_idle_t _recheck{};
+  server_conn* _recheck_next = nullptr;
+  bool _rechecking = false;
+  size_t _recheck_verified = 0;
+  size_t _recheck_revoked = 0;
 
   ops::counter& _accepted;
   ops::counter& _refused;
@@ -261,6 +301,9 @@ class listener {
   ops::counter& _handshake_failures;
   ops::counter& _timeouts;
   ops::counter& _body_refused;
+  ops::counter& _revoked;
+  ops::counter& _retired_age;
+  ops::counter& _retired_expiry;
   ops::gauge& _open_gauge;
 };
 

@@ -130,6 +130,10 @@ class stream {
   const tls::session* tls() const { return _tls.get(); }
   // The verified peer certificate's names (TLS, once secure).
   const tls::identity& peer() const { return _peer; }
+  // The certificates the peer presented (TLS, once secure), kept for the
+  // stream's whole life -- also after finish() frees the TLS session -- so
+  // that the connection can be verified again after a reload.
+  const tls::peer_chain& peer_certificates() const { return _peer_chain; }
   // "IP:port" of the peer, and the IP alone.
   const std::string& remote_address() const { return _remote; }
   std::string_view remote_ip() const;
@@ -162,6 +166,7 @@ class stream {
   uv_shutdown_t _shutdown{};
   std::unique_ptr<tls::session> _tls;
   tls::identity _peer;
+  tls::peer_chain _peer_chain;
   std::string _remote;
   std::string _input;
   std::string _plain_out;  // written, not yet encrypted/sent

@@ -21,8 +21,12 @@ struct ssl_session_st;
 struct bio_st;
 struct x509_st;
 struct x509_store_ctx_st;
+struct stack_st_X509;
 
 namespace relay::tls {
+namespace compat {
+struct ticket_keys;
+}
 
 struct server_options {
   std::string cert_file;       // PEM chain, leaf first
@@ -30,6 +34,12 @@ struct server_options {
   std::string client_ca_file;  // PEM bundle that client certificates must chain to
   std::optional<std::string> crl_file;  // PEM CRL(s) checked against client leaves
   std::string min_version = "1.3";      // "1.2" or "1.3"
+  // How long a session may be resumed after the full handshake that made
+  // it (rounded up to whole seconds). A resumed handshake skips certificate
+  // verification, so this bounds how long a client can be served on the
+  // strength of an old verification; the peer is verified again after each
+  // resumption anyway (see session::read). 0: no resumption at all.
+  uint64_t session_lifetime_ms = 300000;
 };
 
 struct client_options {
@@ -40,6 +50,36 @@ struct client_options {
   // Keep the latest session ticket and offer it on the next connection
   // (TLS resumption: no certificate exchange, no signatures).
   bool resume_sessions = false;
+};
+
+// The certificates a peer presented in its handshake, the leaf and the
+// intermediates it sent, held by reference (the TLS library's own objects,
+// not copies). A connection keeps them so that it can be verified again
+// after a reload (context::verify_peer) even once its TLS session and
+// buffers are gone. Movable, not copyable.
+class peer_chain {
+ public:
+  peer_chain() = default;
+  peer_chain(peer_chain&& o) noexcept;
+  peer_chain& operator=(peer_chain&& o) noexcept;
+  peer_chain(const peer_chain&) = delete;
+  peer_chain& operator=(const peer_chain&) = delete;
+  ~peer_chain();
+
+  bool empty() const { return _leaf == nullptr; }
+  x509_st* leaf() const { return _leaf; }
+  // What the peer sent besides the leaf; may be null. After an OpenSSL
+  // resumption only the leaf is known (its sessions do not keep the rest).
+  stack_st_X509* intermediates() const { return _rest; }
+  // Milliseconds from now until the leaf's notAfter, negative once it has
+  // passed; nullopt without a leaf or a readable date.
+  std::optional<int64_t> ms_until_expiry() const;
+
+ private:
+  friend class session;
+  void reset();
+  x509_st* _leaf = nullptr;
+  stack_st_X509* _rest = nullptr;
 };
 
 // An SSL_CTX built from files. Immutable once built: reloading certificates
@@ -76,12 +116,35 @@ class context {
   // Loop-thread state (the cache is the context's only mutable part).
   ssl_session_st* cached_session() const { return _session; }
 
+  // Verifies `chain` again, now, as a handshake with this context would:
+  // against this context's CA bundle and CRL, with the same flags and
+  // purpose (a client certificate for a server context), at the current
+  // time. Empty when it verifies, else why not ("certificate revoked",
+  // "certificate has expired"...). Loop thread.
+  std::string verify_peer(const peer_chain& chain) const;
+
+  // Server contexts with resumption: new tickets are encrypted with a fresh
+  // random key from now on; tickets of the key in use until now still
+  // resume (and are renewed), older ones no longer do (those clients make a
+  // full handshake, verified). So a ticket resumes for at most two
+  // rotation periods. False, with `error`, for a context without tickets.
+  // Loop thread.
+  bool rotate_ticket_keys(std::string& error) const;
+
+  // Increases with every context made in this process: a connection
+  // accepted with a context of a lower generation than the current one was
+  // verified against older TLS material.
+  uint64_t generation() const { return _generation; }
+
  private:
-  context(ssl_ctx_st* ctx, bool server) : _ctx(ctx), _server(server) {}
+  context(ssl_ctx_st* ctx, bool server);
   static int on_new_session(ssl_st* ssl, ssl_session_st* session);
   ssl_ctx_st* _ctx;
   bool _server;
+  uint64_t _generation;
   mutable ssl_session_st* _session = nullptr;
+  // Server contexts with resumption: the ticket keys (rotation mutates them).
+  std::unique_ptr<compat::ticket_keys> _ticket_keys;
 };
 
 // Who the peer's verified certificate says it is: exactly one name, the
@@ -137,6 +200,12 @@ class session {
   // Hands ciphertext received from the peer to the session.
   void feed(const char* data, size_t len);
   // Advances the handshake and appends all plaintext now available to `out`.
+  // Server side: when the handshake completes as a resumption, which skips
+  // certificate verification, the peer's certificates are verified again
+  // against this session's context at the current time before any
+  // plaintext is read; if they no longer verify (expired, revoked, no longer
+  // chaining to the CA bundle) this returns status::error and error() says
+  // "resumed session refused: <why>", as for a failed full handshake.
   status read(std::string& out);
   // Encrypts `plain` for the peer (see take_output).
   status write(std::string_view plain);
@@ -157,6 +226,8 @@ class session {
   // The certificate the peer presented, verified or not (a handshake that
   // failed verification still has it): for audit lines.
   certificate_summary presented_certificate() const;
+  // The certificates the peer presented (references); empty if none.
+  peer_chain peer_certificates() const;
   // Why the last call returned status::error.
   const std::string& error() const { return _error; }
 
@@ -169,6 +240,7 @@ class session {
 
   std::shared_ptr<const context> _ctx;
   ssl_st* _ssl = nullptr;
+  bool _resumption_checked = false;
   bio_st* _in = nullptr;   // ciphertext from the peer, owned by _ssl
   bio_st* _out = nullptr;  // ciphertext for the peer, owned by _ssl
   std::string _error;

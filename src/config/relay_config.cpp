@@ -16,6 +16,7 @@ const schema& relay_schema() {
       {"tls.crl", kind::optional_path, field<c>([](c& x) { return &x.tls.crl; })},
       {"tls.min_version", kind::choice, field<c>([](c& x) { return &x.tls.min_version; }), {"1.2", "1.3"}},
       {"tls.reload_check_ms", kind::number, field<c>([](c& x) { return &x.tls.reload_check_ms; }), {}, 0, 3600000},
+      {"tls.session_lifetime_ms", kind::number, field<c>([](c& x) { return &x.tls.session_lifetime_ms; }), {}, 0, 86400000},
       {"auth.mode", kind::choice, field<c>([](c& x) { return &x.auth.mode; }), {"mtls"}, 0, 0, "api_key mtls+api_key"},
       {"auth.api_keys", kind::optional_path, field<c>([](c& x) { return &x.auth.api_keys; })},
       {"policy", kind::path, field<c>([](c& x) { return &x.policy; })},
@@ -43,6 +44,7 @@ const schema& relay_schema() {
       {"limits.min_body_rate_bytes_per_s", kind::number, field<c>([](c& x) { return &x.limits.min_body_rate_bytes_per_s; }), {}, 0, 1ull << 30},
       {"limits.lingering_time_ms", kind::number, field<c>([](c& x) { return &x.limits.lingering_time_ms; }), {}, 0, 600000},
       {"limits.lingering_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.lingering_timeout_ms; }), {}, 0, 600000},
+      {"limits.max_connection_age_ms", kind::number, field<c>([](c& x) { return &x.limits.max_connection_age_ms; }), {}, 0, 30ull * 86400000},
       {"log.level", kind::choice, field<c>([](c& x) { return &x.log.level; }), {"debug", "info", "warn", "error"}},
   };
   return keys;

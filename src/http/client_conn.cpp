@@ -105,8 +105,9 @@ void client_conn::send_pending() {
   for (auto& p : _queue) {
     if (p.sent) continue;
     p.sent = true;
+    // The bytes stay until the answer: a request pipelined behind an answer
+    // that closes the connection is sent again (see deliver()).
     _stream->write(p.bytes);
-    std::string().swap(p.bytes);
     any = true;
   }
   if (any) _stream->flush();
@@ -174,7 +175,14 @@ bool client_conn::deliver() {
   if (close_now) reset_transport();
   p.cb({}, r);  // may queue requests or close this connection
   if (close_now) {
-    fail_all("server closed the connection");
+    // A server that answers with Connection: close processes nothing sent
+    // after that request (RFC 9112, 9.6) -- relay retires old connections
+    // so -- so what was pipelined behind it goes again, in order, on a new
+    // connection rather than failing.
+    if (_closing) return false;
+    for (auto& q : _queue) q.sent = false;
+    if (!_queue.empty() && _state == state::idle) start_connect();
+    arm_timer();
     return false;
   }
   arm_timer();

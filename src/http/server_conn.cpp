@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cassert>
 
 #include "relay/audit.h"
@@ -17,14 +18,31 @@ server_conn::server_conn(listener& owner, uint64_t id, stream* s)
 
 // ---- Connection set-up ----
 
-void server_conn::on_secure(stream&) { connected(); }
+void server_conn::on_secure(stream&) {
+  // A handshake that began before a reload was verified against the old CA
+  // bundle and CRL, and the reload's sweep skipped it: check it now.
+  if (std::shared_ptr<const tls::context> current = _owner._options.tls ? _owner._options.tls() : nullptr)
+    if (!_owner.recheck(*this, *current)) return;
+  // Served no longer than its certificate is valid: retired between
+  // requests once notAfter has passed (a reload's sweep would close it
+  // too, but a reload may not come).
+  if (std::optional<int64_t> left = _stream->peer_certificates().ms_until_expiry()) {
+    uint64_t now = uv_now(_stream->loop());
+    uint64_t at = now + static_cast<uint64_t>(std::max<int64_t>(*left, 0));
+    if (_retire_at == 0 || at < _retire_at) {
+      _retire_at = at;
+      _retire_for_expiry = true;
+    }
+  }
+  connected();
+}
 
 void server_conn::connected() {
   // Out of the handshake: requeued as the newest evictable one.
   _owner.evictable_remove(this);
   _state = state::idle;
   _owner.evictable_insert(this);
-  _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
+  _stream->arm_timer(idle_timer_ms());
   _owner._handler.on_connected(*this);
 }
 
@@ -135,6 +153,11 @@ void server_conn::respond(int status, std::string_view body, std::string_view ex
   // A request whose body was refused unread leaves the stream mid-message.
   bool body_unread = _parser.headers_complete() && !_parser.request_done();
   bool close_after = !_parser.current().keep_alive || _draining || body_unread;
+  if (!close_after && retire_due()) {
+    // Too old to be kept: this answer is its last.
+    count_retired();
+    close_after = true;
+  }
   http::write_response(_stream->write_buffer(), status, content_type, body, extra_headers, close_after);
   finish_response(close_after);
 }
@@ -155,7 +178,7 @@ void server_conn::finish_response(bool close_after) {
   // Owed nothing: evictable again, as the newest (what it was last served
   // decides its place, not when it connected).
   _owner.evictable_insert(this);
-  _stream->arm_timer(_owner._options.conn.idle_timeout_ms);
+  _stream->arm_timer(idle_timer_ms());
   // Answered from outside this connection's own request callback (a long
   // poll, a journal acknowledgement): the pipeline continues from the loop.
   if (!_in_process) _owner.schedule(this);
@@ -222,6 +245,20 @@ void server_conn::release_body_budget() {
 
 // ---- Time ----
 
+bool server_conn::retire_due() const { return _retire_at != 0 && uv_now(_stream->loop()) >= _retire_at; }
+
+void server_conn::count_retired() { (_retire_for_expiry ? _owner._retired_expiry : _owner._retired_age).inc(); }
+
+uint32_t server_conn::idle_timer_ms() const {
+  uint64_t ms = _owner._options.conn.idle_timeout_ms;
+  if (_retire_at != 0) {
+    uint64_t now = uv_now(_stream->loop());
+    // At least 1: 0 would stop the timer.
+    ms = std::min<uint64_t>(ms, _retire_at > now ? _retire_at - now : 1);
+  }
+  return static_cast<uint32_t>(std::max<uint64_t>(ms, 1));
+}
+
 void server_conn::on_timeout(stream&) {
   const conn_options& o = _owner._options.conn;
   switch (_state) {
@@ -267,6 +304,12 @@ void server_conn::on_timeout(stream&) {
       break;
     }
     case state::idle:
+      if (retire_due()) {
+        // Between requests: close_notify and FIN, a clean end to the client.
+        count_retired();
+        end_with_final_answer();
+        break;
+      }
       close();
       break;
     case state::handling:

@@ -176,7 +176,11 @@ void stream::received(const char* data, size_t len) {
 }
 
 void stream::became_secure() {
-  if (_tls) _peer = _tls->peer_identity();
+  if (_tls) {
+    _peer = _tls->peer_identity();
+    // References to objects the session already holds: no copy.
+    _peer_chain = _tls->peer_certificates();
+  }
   if (!_peer.refused.empty()) {
     // Verified by the CA, but not readable as exactly one principal.
     end(stream_end::tls_error, "peer certificate refused: " + _peer.refused);

@@ -21,6 +21,7 @@ tls::server_options tls_options(const config::relay_config& cfg) {
   o.client_ca_file = cfg.tls.client_ca;
   o.crl_file = cfg.tls.crl;
   o.min_version = cfg.tls.min_version;
+  o.session_lifetime_ms = cfg.tls.session_lifetime_ms;
   return o;
 }
 
@@ -59,6 +60,7 @@ net::conn_options conn_options(const config::relay_config& cfg) {
   o.max_pending_output = cfg.limits.max_pending_output_bytes;
   o.linger.total_ms = static_cast<uint32_t>(cfg.limits.lingering_time_ms);
   o.linger.between_ms = static_cast<uint32_t>(cfg.limits.lingering_timeout_ms);
+  o.max_age_ms = cfg.limits.max_connection_age_ms;
   return o;
 }
 
@@ -108,7 +110,7 @@ bool relay_server::start(std::string& error) {
     sig->data = this;
     uv_signal_start(sig, on_signal, num);
   }
-  for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle}) {
+  for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer}) {
     uv_timer_init(_loop, t);
     t->data = this;
   }
@@ -160,6 +162,7 @@ bool relay_server::start(std::string& error) {
 
   if (!_api_listener->start(error) || !_ops_listener->start(error)) return false;
   watch_files();
+  if (uint64_t every = _cfg.tls.session_lifetime_ms) uv_timer_start(&_ticket_timer, on_ticket_tick, every, every);
 
   log::info("relay_started")
       .str("tls_library", tls::library_version())
@@ -344,11 +347,14 @@ void relay_server::reload() {
         .str("kept", "previous TLS material and policy");
     return;
   }
-  // Live connections keep the context they were accepted with.
+  // Live connections keep the context they were accepted with, but not a
+  // certificate the new CA bundle or CRL refuses: the listener verifies
+  // each again, from the loop, and closes those that fail.
   _tls = std::move(ctx);
   _policy = std::move(pol);
   _reloads_ok.inc();
   if (_api) _api->policy_changed();
+  if (_api_listener) _api_listener->recheck_peers();
   fingerprints now = fingerprint(*_tls);
   audit::event("reloaded", log::level::info)
       .str("cert_sha256", now.cert)
@@ -375,6 +381,15 @@ void relay_server::check_secret_modes() {
   check("tls.key", _cfg.tls.key);
   if (_cfg.auth.api_keys) check("auth.api_keys", *_cfg.auth.api_keys);
   _exposed_secrets.set(static_cast<int64_t>(exposed));
+}
+
+void relay_server::on_ticket_tick(uv_timer_t* t) {
+  auto* self = static_cast<relay_server*>(t->data);
+  // A ticket is resumable for at most one period of these keys (older
+  // contexts, kept by live connections, issue no tickets after their
+  // handshakes): a ticket that leaks is useless within a session lifetime.
+  std::string error;
+  if (self->_tls && !self->_tls->rotate_ticket_keys(error)) log::error("ticket_key_rotation_failed").str("reason", error);
 }
 
 void relay_server::begin_drain() {
@@ -408,7 +423,7 @@ void relay_server::stop() {
     audit::event("stopped", log::level::info).num("pid", static_cast<int64_t>(::getpid())).num("connections_cut", cut);
   }
   if (_handles_open) {
-    for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle}) {
+    for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer}) {
       uv_timer_stop(t);
       uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
     }

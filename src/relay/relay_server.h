@@ -57,6 +57,7 @@ class relay_server {
   // others; at start and on every reload.
   void check_secret_modes();
   static void on_compact_tick(uv_timer_t* t);
+  static void on_ticket_tick(uv_timer_t* t);
   void compact_step();
 
   uv_loop_t* _loop;
@@ -85,6 +86,8 @@ class relay_server {
   // One reload for files that change together (a Secret swap, a key and
   // its certificate written one after the other).
   uv_timer_t _reload_settle{};
+  // Replaces the session ticket keys every tls.session_lifetime_ms.
+  uv_timer_t _ticket_timer{};
   uv_timer_t _drain_timer{};
   uint64_t _drain_started = 0;
   bool _draining = false;

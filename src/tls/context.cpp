@@ -2,6 +2,7 @@
 #include <openssl/rand.h>
 #include <openssl/sha.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 
@@ -126,11 +127,73 @@ SSL_CTX* new_ctx(const std::string& min_version, std::string& error) {
   return ctx;
 }
 
+// Every context made in this process gets the next number, so that a
+// connection can tell whether the TLS material was reloaded since it was
+// accepted (contexts are made on several threads only in tests).
+std::atomic<uint64_t> next_generation{1};
+
+// TLS 1.3 resumption with a lifetime of tls.session_lifetime_ms, or none.
+bool set_resumption(SSL_CTX* ctx, uint64_t lifetime_ms, std::string& error) {
+  if (lifetime_ms == 0) {
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    if (SSL_CTX_set_num_tickets(ctx, 0) != 1) {
+      error = "cannot turn session tickets off: " + compat::drain_error_queue();
+      return false;
+    }
+    return true;
+  }
+  if (lifetime_ms > 7ull * 24 * 3600 * 1000) {
+    error = "tls.session_lifetime_ms must be at most 7 days";
+    return false;
+  }
+  compat::set_session_lifetime(ctx, static_cast<uint32_t>((lifetime_ms + 999) / 1000));
+  return true;
+}
+
 }  // namespace
+
+context::context(SSL_CTX* ctx, bool server)
+    : _ctx(ctx), _server(server), _generation(next_generation.fetch_add(1, std::memory_order_relaxed)) {}
+
+std::string context::verify_peer(const peer_chain& chain) const {
+  if (chain.empty()) return "no peer certificate";
+  X509_STORE_CTX* v = X509_STORE_CTX_new();
+  if (!v) return "cannot allocate a verification context: " + compat::drain_error_queue();
+  std::string why;
+  // What the library does for a handshake: the context's store (CA bundle,
+  // CRLs and the CRL_CHECK flag it carries), the purpose a peer of this
+  // side must have, then the context's own verify parameters on top.
+  if (X509_STORE_CTX_init(v, SSL_CTX_get_cert_store(_ctx), chain.leaf(), chain.intermediates()) != 1 ||
+      X509_STORE_CTX_set_default(v, _server ? "ssl_client" : "ssl_server") != 1 ||
+      X509_VERIFY_PARAM_set1(X509_STORE_CTX_get0_param(v), SSL_CTX_get0_param(_ctx)) != 1) {
+    why = "cannot set up verification: " + compat::drain_error_queue();
+  } else if (X509_verify_cert(v) != 1) {
+    why = X509_verify_cert_error_string(X509_STORE_CTX_get_error(v));
+    compat::drain_error_queue();
+  }
+  X509_STORE_CTX_free(v);
+  return why;
+}
+
+bool context::rotate_ticket_keys(std::string& error) const {
+  if (!_ticket_keys) {
+    error = "this context issues no session tickets";
+    return false;
+  }
+  // Keys of this context alone, in its app data: the callback reads them
+  // on the loop thread, where rotation happens too.
+  compat::ticket_keys& k = *_ticket_keys;
+  k.previous = k.current;
+  k.has_previous = true;
+  random_bytes(reinterpret_cast<uint8_t*>(&k.current), sizeof k.current);
+  return true;
+}
 
 context::~context() {
   if (_session) SSL_SESSION_free(_session);
   SSL_CTX_free(_ctx);
+  if (_ticket_keys) OPENSSL_cleanse(_ticket_keys.get(), sizeof *_ticket_keys);
 }
 
 int context::on_new_session(SSL* ssl, SSL_SESSION* session) {
@@ -153,6 +216,19 @@ std::shared_ptr<const context> context::make_server(const server_options& o, std
   // when client certificates are verified.
   static const unsigned char sid_ctx[] = "relay";
   SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof sid_ctx - 1);
+  if (!set_resumption(ctx, o.session_lifetime_ms, error)) return nullptr;
+  if (o.session_lifetime_ms > 0) {
+    // Keys of our own rather than the library's (BoringSSL rotates its own
+    // every two days, OpenSSL never): relay_server rotates them every
+    // tls.session_lifetime_ms.
+    auto* self = const_cast<context*>(result.get());
+    self->_ticket_keys = std::make_unique<compat::ticket_keys>();
+    random_bytes(reinterpret_cast<uint8_t*>(&self->_ticket_keys->current), sizeof(compat::ticket_key));
+    if (!compat::use_ticket_keys(ctx, self->_ticket_keys.get())) {
+      error = "cannot install the session ticket key callback: " + compat::drain_error_queue();
+      return nullptr;
+    }
+  }
   return result;
 }
 
@@ -170,6 +246,8 @@ std::shared_ptr<const context> context::make_client(const client_options& o, std
   if (!load_ca(ctx, o.ca_file, error)) return nullptr;
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
   if (o.resume_sessions) {
+    // A client context's app data is its context (a server's holds its
+    // ticket keys).
     SSL_CTX_set_app_data(ctx, const_cast<context*>(result.get()));
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(ctx, on_new_session);

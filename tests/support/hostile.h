@@ -449,6 +449,16 @@ class tls_client {
   bool closed() const { return _closed; }
   bool reset() const { return _reset; }  // closed by ECONNRESET rather than EOF/close_notify
   bool handshake_complete() const { return !_session || _session->handshake_complete(); }
+  // The handshake resumed a session (the context offered a cached one).
+  bool resumed() const { return _session && _session->resumed(); }
+  // Sends close_notify. OpenSSL keeps a client session resumable only if
+  // its connection ended with one.
+  void close_notify(int timeout_ms = 1000) {
+    if (!_session || _closed) return;
+    _session->shutdown();
+    take_output();
+    flush(timeout_ms);
+  }
   const std::string& error() const { return _error; }
   std::string& plain() { return _plain; }
   size_t bytes_read() const { return _bytes_read; }
