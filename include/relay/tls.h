@@ -29,6 +29,9 @@ struct server_options {
   std::string client_ca_file;  // PEM bundle that client certificates must chain to
   std::optional<std::string> crl_file;  // PEM CRL(s) checked against client leaves
   std::string min_version = "1.3";      // "1.2" or "1.3"
+  // False (auth.mode "api_key"): a client may connect without a certificate;
+  // one it does present must still verify against the CA bundle and CRL.
+  bool require_client_cert = true;
 };
 
 struct client_options {
@@ -159,4 +162,9 @@ std::string_view library_version();
 namespace relay::tls {
 // Cryptographically secure random bytes from the TLS library's generator.
 void random_bytes(uint8_t* out, size_t n);
+// The SHA-256 digest of `data` (API keys are stored and looked up by it).
+void sha256(std::string_view data, uint8_t out[32]);
+// Whether the n bytes at a and b are equal, in a time that depends on n
+// only, never on where they differ (CRYPTO_memcmp).
+bool equal_constant_time(const void* a, const void* b, size_t n);
 }  // namespace relay::tls
