@@ -32,8 +32,17 @@ struct relay_config {
     uint64_t reload_check_ms = 2000;
   } tls;
   struct {
+    // "mtls": the client certificate names the principal. "api_key": an
+    // "Authorization: Bearer" key does (TLS still runs; a client certificate
+    // is optional and, if presented, verified). "mtls+api_key": both, and
+    // they must name the same policy principal.
     std::string mode = "mtls";
-    std::optional<std::string> api_keys;
+    std::optional<std::string> api_keys;  // the keys file (relay/api_keys.h); required by the key modes
+    // Failed key checks from one source address (IPv4, or IPv6 /64) within
+    // one window past which it is answered 429 without its keys being
+    // checked, until the window ends. 0: no limit.
+    uint64_t max_failures = 10;
+    uint64_t failure_window_ms = 60000;
   } auth;
   std::string policy = "policy.json";
   struct {
