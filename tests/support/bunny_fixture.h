@@ -34,6 +34,7 @@ struct bunny_options {
   std::string handler;                    // JSON for "handler"
   std::string server_name = "localhost";
   std::vector<std::string> extra_args;
+  std::string api_key;  // non-empty: written to api.key, which api_key_file names
 };
 
 class bunny_process {
@@ -46,11 +47,17 @@ class bunny_process {
     // The bunny's own copy of its certificate, so a test can rotate it.
     write_file(dir / "tls.crt", read_file(p + "/" + o.who + ".crt"));
     write_file(dir / "tls.key", read_file(p + "/" + o.who + ".key"));
+    std::string api_key_file = "null";
+    if (!o.api_key.empty()) {
+      write_file(dir / "api.key", o.api_key + "\n");
+      api_key_file = "\"api.key\"";
+    }
     if (o.handler.empty()) o.handler = R"({"exec": [")" + handler_path("square.sh") + R"("], "timeout_ms": 10000})";
     write_file(dir / "bunny.json", R"({
       "relay": {"urls": ["https://127.0.0.1:)" + std::to_string(relay_port) + R"("], "server_name": ")" +
                                           o.server_name + R"("},
       "tls": {"cert": "tls.crt", "key": "tls.key", "ca": ")" + p + R"(/ca.crt", "reload_check_ms": 200},
+      "api_key_file": )" + api_key_file + R"(,
       "queues": )" + o.queues + R"(, "concurrency": )" + std::to_string(o.concurrency) + R"(,
       "lease_ms": )" + std::to_string(o.lease_ms) + R"(, "handler": )" + o.handler + R"(,
       "ops_listen": "127.0.0.1:0",
