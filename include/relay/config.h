@@ -85,8 +85,10 @@ struct bunny_config {
     std::optional<std::string> server_name;  // name relay's certificate must carry; default: the URL's host
   } relay;
   struct {
-    std::string cert = "tls.crt";
-    std::string key = "tls.key";
+    // Both null: no client certificate, for a relay in auth.mode "api_key"
+    // (api_key_file is then required).
+    std::optional<std::string> cert = "tls.crt";
+    std::optional<std::string> key = "tls.key";
     std::string ca = "ca.crt";
     std::string min_version = "1.3";
     uint64_t reload_check_ms = 2000;  // how often cert/key files are checked for changes

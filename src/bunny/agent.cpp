@@ -147,8 +147,9 @@ bool agent::start(std::string& error) {
     watch->data = this;
   }
   _handles_open = true;
-  for (auto [key, path] : {std::pair{"tls.cert", &_cfg.tls.cert}, {"tls.key", &_cfg.tls.key}, {"tls.ca", &_cfg.tls.ca}})
-    if (!config::readable_file(key, *path, error)) return false;
+  if (!config::readable_file("tls.ca", _cfg.tls.ca, error)) return false;
+  for (auto [key, path] : {std::pair{"tls.cert", &_cfg.tls.cert}, {"tls.key", &_cfg.tls.key}})
+    if (*path && !config::readable_file(key, **path, error)) return false;
   for (const auto& u : _cfg.relay.urls) {
     config::url parsed;
     if (!config::parse_url(u, parsed, error)) return false;
@@ -169,7 +170,7 @@ bool agent::start(std::string& error) {
   // Kubernetes swaps mounted Secrets by renaming a symlinked directory, which
   // inotify on the file misses; polling the stat catches every kind of swap.
   for (auto [watch, path] : {std::pair{&_cert_watch, &_cfg.tls.cert}, {&_key_watch, &_cfg.tls.key}}) {
-    uv_fs_poll_start(watch, on_file_change, path->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
+    if (*path) uv_fs_poll_start(watch, on_file_change, (*path)->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
   }
   // A rotated API key (a Secret update) is picked up like a certificate.
   if (_cfg.api_key_file)
@@ -449,7 +450,7 @@ void agent::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const 
     return;
   }
   if (status < 0) {
-    log::warn("tls_file_unreadable").str("path", h == &a->_cert_watch ? a->_cfg.tls.cert : a->_cfg.tls.key).str("reason", uv_strerror(status));
+    log::warn("tls_file_unreadable").str("path", *(h == &a->_cert_watch ? a->_cfg.tls.cert : a->_cfg.tls.key)).str("reason", uv_strerror(status));
     return;
   }
   a->reload_tls();
@@ -466,7 +467,7 @@ void agent::reload_tls() {
   }
   _tls = std::move(ctx);
   _tls_reloads.inc();
-  log::info("tls_reloaded").str("cert", _cfg.tls.cert);
+  log::info("tls_reloaded").str("cert", _cfg.tls.cert.value_or(""));
   // Connections switch to the new certificate at their next idle moment
   // (agent::connection); running jobs keep going.
 }

@@ -128,4 +128,33 @@ TEST_CASE("api_key mode end to end: relayctl and bunny with keys, and a bunny ke
     CHECK(relay.proc->log().find(*k) == std::string::npos);
     CHECK(bunny.proc->log().find(*k) == std::string::npos);
   }
+
+  // A bunny with no client certificate at all, only its key, takes over.
+  bunny.proc->signal(SIGTERM);
+  CHECK_EQ(bunny.proc->wait(15000), 0);
+  bunny_process keyed_only(relay, {.who = "", .api_key = bunny_new.key}, "keyed-only");
+  auto last = relayctl_with_key(relay, keys_dir / "producer.key", {"submit", "render", "6"});
+  REQUIRE_MESSAGE(last.exit_code == 0, last.err);
+  auto w3 = relayctl_with_key(relay, keys_dir / "producer.key",
+                              {"wait", "--json", "--timeout", "30000", lines(last.out).at(0)}, 60000);
+  REQUIRE_MESSAGE(w3.exit_code == 0, w3.err);
+  CHECK_MESSAGE(w3.out.find("\"square\":36") != std::string::npos, w3.out);
+  CHECK(keyed_only.proc->wait_for_line("\"event\":\"result_delivered\"").has_value());
+}
+
+TEST_CASE("bunny without a client certificate needs an API key, and a certificate needs its key") {
+  test::tmpdir dir;
+  auto check = [&](const std::string& tls_and_key) {
+    test::write_file(dir / "bunny.json", R"({"relay": {"urls": ["https://127.0.0.1:1"]}, "tls": )" + tls_and_key +
+                                             R"(, "handler": {"exec": ["/bin/true"]}})");
+    return test::run({test::env_or_fail("BUNNY_BIN"), "--config", dir / "bunny.json", "--check-config"}, dir.path());
+  };
+  auto no_key = check(R"({"cert": null, "key": null, "ca": "ca.crt"})");
+  CHECK_NE(no_key.exit_code, 0);
+  CHECK_MESSAGE(no_key.err.find("without a client certificate (\"tls.cert\": null) bunny needs \"api_key_file\"") !=
+                    std::string::npos,
+                no_key.err);
+  auto half = check(R"({"cert": null, "ca": "ca.crt"}, "api_key_file": "k")");
+  CHECK_NE(half.exit_code, 0);
+  CHECK_MESSAGE(half.err.find("\"tls.cert\" and \"tls.key\" go together") != std::string::npos, half.err);
 }
