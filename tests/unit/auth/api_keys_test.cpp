@@ -80,6 +80,21 @@ TEST_CASE("keys are found by their digest, several per principal, and never by a
            key_failure::malformed);
 }
 
+TEST_CASE("with thousands of keys each is found by itself and only by itself") {
+  std::string json = R"({"keys":[)";
+  for (int i = 0; i < 3000; ++i) json += (i ? "," : "") + entry("p" + std::to_string(i % 7), "key-" + std::to_string(i));
+  json += "]}";
+  std::string error;
+  auto keys = parse(json, error);
+  REQUIRE_MESSAGE(keys, error);
+  for (int i = 0; i < 3000; ++i) {
+    auto r = keys->check("Bearer key-" + std::to_string(i), noon);
+    REQUIRE_EQ(r.failure, key_failure::none);
+    CHECK_EQ(r.key, &keys->keys()[static_cast<size_t>(i)]);
+  }
+  CHECK_EQ(keys->check("Bearer key-3000", noon).failure, key_failure::unknown);
+}
+
 TEST_CASE("an expired key is refused from the instant after its not_after") {
   std::string error;
   auto keys = parse(R"({"keys":[)" + entry("bunny", "k", R"(,"id":"k1","not_after":"2026-12-06T12:00:00Z")") + "]}", error);
