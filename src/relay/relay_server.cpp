@@ -120,6 +120,8 @@ bool relay_server::start(std::string& error) {
     if (!_api_keys) return false;
     warn_unknown_principals(*_api_keys, *_policy);
     _api_keys_gauge.set(static_cast<int64_t>(_api_keys->keys().size()));
+  } else if (_cfg.auth.api_keys) {
+    log::warn("api_keys_ignored").str("reason", "auth.mode is mtls: no request is checked for a key");
   }
 
   queue::broker_limits limits;
@@ -348,17 +350,18 @@ void relay_server::reload_api_keys() {
         .str("what", "api_keys")
         .str("reason", error)
         .str("kept", "previous API keys")
-        .num("api_keys", static_cast<int64_t>(_api_keys->keys().size()));
+        .num("api_keys", _api_keys ? static_cast<int64_t>(_api_keys->keys().size()) : 0);
     return;
   }
   // Every reload rereads the file; only a change is worth an audit line.
-  if (keys->file_sha256() == _api_keys->file_sha256()) return;
-  warn_unknown_principals(*keys, *_policy);
+  std::string previous = _api_keys ? _api_keys->file_sha256() : std::string();
+  if (keys->file_sha256() == previous) return;
+  if (_policy) warn_unknown_principals(*keys, *_policy);
   int64_t now = api::service::now();
   audit::event("reloaded", log::level::info)
       .str("what", "api_keys")
       .str("api_keys_sha256", keys->file_sha256())
-      .str("previous_sha256", _api_keys->file_sha256())
+      .str("previous_sha256", previous)
       .num("api_keys", static_cast<int64_t>(keys->keys().size()))
       .num("api_keys_expired", static_cast<int64_t>(keys->expired_at(now)));
   // Requests take the keys at their headers; in-flight requests finish
