@@ -15,6 +15,7 @@ enum class api_error : uint8_t {
   invalid_json,
   invalid_field,
   unauthenticated,
+  too_many_auth_failures,
   forbidden,
   not_found,
   method_not_allowed,
@@ -43,8 +44,8 @@ const api_error_info& describe(api_error e);
 // The JSON body for `e`; `detail` replaces the default message when given.
 std::string api_error_body(api_error e, std::string_view detail = {});
 
-// Extra response headers that go with `e` (Retry-After for 429 and 503),
-// each ending in CRLF.
+// Extra response headers that go with `e` (Retry-After for 429 and 503,
+// the Bearer challenge for 401), each ending in CRLF.
 std::string_view api_error_headers(api_error e);
 
 }  // namespace relay

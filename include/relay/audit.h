@@ -31,8 +31,21 @@
 //                        collapsed
 //   reloaded             cert_sha256, client_ca_sha256, crl_sha256,
 //                        policy_sha256, each with *_changed, and
-//                        policy_principals
-//   reload_failed        reason, kept
+//                        policy_principals; the API keys file has lines of
+//                        its own, written only when its content changed:
+//                        what ("api_keys"), api_keys_sha256,
+//                        previous_sha256, api_keys (count), api_keys_expired
+//   reload_failed        reason, kept (what "api_keys" for the keys file,
+//                        with api_keys: the count still in force)
+//   api_key_refused      remote, reason (missing, malformed, unknown,
+//                        expired, principal mismatch), route, auth_mode;
+//                        key_id and key_principal for a known key,
+//                        key_sha256_prefix (8 hex) for an unknown one;
+//                        principal and policy_principal of the certificate
+//                        in mtls+api_key
+//   api_key_rate_limited remote, reason, route, retry_after_s: a source
+//                        past auth.max_failures, answered 429 unchecked
+//   connection_revoked   remote, principal, reason (a reload's re-check)
 #pragma once
 
 #include <chrono>

@@ -35,6 +35,9 @@ class policy {
   bool allows(const std::string* principal, permission p, std::string_view queue) const;
   // Whether `principal` holds `p` on at least one queue pattern.
   bool allows_somewhere(const std::string* principal, permission p) const;
+  // The policy's principal called `name` (the "principals" key), or null:
+  // how an API key's principal (relay/api_keys.h) is resolved.
+  const std::string* principal_named(std::string_view name) const;
   size_t principal_count() const { return _names.size(); }
 
  private:

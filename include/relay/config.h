@@ -36,8 +36,17 @@ struct relay_config {
     uint64_t session_lifetime_ms = 300000;
   } tls;
   struct {
+    // "mtls": the client certificate names the principal. "api_key": an
+    // "Authorization: Bearer" key does (TLS still runs; a client certificate
+    // is optional and, if presented, verified). "mtls+api_key": both, and
+    // they must name the same policy principal.
     std::string mode = "mtls";
-    std::optional<std::string> api_keys;
+    std::optional<std::string> api_keys;  // the keys file (relay/api_keys.h); required by the key modes
+    // Failed key checks from one source address (IPv4, or IPv6 /64) within
+    // one window past which it is answered 429 without its keys being
+    // checked, until the window ends. 0: no limit.
+    uint64_t max_failures = 10;
+    uint64_t failure_window_ms = 60000;
   } auth;
   std::string policy = "policy.json";
   struct {
@@ -90,8 +99,10 @@ struct bunny_config {
     std::optional<std::string> server_name;  // name relay's certificate must carry; default: the URL's host
   } relay;
   struct {
-    std::string cert = "tls.crt";
-    std::string key = "tls.key";
+    // Both null: no client certificate, for a relay in auth.mode "api_key"
+    // (api_key_file is then required).
+    std::optional<std::string> cert = "tls.crt";
+    std::optional<std::string> key = "tls.key";
     std::string ca = "ca.crt";
     std::string min_version = "1.3";
     uint64_t reload_check_ms = 2000;  // how often cert/key files are checked for changes

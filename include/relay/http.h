@@ -113,6 +113,7 @@ struct response {
   int status = 0;
   std::string body;
   std::string retry_after;  // the Retry-After header, if sent
+  std::string www_authenticate;  // the WWW-Authenticate header (a 401's challenge), if sent
 };
 
 // Incremental parser of the responses a client receives, with no I/O (the

@@ -104,7 +104,10 @@ class server_conn final : private stream_handler {
   const std::string& remote_address() const { return _stream->remote_address(); }
   uint64_t id() const { return _id; }
 
-  // Set by the handler in on_connected(); an interned principal name.
+  // Set by the handler: the interned principal name the current request
+  // acts as (what its leases are bound to). The API service sets it in
+  // on_connected() from the certificate, or, with API keys, per request
+  // from the request's key.
   const std::string* principal = nullptr;
 
   // Closes now: an unanswered request is abandoned (its hook runs before

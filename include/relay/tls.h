@@ -40,6 +40,9 @@ struct server_options {
   // strength of an old verification; the peer is verified again after each
   // resumption anyway (see session::read). 0: no resumption at all.
   uint64_t session_lifetime_ms = 300000;
+  // False (auth.mode "api_key"): a client may connect without a certificate;
+  // one it does present must still verify against the CA bundle and CRL.
+  bool require_client_cert = true;
 };
 
 struct client_options {
@@ -257,4 +260,9 @@ namespace relay::tls {
 void random_bytes(uint8_t* out, size_t n);
 // SHA-256 of `data`, lowercase hex.
 std::string sha256_hex(std::string_view data);
+// The SHA-256 digest of `data` (API keys are stored and looked up by it).
+void sha256(std::string_view data, uint8_t out[32]);
+// Whether the n bytes at a and b are equal, in a time that depends on n
+// only, never on where they differ (CRYPTO_memcmp).
+bool equal_constant_time(const void* a, const void* b, size_t n);
 }  // namespace relay::tls

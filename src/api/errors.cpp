@@ -7,11 +7,12 @@ namespace relay {
 namespace {
 
 // Indexed by api_error; keep in enum order.
-constexpr std::array<api_error_info, 19> table{{
+constexpr std::array<api_error_info, 20> table{{
     {400, "bad_request", "the request is malformed"},
     {400, "invalid_json", "the body is not valid JSON"},
     {400, "invalid_field", "a field has the wrong type or value"},
     {401, "unauthenticated", "no valid credentials"},
+    {429, "too_many_auth_failures", "too many failed authentications from this address; retry later"},
     {403, "forbidden", "the policy does not allow this"},
     {404, "not_found", "no such resource"},
     {405, "method_not_allowed", "method not allowed on this resource"},
@@ -49,6 +50,11 @@ std::string api_error_body(api_error e, std::string_view detail) {
 
 std::string_view api_error_headers(api_error e) {
   switch (e) {
+    // RFC 6750: a 401 names the scheme it wants. The same challenge for a
+    // missing and a refused key: the answer does not say which it was.
+    case api_error::unauthenticated: return "WWW-Authenticate: Bearer realm=\"relay\"\r\n";
+    // The caller sends the real wait; this is the floor if it does not.
+    case api_error::too_many_auth_failures: return "Retry-After: 1\r\n";
     case api_error::queue_full:
     case api_error::too_many_queues: return "Retry-After: 1\r\n";
     case api_error::draining: return "Retry-After: 1\r\nConnection: close\r\n";

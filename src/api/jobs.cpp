@@ -112,6 +112,7 @@ void service::get_job(context& c) {
   }
   if (wait_ms > 0 && !queue::is_terminal(j->state) && !_draining) {
     auto* w = new job_wait(*this, c.conn, j->id);
+    if (c.policy_principal) w->policy_principal = *c.policy_principal;
     w->start(wait_ms);
     return;
   }

@@ -77,6 +77,7 @@ void service::lease(context& c) {
   w->lease_ms = args.lease_ms;
   w->owner = c.conn.principal;
   w->queue = q;
+  if (c.policy_principal) w->policy_principal = *c.policy_principal;
   _broker.park(q, *w);
   w->start(args.wait_ms);
 }

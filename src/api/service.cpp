@@ -10,13 +10,17 @@
 namespace relay::api {
 
 service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
-                 journal::writer* journal)
+                 journal::writer* journal, authn_options authn)
     : _loop(loop),
       _broker(broker),
       _journal(journal),
       _policy(std::move(policy)),
       _metrics(metrics),
-      _denials(metrics.get_counter("relay_authz_denials_total", "Requests denied by the policy.")) {
+      _denials(metrics.get_counter("relay_authz_denials_total", "Requests denied by the policy.")),
+      _authn(std::move(authn)),
+      _auth_failures(_authn.max_failures, _authn.failure_window_ms, _authn.max_failure_sources),
+      _auth_limited(metrics.get_counter("relay_api_key_rate_limited_total",
+                                        "Requests answered 429 because their source failed authentication too often.")) {
   uv_timer_init(loop, &_clock);
   _clock.data = this;
   metrics.add_collector([this](std::string& out) { collect_queue_metrics(out); });
@@ -36,6 +40,10 @@ void service::on_connected(net::server_conn& conn) {
   // can be reloaded, is consulted per request.
   const std::string& p = conn.peer().principal();
   conn.principal = p.empty() ? nullptr : _broker.intern(p);
+  // In api_key mode the key names the principal, per request; a certificate
+  // only had to verify. A certificate name in the key owners' namespace is
+  // never an owner: it would hold the leases of that key's principal.
+  if (_authn.mode == authn_options::auth_mode::api_key || p.starts_with(auth::key_owner_prefix)) conn.principal = nullptr;
 }
 
 void service::on_rejected(net::server_conn&, api_error e) { count(route::unknown, describe(e).status); }
@@ -213,6 +221,9 @@ route_permission permission_of(route r) {
 }  // namespace
 
 bool service::admit(context& c) {
+  // Who asks comes before what is asked: an unauthenticated peer learns
+  // nothing, not even which routes exist.
+  if (!authenticate(c)) return false;
   if (c.match.which == route::unknown) {
     respond_error(c, api_error::not_found, "no such route");
     return false;
@@ -230,7 +241,8 @@ bool service::admit(context& c) {
     respond_error(c, api_error::internal, "no policy loaded");
     return false;
   }
-  c.policy_principal = c.policy->match(c.conn.peer());
+  // In the key modes authenticate() resolved it from the key.
+  if (_authn.mode == authn_options::auth_mode::mtls) c.policy_principal = c.policy->match(c.conn.peer());
   return true;
 }
 
@@ -323,13 +335,19 @@ void service::drain() {
 void service::policy_changed() {
   std::shared_ptr<const auth::policy> pol = _policy();
   if (!pol) return;
+  // Who each waiter is under the new policy: its certificate matched anew,
+  // or with API keys alone the principal its key named.
+  auto principal_of = [&](net::server_conn& conn, const std::string& named) -> const std::string* {
+    if (_authn.mode == authn_options::auth_mode::api_key) return pol->principal_named(named);
+    return pol->match(conn.peer());
+  };
   // Copies: answering removes entries.
   for (lease_wait* w : std::vector<lease_wait*>(_lease_waits.begin(), _lease_waits.end())) {
-    const std::string* who = pol->match(w->conn.peer());
+    const std::string* who = principal_of(w->conn, w->policy_principal);
     if (!pol->allows(who, auth::permission::consume, w->queue)) w->expire();
   }
   for (job_wait* w : std::vector<job_wait*>(_job_waits.begin(), _job_waits.end())) {
-    const std::string* who = pol->match(w->conn.peer());
+    const std::string* who = principal_of(w->conn, w->policy_principal);
     const queue::job* j = _broker.find(w->id);
     if (j && pol->allows(who, auth::permission::read, j->queue->name())) continue;
     if (!pol->allows_somewhere(who, auth::permission::read))

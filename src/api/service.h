@@ -16,6 +16,7 @@
 
 #include "api/decode.h"
 #include "api/router.h"
+#include "relay/api_keys.h"
 #include "relay/auth.h"
 #include "relay/journal.h"
 #include "relay/metrics.h"
@@ -24,13 +25,28 @@
 
 namespace relay::api {
 
+// How requests are authenticated (auth.* in the configuration).
+struct authn_options {
+  enum class auth_mode : uint8_t {
+    mtls,              // the client certificate names the principal
+    api_key,           // a Bearer key does; a certificate, if any, is not used
+    mtls_and_api_key,  // both, naming the same policy principal
+  };
+  auth_mode mode = auth_mode::mtls;
+  // The keys in force (reloadable); required by the key modes.
+  std::function<std::shared_ptr<const auth::api_keys>()> keys;
+  uint32_t max_failures = 10;  // per source and window; 0: no limit
+  uint64_t failure_window_ms = 60000;
+  size_t max_failure_sources = 16384;  // sources tracked at once (bounded memory)
+};
+
 class service final : public net::request_handler {
  public:
   using policy_source = std::function<std::shared_ptr<const auth::policy>()>;
 
   // `journal` may be null (no durability, as in unit tests).
   service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
-          journal::writer* journal = nullptr);
+          journal::writer* journal = nullptr, authn_options authn = {});
   service(const service&) = delete;
   service& operator=(const service&) = delete;
   ~service() override;
@@ -69,6 +85,11 @@ class service final : public net::request_handler {
   // Route, method, queue name and policy present; resolves the policy's
   // principal. False when an answer was sent.
   bool admit(context& c);
+  // In the key modes: the request's key (and, with mtls+api_key, its
+  // agreement with the certificate) or a 401; a source over its failure
+  // budget gets 429 before its key is looked at. Sets the request's policy
+  // principal and, in api_key mode, conn.principal. False when answered.
+  bool authenticate(context& c);
   bool authorize(context& c, auth::permission p, std::string_view queue);
   // Audits a denial (log line and counter) without answering.
   void record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why);
@@ -128,6 +149,9 @@ class service final : public net::request_handler {
   std::unordered_set<job_wait*> _job_waits;
   std::unordered_map<uint32_t, ops::counter*> _request_counters;
   ops::counter& _denials;
+  authn_options _authn;
+  auth::failure_limiter _auth_failures;
+  ops::counter& _auth_limited;
 };
 
 // JSON for a job as GET /v1/jobs/{id} returns it.

@@ -46,6 +46,7 @@ struct service::lease_wait final : queue::lease_waiter {
   service& svc;
   net::server_conn& conn;
   std::string queue;
+  std::string policy_principal;  // as the request was authorised
   uv_timer_t timer{};
 };
 
@@ -96,6 +97,7 @@ struct service::job_wait final : queue::job_watcher {
   service& svc;
   net::server_conn& conn;
   queue::job_id id;
+  std::string policy_principal;  // as the request was authorised
   uv_timer_t timer{};
 };
 

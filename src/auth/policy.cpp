@@ -209,4 +209,12 @@ bool policy::allows_somewhere(const std::string* principal, permission p) const 
   return false;
 }
 
+const std::string* policy::principal_named(std::string_view name) const {
+  // A handful of principals: a scan costs less than keeping another index
+  // in step with the parser.
+  for (const auto& n : _names)
+    if (*n == name) return n.get();
+  return nullptr;
+}
+
 }  // namespace relay::auth

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "relay/api_keys.h"
 #include "relay/json.h"
 #include "relay/json_read.h"
 #include "relay/log.h"
@@ -143,13 +144,14 @@ bool agent::start(std::string& error) {
   _poll_timer.data = this;
   uv_timer_init(_loop, &_drain_timer);
   _drain_timer.data = this;
-  for (uv_fs_poll_t* watch : {&_cert_watch, &_key_watch}) {
+  for (uv_fs_poll_t* watch : {&_cert_watch, &_key_watch, &_api_key_watch}) {
     uv_fs_poll_init(_loop, watch);
     watch->data = this;
   }
   _handles_open = true;
-  for (auto [key, path] : {std::pair{"tls.cert", &_cfg.tls.cert}, {"tls.key", &_cfg.tls.key}, {"tls.ca", &_cfg.tls.ca}})
-    if (!config::readable_file(key, *path, error)) return false;
+  if (!config::readable_file("tls.ca", _cfg.tls.ca, error)) return false;
+  for (auto [key, path] : {std::pair{"tls.cert", &_cfg.tls.cert}, {"tls.key", &_cfg.tls.key}})
+    if (*path && !config::readable_file(key, **path, error)) return false;
   for (const auto& u : _cfg.relay.urls) {
     config::url parsed;
     if (!config::parse_url(u, parsed, error)) return false;
@@ -161,29 +163,15 @@ bool agent::start(std::string& error) {
   int64_t exposed = 0;
   const std::string no_file;
   const std::string* key_file = _cfg.api_key_file ? &*_cfg.api_key_file : &no_file;
-  for (auto [key, path] : {std::pair<const char*, const std::string*>{"tls.key", &_cfg.tls.key}, {"api_key_file", key_file}}) {
+  const std::string* tls_key = _cfg.tls.key ? &*_cfg.tls.key : &no_file;
+  for (auto [key, path] : {std::pair<const char*, const std::string*>{"tls.key", tls_key}, {"api_key_file", key_file}}) {
     std::string warning;
     if (path->empty() || !config::exposed_secret(key, *path, warning)) continue;
     ++exposed;
     log::warn("secret_file_exposed").str("key", key).str("path", *path).str("reason", warning);
   }
   _exposed_secrets.set(exposed);
-  if (_cfg.api_key_file) {
-    std::ifstream in(*_cfg.api_key_file, std::ios::binary);
-    if (!in) {
-      error = *_cfg.api_key_file + ": cannot open the API key file";
-      return false;
-    }
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    std::string key = ss.str();
-    while (!key.empty() && (key.back() == '\n' || key.back() == '\r' || key.back() == ' ')) key.pop_back();
-    if (key.empty() || key.find_first_of("\r\n") != std::string::npos) {
-      error = *_cfg.api_key_file + ": the API key file must hold one key on one line";
-      return false;
-    }
-    _auth_header = "Authorization: Bearer " + key + "\r\n";
-  }
+  if (_cfg.api_key_file && !load_api_key(error)) return false;
   if (!_cfg.handler.exec.empty()) {
     _handler = make_exec_handler(_loop, {_cfg.handler.exec, _cfg.handler.timeout_ms, _cfg.handler.kill_grace_ms,
                                          static_cast<size_t>(_cfg.handler.max_output_bytes)});
@@ -196,8 +184,12 @@ bool agent::start(std::string& error) {
   // Kubernetes swaps mounted Secrets by renaming a symlinked directory, which
   // inotify on the file misses; polling the stat catches every kind of swap.
   for (auto [watch, path] : {std::pair{&_cert_watch, &_cfg.tls.cert}, {&_key_watch, &_cfg.tls.key}}) {
-    uv_fs_poll_start(watch, on_file_change, path->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
+    if (*path) uv_fs_poll_start(watch, on_file_change, (*path)->c_str(), static_cast<unsigned>(_cfg.tls.reload_check_ms));
   }
+  // A rotated API key (a Secret update) is picked up like a certificate.
+  if (_cfg.api_key_file)
+    uv_fs_poll_start(&_api_key_watch, on_file_change, _cfg.api_key_file->c_str(),
+                     static_cast<unsigned>(_cfg.tls.reload_check_ms));
   log::info("bunny_started")
       .str("relay", _cfg.relay.urls.front())
       .num("concurrency", static_cast<int64_t>(_cfg.concurrency))
@@ -437,7 +429,10 @@ void agent::deliver(job_slot* j) {
           log::info("result_delivered").str("job", id).boolean("ok", js->result.ok);
         } else if (r.status == 409) {
           log::warn("result_refused").str("job", id).str("reason", "lease lost; relay will deliver the job again");
-        } else if (r.status == 429 || r.status >= 500) {
+        } else if (r.status == 401 || r.status == 429 || r.status >= 500) {
+          // 401: the key was refused -- mid-rotation, or the file is being
+          // fixed; the result is kept and retried until its lease runs out.
+          if (r.status == 401) log::warn("api_key_refused").str("during", "result").str("job", id);
           retry = true;
         } else {
           log::error("result_refused").str("job", id).num("status", r.status).str("relay_said", r.body.substr(0, 300));
@@ -468,8 +463,15 @@ void agent::finish_job(job_slot* j) {
 
 void agent::on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const uv_stat_t*) {
   auto* a = static_cast<agent*>(h->data);
+  if (h == &a->_api_key_watch) {
+    std::string error;
+    if (status < 0) log::warn("api_key_file_unreadable").str("path", *a->_cfg.api_key_file).str("reason", uv_strerror(status));
+    else if (!a->load_api_key(error)) log::warn("api_key_reload_failed").str("reason", error);
+    else log::info("api_key_reloaded").str("path", *a->_cfg.api_key_file);
+    return;
+  }
   if (status < 0) {
-    log::warn("tls_file_unreadable").str("path", h == &a->_cert_watch ? a->_cfg.tls.cert : a->_cfg.tls.key).str("reason", uv_strerror(status));
+    log::warn("tls_file_unreadable").str("path", *(h == &a->_cert_watch ? a->_cfg.tls.cert : a->_cfg.tls.key)).str("reason", uv_strerror(status));
     return;
   }
   a->reload_tls();
@@ -486,9 +488,33 @@ void agent::reload_tls() {
   }
   _tls = std::move(ctx);
   _tls_reloads.inc();
-  log::info("tls_reloaded").str("cert", _cfg.tls.cert);
+  log::info("tls_reloaded").str("cert", _cfg.tls.cert.value_or(""));
   // Connections switch to the new certificate at their next idle moment
   // (agent::connection); running jobs keep going.
+}
+
+bool agent::load_api_key(std::string& error) {
+  std::ifstream in(*_cfg.api_key_file, std::ios::binary);
+  if (!in) {
+    error = *_cfg.api_key_file + ": cannot open the API key file";
+    return false;
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  std::string key = ss.str();
+  while (!key.empty() && (key.back() == '\n' || key.back() == '\r' || key.back() == ' ' || key.back() == '\t'))
+    key.pop_back();
+  size_t start = key.find_first_not_of(" \t");
+  key.erase(0, start == std::string::npos ? key.size() : start);
+  // Checked as relay will check it, so a bad file is reported here, by
+  // name, rather than as 401s; the key itself never appears in a message.
+  std::string_view token;
+  if (key.empty() || !auth::bearer_token("Bearer " + key, token)) {
+    error = *_cfg.api_key_file + ": the API key file must hold one key on one line (RFC 6750 token characters)";
+    return false;
+  }
+  _auth_header = "Authorization: Bearer " + key + "\r\n";
+  return true;
 }
 
 // ---- Shutdown ----
@@ -549,7 +575,7 @@ void agent::stop() {
       uv_timer_stop(t);
       uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
     }
-    for (uv_fs_poll_t* w : {&_cert_watch, &_key_watch}) {
+    for (uv_fs_poll_t* w : {&_cert_watch, &_key_watch, &_api_key_watch}) {
       uv_fs_poll_stop(w);
       uv_close(reinterpret_cast<uv_handle_t*>(w), nullptr);
     }

@@ -39,6 +39,9 @@ class agent {
   void begin_drain();
   // Rebuilds the client certificate context from the files now.
   void reload_tls();
+  // Rereads api_key_file (a rotated key); on error the key in use stays.
+  // Requests already sent keep the key they carry.
+  bool load_api_key(std::string& error);
   // Empty when ready, else why not.
   std::string readiness() const;
   // bunny's client TLS settings from its configuration.
@@ -81,7 +84,7 @@ class agent {
   uint32_t _poll_failures = 0;
   uv_timer_t _poll_timer{};
   uv_timer_t _drain_timer{};
-  uv_fs_poll_t _cert_watch{}, _key_watch{};
+  uv_fs_poll_t _cert_watch{}, _key_watch{}, _api_key_watch{};
   bool _connected = false;
   std::string _last_error;
 

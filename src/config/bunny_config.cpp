@@ -12,8 +12,8 @@ const schema& bunny_schema() {
   static const schema keys = {
       {"relay.urls", kind::string_list, field<c>([](c& x) { return &x.relay.urls; })},
       {"relay.server_name", kind::optional_string, field<c>([](c& x) { return &x.relay.server_name; })},
-      {"tls.cert", kind::path, field<c>([](c& x) { return &x.tls.cert; })},
-      {"tls.key", kind::path, field<c>([](c& x) { return &x.tls.key; })},
+      {"tls.cert", kind::optional_path, field<c>([](c& x) { return &x.tls.cert; })},
+      {"tls.key", kind::optional_path, field<c>([](c& x) { return &x.tls.key; })},
       {"tls.ca", kind::path, field<c>([](c& x) { return &x.tls.ca; })},
       {"tls.min_version", kind::choice, field<c>([](c& x) { return &x.tls.min_version; }), {"1.2", "1.3"}},
       {"tls.reload_check_ms", kind::number, field<c>([](c& x) { return &x.tls.reload_check_ms; }), {}, 100, 3600000},
@@ -114,6 +114,10 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
     if (!parse_url(*cfg.handler.http, parsed, error)) return fail("\"handler.http\": " + error);
     if (parsed.scheme != "http") return fail("\"handler.http\" must be a plain http:// URL to a local service");
   }
+  if (cfg.tls.cert.has_value() != cfg.tls.key.has_value())
+    return fail("\"tls.cert\" and \"tls.key\" go together: set both, or both to null (no client certificate)");
+  if (!cfg.tls.cert && !cfg.api_key_file)
+    return fail("without a client certificate (\"tls.cert\": null) bunny needs \"api_key_file\"");
   if (cfg.poll.backoff_max_ms < cfg.poll.backoff_base_ms) return fail("\"poll.backoff_max_ms\" is below \"poll.backoff_base_ms\"");
   if (cfg.poll.wait_ms + 1000 > cfg.poll.request_timeout_ms)
     return fail("\"poll.request_timeout_ms\" must exceed \"poll.wait_ms\" by at least 1000");

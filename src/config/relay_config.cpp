@@ -17,8 +17,10 @@ const schema& relay_schema() {
       {"tls.min_version", kind::choice, field<c>([](c& x) { return &x.tls.min_version; }), {"1.2", "1.3"}},
       {"tls.reload_check_ms", kind::number, field<c>([](c& x) { return &x.tls.reload_check_ms; }), {}, 0, 3600000},
       {"tls.session_lifetime_ms", kind::number, field<c>([](c& x) { return &x.tls.session_lifetime_ms; }), {}, 0, 86400000},
-      {"auth.mode", kind::choice, field<c>([](c& x) { return &x.auth.mode; }), {"mtls"}, 0, 0, "api_key mtls+api_key"},
+      {"auth.mode", kind::choice, field<c>([](c& x) { return &x.auth.mode; }), {"mtls", "api_key", "mtls+api_key"}},
       {"auth.api_keys", kind::optional_path, field<c>([](c& x) { return &x.auth.api_keys; })},
+      {"auth.max_failures", kind::number, field<c>([](c& x) { return &x.auth.max_failures; }), {}, 0, 1000000},
+      {"auth.failure_window_ms", kind::number, field<c>([](c& x) { return &x.auth.failure_window_ms; }), {}, 1000, 86400000},
       {"policy", kind::path, field<c>([](c& x) { return &x.policy; })},
       {"audit.path", kind::optional_path, field<c>([](c& x) { return &x.audit.path; })},
       {"journal.dir", kind::path, field<c>([](c& x) { return &x.journal.dir; })},
@@ -56,6 +58,11 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
           std::string& error) {
   relay_config cfg;
   if (!load(relay_schema(), file, overrides, &cfg, error)) return false;
+  if (cfg.auth.mode != "mtls" && !cfg.auth.api_keys) {
+    error = (file ? *file : std::string("the configuration")) + ": \"auth.api_keys\" (the keys file) is required when " +
+            "\"auth.mode\" is \"" + cfg.auth.mode + "\"";
+    return false;
+  }
   out = std::move(cfg);
   return true;
 }

@@ -131,6 +131,9 @@ int request_parser::on_header_value_complete(llhttp_t* p) {
     return s->reject(api_error::headers_too_large, "more than " + std::to_string(s->_limits.max_headers) + " headers");
   // Only the headers relay acts on are kept; the rest are counted and dropped.
   if (iequals(s->_field, "authorization")) {
+    // Two credentials in one request: which one counts would be a guess.
+    if (!s->_req.authorization.empty())
+      return s->reject(api_error::bad_request, "more than one Authorization header");
     s->_req.authorization = s->_value;
   } else if (iequals(s->_field, "expect")) {
     if (!iequals(s->_value, "100-continue"))

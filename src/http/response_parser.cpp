@@ -7,8 +7,8 @@ namespace {
 
 response_parser* self(llhttp_t* p) { return static_cast<response_parser*>(p->data); }
 
-// One header name or value; only Retry-After is kept, so this bounds what a
-// header can make the parser hold, not the whole head.
+// One header name or value; only Retry-After and WWW-Authenticate are kept,
+// so this bounds what a header can make the parser hold, not the whole head.
 constexpr size_t max_header_line_bytes = 8192;
 
 }  // namespace
@@ -75,6 +75,8 @@ int response_parser::on_header_value(llhttp_t* p, const char* at, size_t len) {
 int response_parser::on_header_value_complete(llhttp_t* p) {
   auto* s = self(p);
   if (s->_field.size() == 11 && strncasecmp(s->_field.data(), "retry-after", 11) == 0) s->_resp.retry_after = s->_value;
+  else if (s->_field.size() == 16 && strncasecmp(s->_field.data(), "www-authenticate", 16) == 0)
+    s->_resp.www_authenticate = s->_value;
   s->_field.clear();
   s->_value.clear();
   return 0;

@@ -22,7 +22,19 @@ tls::server_options tls_options(const config::relay_config& cfg) {
   o.crl_file = cfg.tls.crl;
   o.min_version = cfg.tls.min_version;
   o.session_lifetime_ms = cfg.tls.session_lifetime_ms;
+  o.require_client_cert = cfg.auth.mode != "api_key";
   return o;
+}
+
+bool uses_api_keys(const config::relay_config& cfg) { return cfg.auth.mode != "mtls"; }
+
+// A key whose principal the policy does not name authenticates but is
+// denied everything; worth a line, not a refusal (the policy and the keys
+// reload separately, and one may run ahead of the other).
+void warn_unknown_principals(const auth::api_keys& keys, const auth::policy& policy) {
+  for (const auth::api_key& k : keys.keys())
+    if (!policy.principal_named(k.principal))
+      log::warn("api_key_unknown_principal").str("key_id", k.id).str("principal", k.principal);
 }
 
 // Start-up errors name the configuration key as well as the file, so that
@@ -32,7 +44,8 @@ bool check_files(const config::relay_config& cfg, std::string& error) {
   using config::readable_file;
   return readable_file("tls.cert", cfg.tls.cert, error) && readable_file("tls.key", cfg.tls.key, error) &&
          readable_file("tls.client_ca", cfg.tls.client_ca, error) &&
-         (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error);
+         (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error) &&
+         (!uses_api_keys(cfg) || readable_file("auth.api_keys", *cfg.auth.api_keys, error));
 }
 
 // SHA-256 of a file's bytes; empty if it cannot be read (a reload that got
@@ -76,7 +89,8 @@ relay_server::relay_server(uv_loop_t* loop, config::relay_config cfg, bool repai
                                            "result=\"failed\"")),
       _compactions(_metrics.get_counter("relay_journal_compactions_total", "Journal compactions completed.")),
       _exposed_secrets(_metrics.get_gauge("relay_secret_files_exposed",
-                                          "Secret files (tls.key, auth.api_keys) readable by any user or writable by their group.")) {
+                                          "Secret files (tls.key, auth.api_keys) readable by any user or writable by their group.")),
+      _api_keys_gauge(_metrics.get_gauge("relay_api_keys", "API keys loaded (auth.api_keys), expired ones included.")) {
   // The log buffer is the process's; its losses are reported with relay's figures.
   _metrics.add_collector([](std::string& out) {
     ops::registry::write_header(out, "relay_log_lines_dropped_total",
@@ -98,7 +112,13 @@ relay_server::~relay_server() = default;
 bool relay_server::check(const config::relay_config& cfg, std::string& error) {
   if (!check_files(cfg, error)) return false;
   if (!tls::context::make_server(tls_options(cfg), error)) return false;
-  if (!auth::policy::load(cfg.policy, error)) return false;
+  auto policy = auth::policy::load(cfg.policy, error);
+  if (!policy) return false;
+  if (uses_api_keys(cfg)) {
+    auto keys = auth::api_keys::load(*cfg.auth.api_keys, error);
+    if (!keys) return false;
+    warn_unknown_principals(*keys, *policy);
+  }
   return true;
 }
 
@@ -127,6 +147,14 @@ bool relay_server::start(std::string& error) {
   if (!_policy) return false;
   _loaded = fingerprint(*_tls);
   check_secret_modes();
+  if (uses_api_keys(_cfg)) {
+    _api_keys = auth::api_keys::load(*_cfg.auth.api_keys, error);
+    if (!_api_keys) return false;
+    warn_unknown_principals(*_api_keys, *_policy);
+    _api_keys_gauge.set(static_cast<int64_t>(_api_keys->keys().size()));
+  } else if (_cfg.auth.api_keys) {
+    log::warn("api_keys_ignored").str("reason", "auth.mode is mtls: no request is checked for a key");
+  }
 
   queue::broker_limits limits;
   limits.max_jobs = _cfg.limits.max_jobs;
@@ -135,7 +163,15 @@ bool relay_server::start(std::string& error) {
   limits.result_ttl_ms = static_cast<queue::time_ms>(_cfg.limits.result_ttl_ms);
   _broker = std::make_unique<queue::broker>(limits, tls::random_bytes);
   if (!open_journal(error)) return false;
-  _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics, _journal.get());
+  api::authn_options authn;
+  authn.mode = _cfg.auth.mode == "api_key"        ? api::authn_options::auth_mode::api_key
+               : _cfg.auth.mode == "mtls+api_key" ? api::authn_options::auth_mode::mtls_and_api_key
+                                                  : api::authn_options::auth_mode::mtls;
+  authn.keys = [this] { return _api_keys; };
+  authn.max_failures = static_cast<uint32_t>(_cfg.auth.max_failures);
+  authn.failure_window_ms = _cfg.auth.failure_window_ms;
+  _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics, _journal.get(),
+                                        std::move(authn));
   _ops = std::make_unique<ops::ops_handler>(_metrics, [this] { return readiness(); });
 
   net::listener_options api_opts;
@@ -167,7 +203,9 @@ bool relay_server::start(std::string& error) {
   log::info("relay_started")
       .str("tls_library", tls::library_version())
       .str("policy", _cfg.policy)
-      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()))
+      .str("auth_mode", _cfg.auth.mode)
+      .num("api_keys", _api_keys ? static_cast<int64_t>(_api_keys->keys().size()) : 0);
   audit::event("started", log::level::info)
       .num("pid", static_cast<int64_t>(::getpid()))
       .str("tls_library", tls::library_version())
@@ -177,7 +215,8 @@ bool relay_server::start(std::string& error) {
       .str("client_ca_sha256", _loaded.client_ca)
       .str("crl_sha256", _loaded.crl)
       .str("policy_sha256", _loaded.policy)
-      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()));
+      .num("policy_principals", static_cast<int64_t>(_policy->principal_count()))
+      .num("api_keys", _api_keys ? static_cast<int64_t>(_api_keys->keys().size()) : 0);
   // The journal is replayed and both listeners are open: a Type=notify unit
   // counts as started only now.
   ops::notify_service_manager("READY=1\nSTATUS=serving");
@@ -298,6 +337,7 @@ void relay_server::watch_files() {
   if (_cfg.tls.reload_check_ms == 0) return;
   std::vector<const std::string*> paths{&_cfg.tls.cert, &_cfg.tls.key, &_cfg.tls.client_ca, &_cfg.policy};
   if (_cfg.tls.crl) paths.push_back(&*_cfg.tls.crl);
+  if (uses_api_keys(_cfg)) paths.push_back(&*_cfg.auth.api_keys);
   // Polling stat() rather than inotify: Kubernetes updates a mounted Secret
   // by swapping a symlinked directory, which a watch on the file misses.
   for (const std::string* path : paths) {
@@ -337,6 +377,9 @@ void relay_server::reload() {
   // A rotated audit file is reopened with every reload (SIGHUP is what
   // logrotate's postrotate sends).
   audit::reopen();
+  // The keys are reloaded on their own: a bad keys file must not hold back
+  // a renewed certificate, nor a bad certificate a key revocation.
+  reload_api_keys();
   std::string error;
   auto ctx = tls::context::make_server(tls_options(_cfg), error);
   auto pol = ctx ? auth::policy::load(_cfg.policy, error) : nullptr;
@@ -390,6 +433,38 @@ void relay_server::on_ticket_tick(uv_timer_t* t) {
   // handshakes): a ticket that leaks is useless within a session lifetime.
   std::string error;
   if (self->_tls && !self->_tls->rotate_ticket_keys(error)) log::error("ticket_key_rotation_failed").str("reason", error);
+}
+
+void relay_server::reload_api_keys() {
+  if (!uses_api_keys(_cfg)) return;
+  std::string error;
+  auto keys = auth::api_keys::load(*_cfg.auth.api_keys, error);
+  if (!keys) {
+    _reloads_failed.inc();
+    log::error("reload_failed").str("reason", error).str("kept", "previous API keys");
+    audit::event("reload_failed", log::level::error)
+        .str("what", "api_keys")
+        .str("reason", error)
+        .str("kept", "previous API keys")
+        .num("api_keys", _api_keys ? static_cast<int64_t>(_api_keys->keys().size()) : 0);
+    return;
+  }
+  // Every reload rereads the file; only a change is worth an audit line.
+  std::string previous = _api_keys ? _api_keys->file_sha256() : std::string();
+  if (keys->file_sha256() == previous) return;
+  if (_policy) warn_unknown_principals(*keys, *_policy);
+  int64_t now = api::service::now();
+  audit::event("reloaded", log::level::info)
+      .str("what", "api_keys")
+      .str("api_keys_sha256", keys->file_sha256())
+      .str("previous_sha256", previous)
+      .num("api_keys", static_cast<int64_t>(keys->keys().size()))
+      .num("api_keys_expired", static_cast<int64_t>(keys->expired_at(now)));
+  // Requests take the keys at their headers; in-flight requests finish
+  // under the keys they were checked with, the next request is checked
+  // against these.
+  _api_keys = std::move(keys);
+  _api_keys_gauge.set(static_cast<int64_t>(_api_keys->keys().size()));
 }
 
 void relay_server::begin_drain() {

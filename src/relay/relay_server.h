@@ -9,6 +9,7 @@
 #include <string>
 
 #include "api/service.h"
+#include "relay/api_keys.h"
 #include "relay/auth.h"
 #include "relay/config.h"
 #include "relay/metrics.h"
@@ -33,7 +34,8 @@ class relay_server {
   // finish (up to limits.drain_timeout_ms), then close everything.
   void begin_drain();
   // SIGHUP, or a change to one of their files: rebuild the TLS context and
-  // policy aside and swap them in; on any error keep the ones in use.
+  // policy aside and swap them in; on any error keep the ones in use. The
+  // API keys are reloaded the same way, independently of the rest.
   void reload();
   // Closes everything now; the loop then runs out of handles and returns.
   void stop();
@@ -45,6 +47,9 @@ class relay_server {
   static void on_signal(uv_signal_t* s, int signum);
   static void on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const uv_stat_t*);
   void watch_files();
+  // Rereads auth.api_keys (in the key modes); a bad file keeps the keys in
+  // use and is logged and audited as a refused reload.
+  void reload_api_keys();
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
@@ -66,6 +71,7 @@ class relay_server {
   std::shared_ptr<const tls::context> _tls;
   std::shared_ptr<const auth::policy> _policy;
   fingerprints _loaded;
+  std::shared_ptr<const auth::api_keys> _api_keys;  // null in mtls mode
   std::unique_ptr<queue::broker> _broker;
   std::unique_ptr<journal::writer> _journal;
   bool _repair_journal;
@@ -80,8 +86,8 @@ class relay_server {
   std::unique_ptr<net::listener> _api_listener;
   std::unique_ptr<net::listener> _ops_listener;
   uv_signal_t _sigterm{}, _sigint{}, _sighup{};
-  // cert, key, client CA, CRL, policy
-  std::array<uv_fs_poll_t, 5> _file_watches{};
+  // cert, key, client CA, CRL, policy, API keys
+  std::array<uv_fs_poll_t, 6> _file_watches{};
   size_t _file_watch_count = 0;
   // One reload for files that change together (a Secret swap, a key and
   // its certificate written one after the other).
@@ -98,6 +104,7 @@ class relay_server {
   ops::counter& _reloads_failed;
   ops::counter& _compactions;
   ops::gauge& _exposed_secrets;
+  ops::gauge& _api_keys_gauge;
 };
 
 }  // namespace relay

@@ -16,6 +16,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <iostream>
@@ -24,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "relay/api_keys.h"
 #include "relay/config.h"
 #include "relay/http_client.h"
 #include "relay/json.h"
@@ -43,11 +45,17 @@ commands:
   queues [QUEUE]                 queue statistics
   dead QUEUE [--limit N]         list dead jobs
   requeue QUEUE [JOB...] [--max N]  give dead jobs fresh attempts
+  api-key new --principal P [--id ID] [--not-after TIME]
+                                 make a new random API key: prints the key (once, on the
+                                 first line) and the entry for relay's keys file (second
+                                 line); TIME is RFC 3339 UTC, e.g. 2027-01-31T00:00:00Z
 
 options (environment variable in brackets):
   --url URL            relay, https://host:port [RELAY_URL]
   --server-name NAME   name relay's certificate must carry (default: the URL's host)
   --cert FILE --key FILE  client certificate and key [RELAYCTL_CERT, RELAYCTL_KEY]
+  --api-key-file FILE  send the API key in FILE (one line) as "Authorization: Bearer"
+                       with every request [RELAYCTL_API_KEY_FILE]
   --ca FILE            CA bundle relay's certificate chains to [RELAYCTL_CA]
   --file FILE          read the payload (or batch) from FILE
   --timeout MS         per-request timeout, and the overall limit for wait (default 30000)
@@ -60,7 +68,7 @@ exit codes: 0 ok, 1 relay answered an error, 2 usage, 3 relay unreachable,
 enum exit_code { ok = 0, relay_error = 1, usage_error = 2, unreachable = 3, job_failed = 4, timed_out = 5 };
 
 struct options {
-  std::string url, server_name, cert, key, ca, file;
+  std::string url, server_name, cert, key, ca, file, api_key_file, principal, key_id, not_after;
   bool json = false, batch = false;
   uint32_t timeout_ms = 30000;
   std::optional<uint32_t> wait_ms, limit, max;
@@ -73,11 +81,40 @@ std::string env(const char* name, const char* fallback = "") {
   return v ? v : fallback;
 }
 
+// The key in `path`: one line, surrounding whitespace and the final newline
+// dropped. Never echoed in an error.
+bool read_api_key(const std::string& path, std::string& key, std::string& error) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    error = path + ": cannot open the API key file";
+    return false;
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  key = ss.str();
+  while (!key.empty() && (key.back() == '\n' || key.back() == '\r' || key.back() == ' ' || key.back() == '\t'))
+    key.pop_back();
+  size_t start = key.find_first_not_of(" \t");
+  key.erase(0, start == std::string::npos ? key.size() : start);
+  std::string_view token;
+  if (key.empty() || !relay::auth::bearer_token("Bearer " + key, token)) {
+    error = path + ": the API key file must hold one key on one line (RFC 6750 token characters)";
+    key.clear();
+    return false;
+  }
+  return true;
+}
+
 // A blocking wrapper over client_conn on a private loop.
 class client {
  public:
   client(const options& o, std::string& error) {
     uv_loop_init(&_loop);
+    if (!o.api_key_file.empty()) {
+      std::string key;
+      if (!read_api_key(o.api_key_file, key, error)) return;
+      _auth_header = "Authorization: Bearer " + key + "\r\n";
+    }
     relay::config::url u;
     if (!relay::config::parse_url(o.url, u, error)) return;
     relay::tls::client_options t;
@@ -112,7 +149,7 @@ class client {
                      out = std::move(r);
                      done = true;
                    },
-                   timeout_ms);
+                   timeout_ms, _auth_header);
     while (!done) uv_run(&_loop, UV_RUN_ONCE);
     return error;
   }
@@ -120,7 +157,96 @@ class client {
  private:
   uv_loop_t _loop;
   relay::http::client_conn* _conn = nullptr;
+  std::string _auth_header;  // "Authorization: Bearer …\r\n" or empty; never printed
 };
+
+std::string base64url(const uint8_t* data, size_t n) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  std::string out;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < n; ++i) {
+    acc = acc << 8 | data[i];
+    bits += 8;
+    while (bits >= 6) {
+      bits -= 6;
+      out += alphabet[(acc >> bits) & 63];
+    }
+  }
+  if (bits > 0) out += alphabet[(acc << (6 - bits)) & 63];
+  return out;
+}
+
+// relayctl api-key new: needs no relay, only the TLS library's generator.
+int new_api_key(const options& o) {
+  if (o.args.size() != 1 || o.args[0] != "new") {
+    std::fprintf(stderr, "relayctl: usage: relayctl api-key new --principal P [--id ID] [--not-after TIME]\n");
+    return usage_error;
+  }
+  if (o.principal.empty()) {
+    std::fprintf(stderr, "relayctl: api-key new needs --principal (a principal name of relay's policy)\n");
+    return usage_error;
+  }
+  // Refuse here what relay's keys file would refuse, so the line printed is
+  // always one relay loads.
+  std::string entry_for_check = "{\"keys\":[{\"principal\":";
+  relay::json::append_string(entry_for_check, o.principal);
+  entry_for_check += ",\"sha256\":\"" + std::string(64, '0') + "\"";
+  if (!o.key_id.empty()) {
+    entry_for_check += ",\"id\":";
+    relay::json::append_string(entry_for_check, o.key_id);
+  }
+  if (!o.not_after.empty()) {
+    entry_for_check += ",\"not_after\":";
+    relay::json::append_string(entry_for_check, o.not_after);
+  }
+  entry_for_check += "}]}";
+  std::string error;
+  if (!relay::auth::api_keys::parse(entry_for_check, "the new key", error)) {
+    std::fprintf(stderr, "relayctl: %s\n", error.c_str());
+    return usage_error;
+  }
+  uint8_t secret[32];
+  relay::tls::random_bytes(secret, sizeof secret);
+  std::string key = base64url(secret, sizeof secret);
+  uint8_t digest[32];
+  relay::tls::sha256(key, digest);
+  std::string hex = relay::auth::to_hex(digest, sizeof digest);
+  std::string id = o.key_id;
+  if (id.empty()) {
+    // The principal's safe characters, the date and a random tag: readable
+    // in audit lines, unique enough to rotate by.
+    for (char c : o.principal) {
+      bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+                c == '-';
+      if (id.size() < 40) id += ok ? c : '-';
+    }
+    std::time_t t = std::time(nullptr);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char date[16];
+    std::strftime(date, sizeof date, "%Y%m%d", &tm);
+    uint8_t tag[2];
+    relay::tls::random_bytes(tag, sizeof tag);
+    id += "-" + std::string(date) + "-" + relay::auth::to_hex(tag, sizeof tag);
+  }
+  std::string entry = "{\"principal\": ";
+  relay::json::append_string(entry, o.principal);
+  entry += ", \"sha256\": \"" + hex + "\", \"id\": ";
+  relay::json::append_string(entry, id);
+  if (!o.not_after.empty()) {
+    entry += ", \"not_after\": ";
+    relay::json::append_string(entry, o.not_after);
+  }
+  entry += "}";
+  std::printf("%s\n%s\n", key.c_str(), entry.c_str());
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "relayctl: the first line is the key; it is shown only now: store it where the client reads it "
+               "(bunny's api_key_file, relayctl --api-key-file). The second line goes into the \"keys\" array of "
+               "relay's auth.api_keys file, which holds only its SHA-256.\n");
+  return ok;
+}
 
 std::string read_input(const options& o, const std::string& arg, std::string& error) {
   if (!o.file.empty() || arg == "-") {
@@ -424,6 +550,7 @@ int main(int argc, char** argv) {
   o.cert = env("RELAYCTL_CERT");
   o.key = env("RELAYCTL_KEY");
   o.ca = env("RELAYCTL_CA");
+  o.api_key_file = env("RELAYCTL_API_KEY_FILE");
   std::string command;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -454,6 +581,10 @@ int main(int argc, char** argv) {
     else if (a == "--cert") good = value(o.cert);
     else if (a == "--key") good = value(o.key);
     else if (a == "--ca") good = value(o.ca);
+    else if (a == "--api-key-file") good = value(o.api_key_file);
+    else if (a == "--principal") good = value(o.principal);
+    else if (a == "--id") good = value(o.key_id);
+    else if (a == "--not-after") good = value(o.not_after);
     else if (a == "--file") good = value(o.file);
     else if (a == "--json") o.json = true;
     else if (a == "--batch") o.batch = true;
@@ -483,6 +614,7 @@ int main(int argc, char** argv) {
     std::fputs(usage, stderr);
     return usage_error;
   }
+  if (command == "api-key") return new_api_key(o);
   if (o.ca.empty()) {
     std::fprintf(stderr, "relayctl: --ca (or RELAYCTL_CA) is required: relay's certificate is always verified\n");
     return usage_error;

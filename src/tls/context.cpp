@@ -210,8 +210,10 @@ std::shared_ptr<const context> context::make_server(const server_options& o, std
   if (!load_identity(ctx, o.cert_file, o.key_file, error)) return nullptr;
   if (!load_ca(ctx, o.client_ca_file, error)) return nullptr;
   if (o.crl_file && !load_crl(ctx, *o.crl_file, error)) return nullptr;
-  // Mutual TLS is not optional on relay's API listener.
-  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  // Mutual TLS is not optional on relay's API listener unless API keys
+  // authenticate instead; a certificate that is presented is verified
+  // either way.
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (o.require_client_cert ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), nullptr);
   // Resumed sessions must belong to this service; required for resumption
   // when client certificates are verified.
   static const unsigned char sid_ctx[] = "relay";

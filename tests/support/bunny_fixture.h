@@ -27,13 +27,14 @@ inline std::string handler_path(const std::string& name) {
 }
 
 struct bunny_options {
-  std::string who = "worker";            // client certificate
+  std::string who = "worker";            // client certificate; empty: none (then give api_key)
   std::string queues = R"(["render"])";  // JSON array
   int concurrency = 2;
   int lease_ms = 3000;
   std::string handler;                    // JSON for "handler"
   std::string server_name = "localhost";
   std::vector<std::string> extra_args;
+  std::string api_key;  // non-empty: written to api.key, which api_key_file names
 };
 
 class bunny_process {
@@ -44,13 +45,23 @@ class bunny_process {
   bunny_process(uint16_t relay_port, bunny_options o, const std::string& name = "bunny") {
     const std::string& p = pki();
     // The bunny's own copy of its certificate, so a test can rotate it.
-    write_file(dir / "tls.crt", read_file(p + "/" + o.who + ".crt"));
-    write_file(dir / "tls.key", read_file(p + "/" + o.who + ".key"));
+    std::string client_cert = R"("cert": null, "key": null)";
+    if (!o.who.empty()) {
+      write_file(dir / "tls.crt", read_file(p + "/" + o.who + ".crt"));
+      write_file(dir / "tls.key", read_file(p + "/" + o.who + ".key"));
+      client_cert = R"("cert": "tls.crt", "key": "tls.key")";
+    }
+    std::string api_key_file = "null";
+    if (!o.api_key.empty()) {
+      write_file(dir / "api.key", o.api_key + "\n");
+      api_key_file = "\"api.key\"";
+    }
     if (o.handler.empty()) o.handler = R"({"exec": [")" + handler_path("square.sh") + R"("], "timeout_ms": 10000})";
     write_file(dir / "bunny.json", R"({
       "relay": {"urls": ["https://127.0.0.1:)" + std::to_string(relay_port) + R"("], "server_name": ")" +
                                           o.server_name + R"("},
-      "tls": {"cert": "tls.crt", "key": "tls.key", "ca": ")" + p + R"(/ca.crt", "reload_check_ms": 200},
+      "tls": {)" + client_cert + R"(, "ca": ")" + p + R"(/ca.crt", "reload_check_ms": 200},
+      "api_key_file": )" + api_key_file + R"(,
       "queues": )" + o.queues + R"(, "concurrency": )" + std::to_string(o.concurrency) + R"(,
       "lease_ms": )" + std::to_string(o.lease_ms) + R"(, "handler": )" + o.handler + R"(,
       "ops_listen": "127.0.0.1:0",

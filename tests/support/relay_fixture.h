@@ -179,8 +179,9 @@ class sync_client {
     std::string error;
     relay::http::client_response response;
   };
+  // `extra_headers`: whole lines ending in CRLF (an Authorization header).
   result call(const std::string& method, const std::string& path, const std::string& body = {},
-              uint32_t timeout_ms = 30000) {
+              uint32_t timeout_ms = 30000, const std::string& extra_headers = {}) {
     result r;
     bool done = false;
     conn->request(method, path, body,
@@ -189,7 +190,7 @@ class sync_client {
                     r.response = std::move(resp);
                     done = true;
                   },
-                  timeout_ms);
+                  timeout_ms, extra_headers);
     while (!done) uv_run(&loop, UV_RUN_ONCE);
     return r;
   }

@@ -46,7 +46,13 @@ TEST_CASE("bad configuration is refused with the key named") {
   CHECK_FALSE(with(R"({"tls": {"min_version": "1.1"}})"));
   CHECK(error.find("\"tls.min_version\" must be one of \"1.2\" \"1.3\"") != std::string::npos);
   CHECK_FALSE(with(R"({"auth": {"mode": "api_key"}})"));
-  CHECK(error.find("not supported by this version") != std::string::npos);
+  CHECK(error.find("\"auth.api_keys\" (the keys file) is required when \"auth.mode\" is \"api_key\"") != std::string::npos);
+  CHECK_FALSE(with(R"({"auth": {"mode": "mtls+api_key", "api_keys": null}})"));
+  CHECK(error.find("is required when \"auth.mode\" is \"mtls+api_key\"") != std::string::npos);
+  CHECK(with(R"({"auth": {"mode": "api_key", "api_keys": "keys.json"}})"));
+  CHECK_EQ(*c.auth.api_keys, dir / "keys.json");
+  CHECK_FALSE(with(R"({"auth": {"mode": "bearer"}})"));
+  CHECK(error.find("\"auth.mode\" must be one of \"mtls\" \"api_key\" \"mtls+api_key\"") != std::string::npos);
   CHECK_FALSE(with(R"({"tls": "x"})"));
   CHECK_FALSE(with(R"([1])"));
   CHECK_FALSE(load(std::nullopt, {{"limits.max_jobs", "lots"}}, c, error));
