@@ -19,6 +19,7 @@
 #   dns-behind-uri  URI spiffe://test/ns/evil/sa/anything, DNS producer.test
 #   bad-first-uri   URI "spiffe://test/x\x01", then URI spiffe://test/ns/jobs/sa/bunny
 #   two-cn          CN ops-admin and CN nobody
+#   producer2       DNS producer2.test (a second producer, for fairness tests)
 # DIR/crl.pem        the CA's CRL
 # Keys are ECDSA P-256, readable by the owner only.
 set -eu
@@ -109,6 +110,8 @@ der="2.5.29.17=DER:30328610${first}861e${second}"
 issue ca bad-first-uri worker "$client
 $der" -days 825
 issue ca two-cn "ops-admin/CN=nobody" "$client" -days 825
+issue ca producer2 producer2 "$client
+subjectAltName=DNS:producer2.test" -days 825
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -revoke revoked.crt
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -gencrl -out crl.pem
 chmod 644 ./*.crt crl.pem
