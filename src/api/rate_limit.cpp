@@ -92,9 +92,9 @@ void rate_limiter::adopt(const std::shared_ptr<const auth::policy>& policy, uint
   if (_unmatched && !rebase(*_unmatched, policy->limits_for_unmatched(), now_ms)) _unmatched.reset();
 }
 
-rate_limiter::verdict rate_limiter::ask(const std::shared_ptr<const auth::policy>& policy,
-                                        const std::string* principal, kind k, double n, uint64_t now_ms,
-                                        bool take) {
+rate_limiter::verdict rate_limiter::ask_buckets(const std::shared_ptr<const auth::policy>& policy,
+                                                const std::string* principal, kind k, double n, uint64_t now_ms,
+                                                bool take) {
   if (policy.get() != _policy.get()) adopt(policy, now_ms);
   if (!policy->has_rate_limits()) return {};
   buckets* b;

@@ -77,7 +77,11 @@ class rate_limiter {
   // Costs nothing beyond a pointer comparison when the policy limits
   // nobody, and one hash lookup by name when it limits someone.
   verdict ask(const std::shared_ptr<const auth::policy>& policy, const std::string* principal, kind k, double n,
-              uint64_t now_ms, bool take);
+              uint64_t now_ms, bool take) {
+    // Inline, for the common case: a policy that limits nobody.
+    if (policy.get() == _policy.get() && !policy->has_rate_limits()) return {};
+    return ask_buckets(policy, principal, k, n, now_ms, take);
+  }
 
   // Counts one refusal of `principal`'s request in
   // relay_rate_limited_total{principal,kind}.
@@ -100,6 +104,8 @@ class rate_limiter {
     size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
   };
 
+  verdict ask_buckets(const std::shared_ptr<const auth::policy>& policy, const std::string* principal, kind k,
+                      double n, uint64_t now_ms, bool take);
   // Moves every bucket to `policy`'s rates (refilled at the old rates up to
   // `now_ms` first), and drops those of principals it no longer limits.
   void adopt(const std::shared_ptr<const auth::policy>& policy, uint64_t now_ms);
