@@ -70,7 +70,7 @@ class rate_limiter {
 
   // Asks for `n` tokens of `k` (requests or jobs) for `principal`, the
   // policy's name for the peer (null: a peer the policy does not name),
-  // under `policy`; takes them when `take` and they are all there. A
+  // under `policy` (not null); takes them when `take` and they are all there. A
   // refusal is not counted here (see count()): a caller may ask before it
   // knows whether it will refuse for this reason.
   //
