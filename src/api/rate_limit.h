@@ -96,7 +96,10 @@ class rate_limiter {
 
  private:
   struct buckets {
-    const auth::rate_limits* limits = nullptr;  // under _policy
+    // A constructor rather than a member initializer: clang cannot use
+    // those of a nested class for std::optional inside the enclosing one.
+    buckets() : limits(nullptr) {}
+    const auth::rate_limits* limits;  // under _policy
     token_bucket requests, jobs;
   };
   struct string_hash {
