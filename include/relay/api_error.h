@@ -28,6 +28,8 @@ enum class api_error : uint8_t {
   headers_too_large,
   queue_full,
   too_many_queues,
+  rate_limited,     // a principal's request or job rate (policy "limits")
+  batch_too_large,  // a batch with more jobs than the principal's jobs_burst
   draining,
   unavailable,
   internal,
@@ -45,7 +47,9 @@ const api_error_info& describe(api_error e);
 std::string api_error_body(api_error e, std::string_view detail = {});
 
 // Extra response headers that go with `e` (Retry-After for 429 and 503,
-// the Bearer challenge for 401), each ending in CRLF.
+// the Bearer challenge for 401), each ending in CRLF. For rate_limited the
+// Retry-After is the floor, one second; the API sends the time until the
+// bucket holds what was asked instead.
 std::string_view api_error_headers(api_error e);
 
 }  // namespace relay

@@ -71,6 +71,10 @@ struct relay_config {
     uint64_t max_jobs = 2000000;
     uint64_t max_held_bytes = 1073741824;
     uint64_t max_queues = 10000;
+    // Unfinished jobs (queued, delayed, leased, failed) one queue may hold
+    // before submits to it get 429 queue_full; 0: no cap. A policy's
+    // "queue_limits" sets caps per queue that take precedence.
+    uint64_t max_queue_depth = 0;
     uint64_t result_ttl_ms = 86400000;
     uint64_t drain_timeout_ms = 30000;
     // Hostile-peer bounds (see server.h conn_options for what each counts).

@@ -258,6 +258,10 @@ struct broker_limits {
   size_t max_jobs = 2'000'000;    // jobs held (any state) before submits get queue_full
   size_t max_held_bytes = size_t{1} << 30;  // payload + result + error bytes held, likewise
   size_t max_queues = 10'000;
+  // Jobs one queue may hold that are not finished (queued, delayed, leased,
+  // failed) before submits to it get queue_depth; 0: no cap. A submit can
+  // name a cap of its own (submit_params::max_depth).
+  size_t max_queue_depth = 0;
   time_ms result_ttl_ms = 24 * 3600 * 1000;  // how long a finished job stays readable
   time_ms max_backoff_ms = 3600 * 1000;
   uint16_t max_attempts_limit = 1000;
@@ -271,6 +275,7 @@ enum class op_error : uint8_t {
   not_cancellable,  // leased or terminal
   queue_full,       // max_jobs reached
   too_many_queues,  // max_queues reached
+  queue_depth,      // the queue holds its cap of unfinished jobs (max_queue_depth)
   ids_exhausted,    // every job id up to max_job_id was handed out
 };
 
@@ -282,6 +287,7 @@ struct submit_params {
   time_ms delay_ms = 0;
   uint16_t max_attempts = 5;
   uint32_t lease_ms = 30000;
+  size_t max_depth = 0;  // the queue's depth cap; 0: limits.max_queue_depth
 };
 
 struct submit_result {
@@ -371,6 +377,15 @@ class broker {
   bool has_room(size_t jobs, size_t bytes) const {
     return _jobs.size() + jobs <= _limits.max_jobs && _held_bytes + bytes <= _limits.max_held_bytes &&
            jobs <= max_job_id + 1 - _next_id;
+  }
+  // Jobs of `queue` that are held and not finished: queued, delayed,
+  // leased or failed (awaiting a retry). What a depth cap bounds.
+  size_t depth(std::string_view queue) const;
+  // Whether `jobs` more jobs fit under the depth cap of `queue`: `max_depth`,
+  // or limits.max_queue_depth when that is 0; no cap when both are 0.
+  bool has_depth_room(std::string_view queue, size_t jobs, size_t max_depth = 0) const {
+    size_t cap = max_depth ? max_depth : _limits.max_queue_depth;
+    return cap == 0 || (jobs <= cap && depth(queue) <= cap - jobs);
   }
   const broker_limits& limits() const { return _limits; }
 

@@ -7,7 +7,7 @@ namespace relay {
 namespace {
 
 // Indexed by api_error; keep in enum order.
-constexpr std::array<api_error_info, 20> table{{
+constexpr std::array<api_error_info, 22> table{{
     {400, "bad_request", "the request is malformed"},
     {400, "invalid_json", "the body is not valid JSON"},
     {400, "invalid_field", "a field has the wrong type or value"},
@@ -25,6 +25,9 @@ constexpr std::array<api_error_info, 20> table{{
     {431, "headers_too_large", "the request headers are too large"},
     {429, "queue_full", "relay holds as many jobs (or job bytes) as it may; retry later"},
     {429, "too_many_queues", "relay holds as many queues as it may"},
+    {429, "rate_limited", "the principal's rate limit is reached; retry after Retry-After seconds"},
+    // Retrying cannot help, so not 429: the client must split the batch.
+    {413, "batch_too_large", "the batch holds more jobs than the principal's jobs_burst; split it"},
     {503, "draining", "relay is shutting down"},
     {503, "unavailable", "relay cannot make changes durable right now; retry later"},
     {500, "internal", "internal error"},
@@ -56,7 +59,8 @@ std::string_view api_error_headers(api_error e) {
     // The caller sends the real wait; this is the floor if it does not.
     case api_error::too_many_auth_failures: return "Retry-After: 1\r\n";
     case api_error::queue_full:
-    case api_error::too_many_queues: return "Retry-After: 1\r\n";
+    case api_error::too_many_queues:
+    case api_error::rate_limited: return "Retry-After: 1\r\n";
     case api_error::draining: return "Retry-After: 1\r\nConnection: close\r\n";
     case api_error::unavailable: return "Retry-After: 1\r\n";
     default: return {};

@@ -1,4 +1,5 @@
 // Producer routes: submit, read (with long polling) and cancel jobs.
+#include <cassert>
 #include <charconv>
 
 #include "api/service.h"
@@ -45,13 +46,36 @@ void service::submit(context& c) {
     respond_error(c, err.kind, err.message);
     return;
   }
-  // A batch is accepted whole or not at all.
+  // A batch is accepted whole or not at all: every limit is checked for
+  // all of it before the first job goes in.
+  size_t n = items.size();
+  uint64_t clock = uv_now(_loop);
+  auto rate = _rate.ask(c.policy, c.policy_principal, rate_limiter::kind::jobs, static_cast<double>(n), clock, false);
+  if (!rate.allowed) {
+    refuse_rate(c, rate_limiter::kind::jobs, rate, n);
+    return;
+  }
   size_t bytes = 0;
   for (const auto& it : items) bytes += it.payload.size();
-  if (!_broker.has_room(items.size(), bytes)) {
+  if (!_broker.has_room(n, bytes)) {
     respond_error(c, api_error::queue_full);
     return;
   }
+  uint64_t max_depth = c.policy->max_depth(q);
+  if (!_broker.has_depth_room(q, n, max_depth)) {
+    _rate.count(c.policy_principal, rate_limiter::kind::queue_full);
+    size_t cap = max_depth ? max_depth : _broker.limits().max_queue_depth;
+    respond_error(c, api_error::queue_full,
+                  "the queue holds its cap of " + std::to_string(cap) + " unfinished jobs (" +
+                      (max_depth ? "the policy's max_depth" : "limits.max_queue_depth") +
+                      "); retry once workers have taken some");
+    return;
+  }
+  // Job tokens pay for jobs that go in: a submit refused for room costs
+  // none. Nothing ran since the check above, so they are there.
+  [[maybe_unused]] auto paid =
+      _rate.ask(c.policy, c.policy_principal, rate_limiter::kind::jobs, static_cast<double>(n), clock, true);
+  assert(paid.allowed);
   queue::time_ms t = now();
   std::string body;
   bool all_created = true;
@@ -74,6 +98,7 @@ void service::submit(context& c) {
   for (size_t i = 0; i < items.size(); ++i) {
     queue::submit_params& p = items[i];
     p.queue = q;
+    p.max_depth = max_depth;
     auto r = _broker.submit(p, t);
     if (r.error == queue::op_error::too_many_queues) {
       respond_error(c, api_error::too_many_queues);

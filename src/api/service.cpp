@@ -1,5 +1,6 @@
 #include "api/service.h"
 
+#include <charconv>
 #include <ctime>
 
 #include "api/waits.h"
@@ -20,7 +21,8 @@ service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, o
       _authn(std::move(authn)),
       _auth_failures(_authn.max_failures, _authn.failure_window_ms, _authn.max_failure_sources),
       _auth_limited(metrics.get_counter("relay_api_key_rate_limited_total",
-                                        "Requests answered 429 because their source failed authentication too often.")) {
+                                        "Requests answered 429 because their source failed authentication too often.")),
+      _rate(metrics) {
   uv_timer_init(loop, &_clock);
   _clock.data = this;
   metrics.add_collector([this](std::string& out) { collect_queue_metrics(out); });
@@ -105,6 +107,61 @@ bool service::authorize(context& c, auth::permission p, std::string_view queue) 
   if (c.policy->allows(c.policy_principal, p, queue)) return true;
   deny(c, p, queue, c.policy_principal ? "no grant" : "unknown principal");
   return false;
+}
+
+namespace {
+
+// A rate as a policy writes it: "200", "0.5".
+std::string format_rate(double v) {
+  char buf[32];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+// The parser stops at a request's headers, and on_headers() runs, exactly
+// when a body follows (see http::request_parser): such a request was
+// charged there.
+bool charged_at_headers(const http::request& req) { return req.content_length > 0 || req.chunked; }
+
+}  // namespace
+
+bool service::within_request_rate(context& c) {
+  auto v = _rate.ask(c.policy, c.policy_principal, rate_limiter::kind::requests, 1, uv_now(_loop), true);
+  if (v.allowed) return true;
+  refuse_rate(c, rate_limiter::kind::requests, v);
+  return false;
+}
+
+bool service::has_job_token(context& c) {
+  auto v = _rate.ask(c.policy, c.policy_principal, rate_limiter::kind::jobs, 1, uv_now(_loop), false);
+  if (v.allowed) return true;
+  refuse_rate(c, rate_limiter::kind::jobs, v);
+  return false;
+}
+
+void service::refuse_rate(context& c, rate_limiter::kind k, const rate_limiter::verdict& v, size_t jobs) {
+  _rate.count(c.policy_principal, k);
+  bool requests = k == rate_limiter::kind::requests;
+  // Repeats from one source collapse into a count (relay/log.h), so a
+  // flood costs a line a second, not a line a request.
+  log::warn("rate_limited")
+      .str("policy_principal", c.policy_principal ? *c.policy_principal : "")
+      .str("reason", rate_limiter::to_string(k))
+      .str("route", route_name(c.match.which))
+      .str("remote", c.conn.remote_address());
+  std::string burst = std::to_string(static_cast<uint64_t>(v.burst));
+  if (v.never) {
+    respond_error(c, api_error::batch_too_large,
+                  "a batch of " + std::to_string(jobs) + " jobs can never pass: the principal's jobs_burst is " +
+                      burst + "; send at most " + burst + " jobs per request");
+    return;
+  }
+  std::string msg = "the principal's ";
+  msg += requests ? "request rate limit (" : "job rate limit (";
+  msg += format_rate(v.rate) + (requests ? " requests/s, burst " : " jobs/s, jobs_burst ") + burst;
+  msg += ") is reached; retry in " + std::to_string(v.retry_after_s) + " s";
+  std::string retry = "Retry-After: " + std::to_string(v.retry_after_s) + "\r\n";
+  respond(c, describe(api_error::rate_limited).status, api_error_body(api_error::rate_limited, msg), retry);
 }
 
 void service::record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why) {
@@ -252,8 +309,12 @@ bool service::on_headers(net::server_conn& conn, http::request& req) {
   // request; this one only refuses what could never be allowed.
   context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
   if (!admit(c)) return false;
+  // Before the grants: a principal over its rate is refused cheaply, even
+  // for what it may not do.
+  if (!within_request_rate(c)) return false;
   route_permission need = permission_of(c.match.which);
-  if (need.queue_in_path) return authorize(c, need.p, c.match.queue);
+  if (need.queue_in_path)
+    return authorize(c, need.p, c.match.queue) && (c.match.which != route::submit || has_job_token(c));
   if (!c.policy->allows_somewhere(c.policy_principal, need.p)) {
     deny(c, need.p, {}, "no grant");
     return false;
@@ -264,6 +325,7 @@ bool service::on_headers(net::server_conn& conn, http::request& req) {
 void service::on_request(net::server_conn& conn, http::request& req) {
   context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
   if (!admit(c)) return;
+  if (!charged_at_headers(req) && !within_request_rate(c)) return;
   bool changes = c.match.which != route::get_job && c.match.which != route::list_queues &&
                  c.match.which != route::get_queue && c.match.which != route::list_dead;
   if (changes && _journal && !_journal->accepting()) {

@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "api/decode.h"
+#include "api/rate_limit.h"
 #include "api/router.h"
 #include "relay/api_keys.h"
 #include "relay/auth.h"
@@ -91,6 +92,17 @@ class service final : public net::request_handler {
   // principal and, in api_key mode, conn.principal. False when answered.
   bool authenticate(context& c);
   bool authorize(context& c, auth::permission p, std::string_view queue);
+  // Charges the request to the peer's request bucket (policy "limits");
+  // false when refused, with 429 rate_limited sent. Once per request: at
+  // its headers when a body follows, else when it is complete.
+  bool within_request_rate(context& c);
+  // At a submit's headers: whether the peer has a job token left, so that
+  // a principal over its job rate is refused before its body is held.
+  // Takes none: how many jobs the body holds is known once it is decoded.
+  bool has_job_token(context& c);
+  // Answers a rate limit's refusal (429 with Retry-After, or 413 for a
+  // batch that can never pass), counted per principal and logged.
+  void refuse_rate(context& c, rate_limiter::kind k, const rate_limiter::verdict& v, size_t jobs = 1);
   // Audits a denial (log line and counter) without answering.
   void record_denial(context& c, auth::permission p, std::string_view queue, std::string_view why);
   // The audit line of a change made on someone's authority beyond their own
@@ -152,6 +164,8 @@ class service final : public net::request_handler {
   authn_options _authn;
   auth::failure_limiter _auth_failures;
   ops::counter& _auth_limited;
+  // Token buckets per principal; outlive policy reloads (see rate_limit.h).
+  rate_limiter _rate;
 };
 
 // JSON for a job as GET /v1/jobs/{id} returns it.

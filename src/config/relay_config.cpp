@@ -37,6 +37,7 @@ const schema& relay_schema() {
       {"limits.max_jobs", kind::number, field<c>([](c& x) { return &x.limits.max_jobs; }), {}, 1, 1ull << 32},
       {"limits.max_held_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_held_bytes; }), {}, 1 << 20, 1ull << 40},
       {"limits.max_queues", kind::number, field<c>([](c& x) { return &x.limits.max_queues; }), {}, 1, 1000000},
+      {"limits.max_queue_depth", kind::number, field<c>([](c& x) { return &x.limits.max_queue_depth; }), {}, 0, 1000000000000},
       {"limits.result_ttl_ms", kind::number, field<c>([](c& x) { return &x.limits.result_ttl_ms; }), {}, 1000, 365ull * 86400000},
       {"limits.drain_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.drain_timeout_ms; }), {}, 0, 3600000},
       {"limits.max_connections_per_ip", kind::number, field<c>([](c& x) { return &x.limits.max_connections_per_ip; }), {}, 1, 1000000},

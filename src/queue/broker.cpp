@@ -275,6 +275,13 @@ void broker::for_each_queue(const std::function<void(const job_queue&)>& fn) con
   for (const auto* q : sorted) fn(*q);
 }
 
+size_t broker::depth(std::string_view queue) const {
+  const job_queue* q = find_queue(queue);
+  if (!q) return 0;
+  return q->count(job_state::queued) + q->count(job_state::delayed) + q->count(job_state::leased) +
+         q->count(job_state::failed);
+}
+
 std::vector<const job*> broker::dead_jobs(std::string_view queue, size_t limit) const {
   std::vector<const job*> out;
   const job_queue* q = find_queue(queue);
@@ -301,6 +308,7 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
   // Never wrap: an id is handed out once, or not at all.
   if (_next_id > max_job_id) return {op_error::ids_exhausted, nullptr, false};
   if (!has_room(1, p.payload.size())) return {op_error::queue_full, nullptr, false};
+  if (!has_depth_room(p.queue, 1, p.max_depth)) return {op_error::queue_depth, nullptr, false};
   op_error err;
   job_queue* q = queue_for(p.queue, open_mode::create, err);
   if (!q) return {err, nullptr, false};

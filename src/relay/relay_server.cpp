@@ -160,6 +160,7 @@ bool relay_server::start(std::string& error) {
   limits.max_jobs = _cfg.limits.max_jobs;
   limits.max_held_bytes = _cfg.limits.max_held_bytes;
   limits.max_queues = _cfg.limits.max_queues;
+  limits.max_queue_depth = _cfg.limits.max_queue_depth;
   limits.result_ttl_ms = static_cast<queue::time_ms>(_cfg.limits.result_ttl_ms);
   _broker = std::make_unique<queue::broker>(limits, tls::random_bytes);
   if (!open_journal(error)) return false;

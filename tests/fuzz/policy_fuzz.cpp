@@ -7,10 +7,16 @@
 // Invariants: a refused policy comes with an error naming its origin; an
 // accepted one answers for any identity and queue without crashing, a
 // principal it matches is one of its own, nothing is allowed to no
-// principal, and allowing on a queue implies allowing somewhere.
+// principal, and allowing on a queue implies allowing somewhere. Its rate
+// limits ("limits") are within the documented bounds, with a burst of at
+// least one token for every rate set, and none at all when it says it has
+// none; a limiter under it lets exactly the burst through at one instant.
+// A queue's depth cap ("queue_limits") is 0 or within its bounds.
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "api/rate_limit.h"
 #include "fuzz_input.h"
 #include "relay/auth.h"
 
@@ -77,5 +83,47 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   else if (!id.dns_san.empty()) FUZZ_CHECK(by_all == p->match(ids[1]));
   else FUZZ_CHECK(by_all == p->match(ids[2]));
   (void)auth::valid_queue_name(queue);
+
+  // Rate limits and depth caps.
+  auto check_limits = [&](const auth::rate_limits* l) {
+    if (!l) return;
+    FUZZ_CHECK(p->has_rate_limits());
+    FUZZ_CHECK(l->requests_per_s > 0 || l->jobs_per_s > 0);
+    for (auto [rate, burst] : {std::pair{l->requests_per_s, l->burst}, std::pair{l->jobs_per_s, l->jobs_burst}}) {
+      FUZZ_CHECK(rate >= 0 && rate <= 1e9);
+      if (rate > 0) FUZZ_CHECK(burst >= 1 && burst <= 1e9 && burst == static_cast<double>(static_cast<uint64_t>(burst)));
+      else FUZZ_CHECK(burst == 0);
+    }
+  };
+  const auth::rate_limits* unmatched = p->limits_for_unmatched();
+  check_limits(unmatched);
+  if (!p->has_rate_limits()) FUZZ_CHECK(unmatched == nullptr);
+  std::string by_name(names[0]);
+  check_limits(p->limits_for(by_name));
+  ops::registry metrics;
+  for (const auto& who : ids) {
+    // A limiter of its own: two identities may share a principal's buckets.
+    api::rate_limiter limiter(metrics);
+    const std::string* principal = p->match(who);
+    const auth::rate_limits* l = principal ? p->limits_for(*principal) : unmatched;
+    check_limits(l);
+    if (!p->has_rate_limits()) FUZZ_CHECK(l == nullptr);
+    // At one instant, exactly the burst passes (bounded, to keep runs short).
+    if (l && l->requests_per_s > 0 && l->burst <= 64) {
+      size_t passed = 0;
+      for (int i = 0; i < 70; ++i)
+        passed += limiter.ask(p, principal, api::rate_limiter::kind::requests, 1, 1000, true).allowed ? 1 : 0;
+      FUZZ_CHECK(passed == static_cast<size_t>(l->burst));
+      auto v = limiter.ask(p, principal, api::rate_limiter::kind::requests, 1, 1000, true);
+      FUZZ_CHECK(!v.allowed && v.retry_after_s >= 1);
+    }
+    if (l && l->jobs_per_s > 0) {
+      auto v = limiter.ask(p, principal, api::rate_limiter::kind::jobs, l->jobs_burst + 1, 1000, false);
+      FUZZ_CHECK(!v.allowed && v.never);
+    }
+    if (!l) FUZZ_CHECK(limiter.ask(p, principal, api::rate_limiter::kind::requests, 1, 1000, true).allowed);
+  }
+  uint64_t depth = p->max_depth(queue);
+  FUZZ_CHECK(depth <= 1'000'000'000'000);
   return 0;
 }

@@ -19,6 +19,7 @@
 #   dns-behind-uri  URI spiffe://test/ns/evil/sa/anything, DNS producer.test
 #   bad-first-uri   URI "spiffe://test/x\x01", then URI spiffe://test/ns/jobs/sa/bunny
 #   two-cn          CN ops-admin and CN nobody
+#   producer2       DNS producer2.test (a second producer, for fairness tests)
 # DIR/crl.pem        the CA's CRL
 # Keys are ECDSA P-256, readable by the owner only.
 set -eu
@@ -116,6 +117,8 @@ issue ca cn-c1 "ops$(printf '\302\205')admin" "$client" -days 825
 issue ca cn-rlo "$(printf '\342\200\256')nimda-spo" "$client" -days 825
 issue ca uri-high-byte worker "$client
 2.5.29.17=DER:3021861f$(hex 'spiffe://test/ns/jobs/sa/bunny')ff" -days 825
+issue ca producer2 producer2 "$client
+subjectAltName=DNS:producer2.test" -days 825
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -revoke revoked.crt
 openssl_quiet ca -config ca.cnf -cert ca.crt -keyfile ca.key -gencrl -out crl.pem
 chmod 644 ./*.crt crl.pem

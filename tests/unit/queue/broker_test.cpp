@@ -554,3 +554,59 @@ TEST_CASE_FIXTURE(fixture, "records that do not fit the state are refused, not a
   CHECK_EQ(state(id), job_state::queued);
   CHECK_EQ(b.job_count(), 1u);
 }
+
+TEST_CASE("limits: a queue's depth counts its unfinished jobs only") {
+  broker_limits limits;
+  limits.max_queue_depth = 3;
+  limits.result_ttl_ms = 1'000'000;
+  broker b(limits, counting_random());
+  principal_ref w = b.intern("w");
+  submit_params p;
+  p.queue = "q";
+  p.payload = "1";
+  job_id first = b.submit(p, 0).j->id;
+  p.delay_ms = 5000;
+  job_id delayed = b.submit(p, 0).j->id;
+  p.delay_ms = 0;
+  b.submit(p, 0);
+  CHECK_EQ(b.depth("q"), 3u);
+  CHECK_EQ(b.submit(p, 0).error, op_error::queue_depth);
+  // Another queue has a depth of its own.
+  p.queue = "other";
+  CHECK_EQ(b.submit(p, 0).error, op_error::none);
+  p.queue = "q";
+  // Leased and failed (awaiting a retry) jobs still count...
+  std::vector<job*> got;
+  b.lease("q", 2, 1000, w, 0, got);
+  REQUIRE_EQ(got.size(), 2u);
+  CHECK_EQ(b.depth("q"), 3u);
+  CHECK_EQ(b.fail(got[1]->id, got[1]->lease, w, "again", 1000, 0), op_error::none);
+  CHECK_EQ(b.find(got[1]->id)->state, job_state::failed);
+  CHECK_EQ(b.depth("q"), 3u);
+  CHECK_FALSE(b.has_depth_room("q", 1));
+  // ...finished ones do not, though they are still held.
+  CHECK_EQ(b.complete(first, got[0]->lease, w, "true", 0), op_error::none);
+  CHECK_EQ(b.cancel(delayed, 0), op_error::none);
+  CHECK_EQ(b.depth("q"), 1u);
+  CHECK(b.has_depth_room("q", 2));
+  CHECK_FALSE(b.has_depth_room("q", 3));
+  CHECK_EQ(b.submit(p, 0).error, op_error::none);
+  // A cap given with the submit (a policy's max_depth) overrides the default.
+  p.max_depth = 2;
+  CHECK_EQ(b.submit(p, 0).error, op_error::queue_depth);
+  p.max_depth = 10;
+  CHECK_EQ(b.submit(p, 0).error, op_error::none);
+  CHECK(b.has_depth_room("q", 7, 10));
+  CHECK_FALSE(b.has_depth_room("q", 8, 10));
+  CHECK_FALSE(b.has_depth_room("q", 11, 10));
+  CHECK_EQ(b.depth("missing"), 0u);
+}
+
+TEST_CASE("limits: no depth cap by default") {
+  broker b(broker_limits{}, counting_random());
+  submit_params p;
+  p.queue = "q";
+  p.payload = "1";
+  for (int i = 0; i < 100; ++i) REQUIRE_EQ(b.submit(p, 0).error, op_error::none);
+  CHECK(b.has_depth_room("q", 1'000'000));
+}
