@@ -155,6 +155,10 @@ std::string to_json(const relay_config& c);
 // reading or is a directory.
 bool readable_file(std::string_view key, const std::string& path, std::string& error);
 
+// The whole of `path` into `out`; false, with `error` = "<path>: <why>",
+// if it cannot be opened or read. For small files (policy, keys, CA).
+bool read_file(const std::string& path, std::string& out, std::string& error);
+
 // Whether a secret file (a private key, an API key file) is open to any
 // user (an "other" permission bit) or writable by its group. Group read is
 // allowed: it is how a pod's fsGroup reaches a Secret mounted 0440.

@@ -3,9 +3,8 @@
 #include <simdjson.h>
 
 #include <ctime>
-#include <fstream>
-#include <sstream>
 
+#include "relay/config.h"
 #include "relay/tls.h"
 
 namespace relay::auth {
@@ -157,18 +156,9 @@ bool bearer_token(std::string_view value, std::string_view& token) {
 }
 
 std::shared_ptr<const api_keys> api_keys::load(const std::string& path, std::string& error) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    error = path + ": cannot open";
-    return nullptr;
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) {
-    error = path + ": read failed";
-    return nullptr;
-  }
-  return parse(ss.str(), path, error);
+  std::string text;
+  if (!config::read_file(path, text, error)) return nullptr;
+  return parse(text, path, error);
 }
 
 std::shared_ptr<const api_keys> api_keys::parse(std::string_view json, const std::string& origin, std::string& error) {

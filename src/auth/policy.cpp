@@ -2,28 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
 #include "relay/auth.h"
+#include "relay/config.h"
 
 namespace relay::auth {
 namespace {
 
 using namespace simdjson;
-
-bool read_file(const std::string& path, std::string& out, std::string& error) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    error = path + ": cannot open";
-    return false;
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  out = ss.str();
-  return true;
-}
 
 bool parse_permission(std::string_view s, uint8_t& bits) {
   if (s == "submit") bits |= static_cast<uint8_t>(permission::submit);
@@ -81,7 +68,7 @@ bool valid_queue_name(std::string_view name) {
 
 std::shared_ptr<const policy> policy::load(const std::string& path, std::string& error) {
   std::string text;
-  if (!read_file(path, text, error)) return nullptr;
+  if (!config::read_file(path, text, error)) return nullptr;
   return parse(text, path, error);
 }
 

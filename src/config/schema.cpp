@@ -253,6 +253,22 @@ bool readable_file(std::string_view key, const std::string& path, std::string& e
   return true;
 }
 
+bool read_file(const std::string& path, std::string& out, std::string& error) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    error = path + ": cannot open: " + std::strerror(errno);
+    return false;
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) {
+    error = path + ": read failed";
+    return false;
+  }
+  out = std::move(ss).str();
+  return true;
+}
+
 bool exposed_secret(std::string_view key, const std::string& path, std::string& warning) {
   struct stat st{};
   // Group read is how a Kubernetes pod's fsGroup reaches a Secret (0440);

@@ -5,8 +5,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <fstream>
-#include <sstream>
 
 #include "relay/audit.h"
 #include "relay/log.h"
@@ -51,11 +49,8 @@ bool check_files(const config::relay_config& cfg, std::string& error) {
 // SHA-256 of a file's bytes; empty if it cannot be read (a reload that got
 // this far has just read it).
 std::string file_sha256(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return {};
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return tls::sha256_hex(ss.str());
+  std::string text, error;
+  return config::read_file(path, text, error) ? tls::sha256_hex(text) : std::string();
 }
 
 // How long watched files must stay unchanged before they are reloaded.

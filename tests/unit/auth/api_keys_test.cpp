@@ -144,7 +144,7 @@ TEST_CASE("a bad keys file is refused with the file, the key's index and the pro
   refused(R"([])", "must be a JSON object");
   refused(R"({"keys":[)", "not valid JSON");
   CHECK_FALSE(auth::api_keys::load("/nonexistent/keys.json", error));
-  CHECK_EQ(error, "/nonexistent/keys.json: cannot open");
+  CHECK_EQ(error.rfind("/nonexistent/keys.json: cannot open", 0), 0u);
   // An empty list is a valid file: nobody can authenticate with a key.
   auto none = parse(R"({"keys":[]})", error);
   REQUIRE(none);
