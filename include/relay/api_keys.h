@@ -92,6 +92,9 @@ class api_keys {
   // request had none) at `now_ms` (ms since the epoch).
   key_check check(std::string_view authorization, int64_t now_ms) const;
 
+  // The key with this digest, or null (compared in constant time, as check()).
+  const api_key* find(const std::array<uint8_t, 32>& digest) const;
+
   const std::vector<api_key>& keys() const { return _keys; }
   // Hex SHA-256 of the file as loaded: what a reload audit line reports.
   const std::string& file_sha256() const { return _file_sha256; }

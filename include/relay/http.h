@@ -32,6 +32,7 @@ struct request {
   std::string target;  // as sent: path and query
   std::string body;    // capacity >= size + body_padding
   std::string authorization;
+  bool has_authorization = false;  // the header was sent (perhaps empty)
   bool keep_alive = true;
   bool expect_continue = false;
   bool chunked = false;         // the body is chunked (its length is unknown up front)

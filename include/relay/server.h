@@ -84,6 +84,11 @@ class server_conn final : private stream_handler {
   server_conn(const server_conn&) = delete;
   server_conn& operator=(const server_conn&) = delete;
 
+  // Milliseconds until the connection is retired (its certificate's
+  // notAfter, limits.max_connection_age_ms), at least 1; 0: never. A long
+  // poll waits no longer than this, so that an expired certificate is not
+  // handed a job by a request parked before it expired.
+  uint64_t ms_until_retired() const;
   // Answers the current request. Ignored unless a request is being handled.
   // Safe from anywhere on the loop thread: called from outside this
   // connection's own request callback, the rest (sending, taking the next

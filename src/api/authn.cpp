@@ -24,21 +24,6 @@ bool service::authenticate(context& c) {
   std::string source = net::source_key(log::host_of(remote));
   uint64_t mono = uv_now(_loop);
 
-  if (uint64_t wait = _auth_failures.blocked_for(source, mono)) {
-    // The key is not even hashed: a source guessing keys learns nothing more
-    // until its window ends, and costs relay no more than this answer.
-    _auth_limited.inc();
-    uint64_t seconds = (wait + 999) / 1000;
-    audit::event("api_key_rate_limited")
-        .str("remote", remote)
-        .str("reason", "too many failures")
-        .str("route", route_name(c.match.which))
-        .num("retry_after_s", static_cast<int64_t>(seconds));
-    respond(c, describe(api_error::too_many_auth_failures).status, api_error_body(api_error::too_many_auth_failures),
-            "Retry-After: " + std::to_string(seconds) + "\r\n");
-    return false;
-  }
-
   std::shared_ptr<const auth::api_keys> keys = _authn.keys ? _authn.keys() : nullptr;
   if (!keys) {
     // start() refuses to run without keys; this is an invariant kept safe.
@@ -62,6 +47,22 @@ bool service::authenticate(context& c) {
     }
   }
   if (!reason.empty()) {
+    if (uint64_t wait = _auth_failures.blocked_for(source, mono)) {
+      // A source over its failure budget learns nothing more from its bad
+      // keys until the window ends. A good key from the same address still
+      // passes: others behind one NAT or load balancer must not be locked
+      // out by a guesser (or a stale client) beside them.
+      _auth_limited.inc();
+      uint64_t seconds = (wait + 999) / 1000;
+      audit::event("api_key_rate_limited")
+          .str("remote", remote)
+          .str("reason", "too many failures")
+          .str("route", route_name(c.match.which))
+          .num("retry_after_s", static_cast<int64_t>(seconds));
+      respond(c, describe(api_error::too_many_auth_failures).status, api_error_body(api_error::too_many_auth_failures),
+              "Retry-After: " + std::to_string(seconds) + "\r\n");
+      return false;
+    }
     _auth_failures.failed(source, mono);
     _metrics
         .get_counter("relay_api_key_failures_total", "Requests refused 401 in an API-key mode, by reason.",
@@ -86,6 +87,7 @@ bool service::authenticate(context& c) {
     return false;
   }
   c.policy_principal = key_principal;
+  c.key = k.key;
   // Leases are bound to the key's principal, whichever of its keys is used
   // (a worker that rotates its key keeps its leases); with mtls+api_key the
   // certificate's name stays the owner, as in mtls mode.

@@ -138,7 +138,11 @@ void service::get_job(context& c) {
   if (wait_ms > 0 && !queue::is_terminal(j->state) && !_draining) {
     auto* w = new job_wait(*this, c.conn, j->id);
     if (c.policy_principal) w->policy_principal = *c.policy_principal;
-    w->start(wait_ms);
+    if (c.key) {
+      w->keyed = true;
+      w->key_digest = c.key->sha256;
+    }
+    w->start(wait_limit(c, wait_ms));
     return;
   }
   std::string body;

@@ -78,8 +78,12 @@ void service::lease(context& c) {
   w->owner = c.conn.principal;
   w->queue = q;
   if (c.policy_principal) w->policy_principal = *c.policy_principal;
+  if (c.key) {
+    w->keyed = true;
+    w->key_digest = c.key->sha256;
+  }
   _broker.park(q, *w);
-  w->start(args.wait_ms);
+  w->start(wait_limit(c, args.wait_ms));
 }
 
 void service::heartbeat(context& c) {

@@ -420,6 +420,34 @@ void service::policy_changed() {
   }
 }
 
+uint32_t service::wait_limit(const context& c, uint32_t asked) const {
+  uint64_t limit = asked;
+  if (uint64_t retire = c.conn.ms_until_retired()) limit = std::min(limit, retire);
+  if (c.key && c.key->not_after_ms) {
+    int64_t left = *c.key->not_after_ms - now();
+    limit = std::min<uint64_t>(limit, left > 0 ? static_cast<uint64_t>(left) : 1);
+  }
+  return static_cast<uint32_t>(std::max<uint64_t>(limit, 1));
+}
+
+template <typename Wait>
+bool service::key_still_valid(const Wait& w) const {
+  if (!w.keyed) return true;
+  std::shared_ptr<const auth::api_keys> keys = _authn.keys ? _authn.keys() : nullptr;
+  const auth::api_key* k = keys ? keys->find(w.key_digest) : nullptr;
+  return k && !(k->not_after_ms && now() > *k->not_after_ms);
+}
+
+void service::credentials_changed() {
+  // Copies: answering removes entries.
+  for (lease_wait* w : std::vector<lease_wait*>(_lease_waits.begin(), _lease_waits.end()))
+    if (!key_still_valid(*w)) w->expire();
+  for (job_wait* w : std::vector<job_wait*>(_job_waits.begin(), _job_waits.end()))
+    if (!key_still_valid(*w))
+      w->refuse(describe(api_error::unauthenticated).status,
+                api_error_body(api_error::unauthenticated, "the API key is not valid"));
+}
+
 void service::close() {
   if (_closed) return;
   drain();

@@ -63,6 +63,10 @@ class service final : public net::request_handler {
   // that a grant revoked while a long poll waits cannot still deliver a
   // job or a payload.
   void policy_changed();
+  // After the API keys file was reloaded: a parked request authorised by a
+  // key that is gone or expired is answered now (no jobs; 401 for a job
+  // wait), never handed a job or a payload.
+  void credentials_changed();
   // Answers every parked request now (leases with no jobs, job waits with
   // the job's current state) and answers new long polls at once.
   void drain();
@@ -81,7 +85,17 @@ class service final : public net::request_handler {
     route_match match;
     std::shared_ptr<const auth::policy> policy;
     const std::string* policy_principal;  // the policy's name for the peer
+    // The API key that authenticated the request (key modes), valid while
+    // the request is handled.
+    const auth::api_key* key = nullptr;
   };
+  // How long a long poll of `c` may wait: `asked`, cut short where the
+  // credentials it was authorised by end first (the key's not_after, the
+  // connection's retirement at its certificate's notAfter or max age).
+  uint32_t wait_limit(const context& c, uint32_t asked) const;
+  // Whether a parked request's key (key modes) still authenticates.
+  template <typename Wait>
+  bool key_still_valid(const Wait& w) const;
 
   // Route, method, queue name and policy present; resolves the policy's
   // principal. False when an answer was sent.

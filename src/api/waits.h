@@ -4,6 +4,7 @@
 // client goes away (the connection's abandon hook).
 #pragma once
 
+#include <array>
 #include <vector>
 
 #include "api/service.h"
@@ -47,6 +48,8 @@ struct service::lease_wait final : queue::lease_waiter {
   net::server_conn& conn;
   std::string queue;
   std::string policy_principal;  // as the request was authorised
+  bool keyed = false;            // authorised by an API key, with this digest
+  std::array<uint8_t, 32> key_digest{};
   uv_timer_t timer{};
 };
 
@@ -98,6 +101,8 @@ struct service::job_wait final : queue::job_watcher {
   net::server_conn& conn;
   queue::job_id id;
   std::string policy_principal;  // as the request was authorised
+  bool keyed = false;            // authorised by an API key, with this digest
+  std::array<uint8_t, 32> key_digest{};
   uv_timer_t timer{};
 };
 

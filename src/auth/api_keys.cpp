@@ -248,25 +248,30 @@ key_check api_keys::check(std::string_view authorization, int64_t now_ms) const 
     r.failure = key_failure::malformed;
     return r;
   }
-  uint8_t digest[32];
-  tls::sha256(token, digest);
-  // The whole digest decides, compared in constant time; the index only
-  // narrows the candidates (see the header on what its timing can tell).
-  const api_key* match = nullptr;
-  auto [first, last] = _index.equal_range(digest_prefix(digest));
-  for (auto it = first; it != last; ++it) {
-    const api_key& k = _keys[it->second];
-    if (tls::equal_constant_time(digest, k.sha256.data(), sizeof digest)) match = &k;
-  }
+  std::array<uint8_t, 32> digest;
+  tls::sha256(token, digest.data());
+  const api_key* match = find(digest);
   if (!match) {
     r.failure = key_failure::unknown;
-    r.digest_prefix = to_hex(digest, 4);
+    r.digest_prefix = to_hex(digest.data(), 4);
     return r;
   }
   r.key = match;
   // not_after is the last instant the key is good (as in X.509).
   if (match->not_after_ms && now_ms > *match->not_after_ms) r.failure = key_failure::expired;
   return r;
+}
+
+const api_key* api_keys::find(const std::array<uint8_t, 32>& digest) const {
+  // The whole digest decides, compared in constant time; the index only
+  // narrows the candidates (see the header on what its timing can tell).
+  const api_key* match = nullptr;
+  auto [first, last] = _index.equal_range(digest_prefix(digest.data()));
+  for (auto it = first; it != last; ++it) {
+    const api_key& k = _keys[it->second];
+    if (tls::equal_constant_time(digest.data(), k.sha256.data(), digest.size())) match = &k;
+  }
+  return match;
 }
 
 size_t api_keys::expired_at(int64_t now_ms) const {

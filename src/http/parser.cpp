@@ -57,6 +57,7 @@ void request::clear() {
   // while it idles (thousands of idle long-polling workers).
   if (body.capacity() > 16 * 1024) std::string().swap(body);
   authorization.clear();
+  has_authorization = false;
   keep_alive = true;
   expect_continue = false;
   chunked = false;
@@ -132,8 +133,10 @@ int request_parser::on_header_value_complete(llhttp_t* p) {
   // Only the headers relay acts on are kept; the rest are counted and dropped.
   if (iequals(s->_field, "authorization")) {
     // Two credentials in one request: which one counts would be a guess.
-    if (!s->_req.authorization.empty())
-      return s->reject(api_error::bad_request, "more than one Authorization header");
+    // Seen, not non-empty: an empty first header followed by a real one
+    // would show a proxy no credential and relay the second.
+    if (s->_req.has_authorization) return s->reject(api_error::bad_request, "more than one Authorization header");
+    s->_req.has_authorization = true;
     s->_req.authorization = s->_value;
   } else if (iequals(s->_field, "expect")) {
     if (!iequals(s->_value, "100-continue"))

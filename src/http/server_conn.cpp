@@ -58,6 +58,11 @@ void server_conn::on_input(stream&) {
 
 void server_conn::process() {
   if (_in_process || _state == state::closed) return;
+  // A reload's sweep verifies live peers a slice at a time; a connection it
+  // has not reached yet is verified here, before it is served again, so a
+  // revoked peer gets nothing more whatever the sweep's order.
+  if (std::shared_ptr<const tls::context> current = _owner._options.tls ? _owner._options.tls() : nullptr)
+    if (!_owner.recheck(*this, *current)) return;
   _in_process = true;
   const conn_options& o = _owner._options.conn;
   std::string& in = _stream->input();
@@ -244,6 +249,12 @@ void server_conn::release_body_budget() {
 }
 
 // ---- Time ----
+
+uint64_t server_conn::ms_until_retired() const {
+  if (_retire_at == 0) return 0;
+  uint64_t now = uv_now(_stream->loop());
+  return _retire_at > now ? _retire_at - now : 1;
+}
 
 bool server_conn::retire_due() const { return _retire_at != 0 && uv_now(_stream->loop()) >= _retire_at; }
 

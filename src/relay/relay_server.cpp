@@ -461,6 +461,7 @@ void relay_server::reload_api_keys() {
   // against these.
   _api_keys = std::move(keys);
   _api_keys_gauge.set(static_cast<int64_t>(_api_keys->keys().size()));
+  if (_api) _api->credentials_changed();
 }
 
 void relay_server::begin_drain() {

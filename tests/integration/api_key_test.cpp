@@ -316,7 +316,10 @@ TEST_CASE("mtls+api_key: the certificate and the key must both pass and name the
   check_no_key_material(*k.relay);
 }
 
-TEST_CASE("api key failures are rate limited per source address: 429 with Retry-After, without checking the key") {
+// The attack review found that the first version answered 429 to every key
+// from a limited address, so a guesser (or one stale client) behind the same
+// NAT or load balancer locked out every client with a good key.
+TEST_CASE("api key failures are rate limited per source address: bad keys get 429 with Retry-After, a good key still passes") {
   keyed_relay k("api_key", {"--set", "auth.max_failures=3", "--set", "auth.failure_window_ms=60000"});
   test::sync_client own(k.relay->api_port, "");
   for (int i = 0; i < 3; ++i) {
@@ -324,17 +327,21 @@ TEST_CASE("api key failures are rate limited per source address: 429 with Retry-
     REQUIRE_MESSAGE(r.error.empty(), r.error);
     CHECK_EQ(r.response.status, 401);
   }
-  // Now even the right key from this address waits out the window.
-  auto limited = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", 10000, bearer(producer_key));
+  // The next bad key from this address waits out the window.
+  auto limited = own.call("GET", "/v1/queues", {}, 10000, bearer(wrong_key));
   REQUIRE_MESSAGE(limited.error.empty(), limited.error);
   CHECK_EQ(limited.response.status, 429);
   CHECK_EQ(field(limited.response.body, "code"), "too_many_auth_failures");
   int retry_after = std::atoi(limited.response.retry_after.c_str());
   CHECK_GT(retry_after, 50);
   CHECK_LE(retry_after, 60);
-  auto by_curl = k.curl("", producer_key, "GET", "/v1/queues");
+  auto by_curl = k.curl("", "", "GET", "/v1/queues");  // no key at all counts as a failure too
   CHECK_EQ(by_curl.status, 429);
   CHECK(k.headers.find("Retry-After: ") != std::string::npos);
+  // A good key from the same address is served.
+  auto good = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", 10000, bearer(producer_key));
+  REQUIRE_MESSAGE(good.error.empty(), good.error);
+  CHECK_EQ(good.response.status, 201);
 
   auto a = k.audit({"\"event\":\"api_key_rate_limited\""});
   REQUIRE(a.has_value());
