@@ -4,8 +4,8 @@
 #include <ctime>
 
 #include "api/waits.h"
-#include "relay/json.h"
 #include "relay/audit.h"
+#include "relay/json.h"
 #include "relay/log.h"
 
 namespace relay::api {

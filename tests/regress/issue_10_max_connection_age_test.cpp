@@ -15,7 +15,7 @@
 namespace h = test::hostile;
 using test::relay_process;
 
-TEST_CASE("limits.max_connection_age_ms retires connections between requests, never mid-answer") {
+TEST_CASE("limits.max_connection_age_ms retires connections between requests, never mid-answer, and ends long polls at the age") {
   const int age_ms = 1500;
   relay_process relay({"--set", "limits.max_connection_age_ms=" + std::to_string(age_ms)});
   auto worker = test::client_tls("worker");
@@ -51,13 +51,14 @@ TEST_CASE("limits.max_connection_age_ms retires connections between requests, ne
   // The idle one was closed cleanly, with no answer it did not ask for.
   CHECK(idle.read_until_closed(5000));
   CHECK(idle.responses().empty());
-  // The long poll was not cut at the age: it ran its 3 s and was answered.
+  // The long poll waits no longer than its connection may live (a poll
+  // parked on a certificate about to expire must not be handed a job after
+  // notAfter): answered with no jobs, as the connection's last answer.
   auto answered = parked.read_responses(1, 5000);
   REQUIRE_EQ(answered.size(), 1u);
   CHECK_EQ(answered[0].status, 200);
   CHECK_EQ(answered[0].body, R"({"jobs":[]})");
   CHECK(answered[0].close);
-  CHECK_GE(std::chrono::steady_clock::now() - started, std::chrono::milliseconds(3000));
 
   // A new connection is served as usual.
   h::tls_client fresh(worker, relay.api_port);
