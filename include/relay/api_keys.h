@@ -117,8 +117,6 @@ bool bearer_token(std::string_view authorization, std::string_view& token);
 // only) → ms since the epoch. False for anything else, or an impossible date.
 bool parse_utc_timestamp(std::string_view text, int64_t& ms);
 
-// Lower-case hex of `n` bytes.
-std::string to_hex(const uint8_t* data, size_t n);
 
 // Counts failed authentications per source (net::source_key of the peer's
 // address) so that a source that keeps presenting bad keys is answered 429

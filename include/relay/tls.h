@@ -260,6 +260,8 @@ namespace relay::tls {
 void random_bytes(uint8_t* out, size_t n);
 // SHA-256 of `data`, lowercase hex.
 std::string sha256_hex(std::string_view data);
+// Lowercase hex of `n` bytes.
+std::string to_hex(const uint8_t* data, size_t n);
 // The SHA-256 digest of `data` (API keys are stored and looked up by it).
 void sha256(std::string_view data, uint8_t out[32]);
 // Whether the n bytes at a and b are equal, in a time that depends on n

@@ -90,16 +90,6 @@ std::string_view to_string(key_failure f) {
   return "?";
 }
 
-std::string to_hex(const uint8_t* data, size_t n) {
-  static constexpr char digit[] = "0123456789abcdef";
-  std::string out(2 * n, '0');
-  for (size_t i = 0; i < n; ++i) {
-    out[2 * i] = digit[data[i] >> 4];
-    out[2 * i + 1] = digit[data[i] & 15];
-  }
-  return out;
-}
-
 bool parse_utc_timestamp(std::string_view s, int64_t& ms) {
   // YYYY-MM-DDTHH:MM:SS[.fraction]Z
   int year, month, day, hour, minute, second;
@@ -220,7 +210,7 @@ std::shared_ptr<const api_keys> api_keys::parse(std::string_view json, const std
     }
     if (!have_principal) return fail(where + ".principal is required");
     if (!have_digest) return fail(where + ".sha256 is required");
-    std::string digest = to_hex(k.sha256.data(), k.sha256.size());
+    std::string digest = tls::to_hex(k.sha256.data(), k.sha256.size());
     if (auto [it, inserted] = by_digest.emplace(digest, index); !inserted)
       return fail(where + ".sha256 is the same key as keys[" + std::to_string(it->second) + "]");
     if (!have_id) k.id = "sha256:" + digest.substr(0, 12);
@@ -233,7 +223,7 @@ std::shared_ptr<const api_keys> api_keys::parse(std::string_view json, const std
   }
   uint8_t file_digest[32];
   tls::sha256(json, file_digest);
-  out->_file_sha256 = to_hex(file_digest, sizeof file_digest);
+  out->_file_sha256 = tls::to_hex(file_digest, sizeof file_digest);
   return out;
 }
 
@@ -253,7 +243,7 @@ key_check api_keys::check(std::string_view authorization, int64_t now_ms) const 
   const api_key* match = find(digest);
   if (!match) {
     r.failure = key_failure::unknown;
-    r.digest_prefix = to_hex(digest.data(), 4);
+    r.digest_prefix = tls::to_hex(digest.data(), 4);
     return r;
   }
   r.key = match;

@@ -211,7 +211,7 @@ int new_api_key(const options& o) {
   std::string key = base64url(secret, sizeof secret);
   uint8_t digest[32];
   relay::tls::sha256(key, digest);
-  std::string hex = relay::auth::to_hex(digest, sizeof digest);
+  std::string hex = relay::tls::to_hex(digest, sizeof digest);
   std::string id = o.key_id;
   if (id.empty()) {
     // The principal's safe characters, the date and a random tag: readable
@@ -228,7 +228,7 @@ int new_api_key(const options& o) {
     std::strftime(date, sizeof date, "%Y%m%d", &tm);
     uint8_t tag[2];
     relay::tls::random_bytes(tag, sizeof tag);
-    id += "-" + std::string(date) + "-" + relay::auth::to_hex(tag, sizeof tag);
+    id += "-" + std::string(date) + "-" + relay::tls::to_hex(tag, sizeof tag);
   }
   std::string entry = "{\"principal\": ";
   relay::json::append_string(entry, o.principal);

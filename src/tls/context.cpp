@@ -1,6 +1,5 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
-#include <openssl/sha.h>
 
 #include <atomic>
 #include <cstdio>
@@ -264,19 +263,6 @@ certificate_summary context::own_certificate() const { return summarize_certific
 }  // namespace relay::tls
 
 namespace relay::tls {
-std::string sha256_hex(std::string_view data) {
-  static constexpr char hex[] = "0123456789abcdef";
-  uint8_t md[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const uint8_t*>(data.data()), data.size(), md);
-  std::string out;
-  out.reserve(2 * sizeof md);
-  for (uint8_t b : md) {
-    out += hex[b >> 4];
-    out += hex[b & 15];
-  }
-  return out;
-}
-
 void random_bytes(uint8_t* out, size_t n) {
   // Both libraries abort rather than return weak bytes on failure in practice;
   // check anyway so that a failure is never silent.

@@ -80,22 +80,11 @@ certificate_summary session::presented_certificate() const {
 certificate_summary summarize_certificate(X509* cert) {
   certificate_summary s;
   if (!cert) return s;
-  static constexpr char hex[] = "0123456789abcdef";
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int md_len = 0;
-  if (X509_digest(cert, EVP_sha256(), md, &md_len) == 1) {
-    for (unsigned int i = 0; i < md_len; ++i) {
-      s.sha256 += hex[md[i] >> 4];
-      s.sha256 += hex[md[i] & 15];
-    }
-  }
-  if (const ASN1_INTEGER* serial = X509_get_serialNumber(cert)) {
-    const unsigned char* p = ASN1_STRING_get0_data(serial);
-    for (int i = 0; i < ASN1_STRING_length(serial); ++i) {
-      s.serial += hex[p[i] >> 4];
-      s.serial += hex[p[i] & 15];
-    }
-  }
+  if (X509_digest(cert, EVP_sha256(), md, &md_len) == 1) s.sha256 = to_hex(md, md_len);
+  if (const ASN1_INTEGER* serial = X509_get_serialNumber(cert))
+    s.serial = to_hex(ASN1_STRING_get0_data(serial), static_cast<size_t>(ASN1_STRING_length(serial)));
   if (BIO* bio = BIO_new(BIO_s_mem())) {
     // RFC 2253 with control and non-ASCII bytes escaped: a crafted subject
     // cannot forge a line or hide in one.

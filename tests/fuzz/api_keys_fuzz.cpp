@@ -36,7 +36,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auth::api_key& k : keys->keys()) {
     FUZZ_CHECK(!k.principal.empty());
     FUZZ_CHECK(k.owner == std::string(auth::key_owner_prefix) + k.principal);
-    FUZZ_CHECK(digests.insert(auth::to_hex(k.sha256.data(), k.sha256.size())).second);
+    FUZZ_CHECK(digests.insert(tls::to_hex(k.sha256.data(), k.sha256.size())).second);
     FUZZ_CHECK(!k.id.empty() && ids.insert(k.id).second);
   }
   for (int64_t now : {int64_t{0}, int64_t{1796558400000}, INT64_MAX}) {
@@ -51,7 +51,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     uint8_t d[32];
     tls::sha256(token, d);
-    bool stored = digests.count(auth::to_hex(d, sizeof d)) > 0;
+    bool stored = digests.count(tls::to_hex(d, sizeof d)) > 0;
     FUZZ_CHECK(stored == (c.key != nullptr));
     FUZZ_CHECK(stored || c.failure == auth::key_failure::unknown);
     if (c.key) {

@@ -19,7 +19,7 @@ namespace {
 std::string digest_hex(const std::string& key) {
   uint8_t d[32];
   relay::tls::sha256(key, d);
-  return relay::auth::to_hex(d, sizeof d);
+  return relay::tls::to_hex(d, sizeof d);
 }
 
 // Keys as relayctl api-key new makes them (base64url of 32 random bytes);

@@ -22,7 +22,7 @@ const std::string bunny_key = "bUnNy-kEy-1_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 std::string entry(const std::string& principal, const std::string& key, const std::string& extra = {}) {
   uint8_t d[32];
   relay::tls::sha256(key, d);
-  return R"({"principal":")" + principal + R"(","sha256":")" + relay::auth::to_hex(d, sizeof d) + "\"" + extra + "}";
+  return R"({"principal":")" + principal + R"(","sha256":")" + relay::tls::to_hex(d, sizeof d) + "\"" + extra + "}";
 }
 
 std::string utc_in(int seconds) {

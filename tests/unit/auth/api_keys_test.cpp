@@ -12,7 +12,7 @@ namespace {
 std::string digest_hex(std::string_view key) {
   uint8_t d[32];
   tls::sha256(key, d);
-  return auth::to_hex(d, sizeof d);
+  return tls::to_hex(d, sizeof d);
 }
 
 std::shared_ptr<const auth::api_keys> parse(const std::string& json, std::string& error) {
