@@ -33,6 +33,27 @@ namespace relay::http {
 
 using client_response = response;
 
+// Why a request got no response. A value, not a string to compare: callers
+// decide on `what` (retry, reconnect, give up) and log `message`.
+struct client_error {
+  enum class kind : uint8_t {
+    none,
+    connect,    // resolve or TCP connect failed
+    tls,        // handshake failed or the server's certificate was refused
+    lost,       // the connection broke (reset, EOF, write failure) before the answer was complete
+    timeout,    // connect_timeout_ms or the request's timeout_ms passed
+    protocol,   // the server's bytes are not a valid HTTP/1.1 answer (or an unasked one)
+    too_large,  // the answer exceeds max_response_bytes
+    refused,    // the request itself is malformed (CR/LF in a header line or target); nothing was sent
+    closed,     // close() was called by the owner
+  };
+  kind what = kind::none;
+  std::string message;
+  explicit operator bool() const { return what != kind::none; }
+};
+// "timeout", "closed", ...: for logs and metric labels.
+std::string_view to_string(client_error::kind k);
+
 class client_conn final : private net::stream_handler {
  public:
   struct options {
