@@ -30,7 +30,7 @@ class http_run final : public handler_run {
     std::string headers = "X-Job-Id: " + job.id + "\r\nX-Job-Queue: " + job.queue +
                           "\r\nX-Job-Attempt: " + std::to_string(job.attempt) + "\r\n";
     _conn->request("POST", h.options.path, job.payload,
-                   [this](const std::string& error, http::client_response& r) { answered(error, r); },
+                   [this](const http::client_error& error, http::client_response& r) { answered(error, r); },
                    static_cast<uint32_t>(h.options.timeout_ms), headers);
   }
 
@@ -38,18 +38,18 @@ class http_run final : public handler_run {
     if (_answered) return;
     _outcome.cancelled = true;
     _outcome.error = why;
-    _conn->close();  // answers the request with "closed"
+    _conn->close();  // answers the request with kind closed
   }
 
  private:
-  void answered(const std::string& error, http::client_response& r) {
+  void answered(const http::client_error& error, http::client_response& r) {
     if (_answered) return;
     _answered = true;
     if (_outcome.cancelled) {
       // keep the cancellation reason
-    } else if (!error.empty()) {
-      _outcome.timed_out = error.find("timed out") != std::string::npos;
-      _outcome.error = "http handler: " + error;
+    } else if (error) {
+      _outcome.timed_out = error.what == http::client_error::kind::timeout;
+      _outcome.error = "http handler: " + error.message;
     } else if (r.status < 200 || r.status > 299) {
       _outcome.error = "http handler answered " + std::to_string(r.status);
       _outcome.error_own_bytes = _outcome.error.size();
