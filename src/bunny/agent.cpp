@@ -570,6 +570,7 @@ void agent::stop() {
   }
   drop(_poll_conn);
   drop(_ctl_conn);
+  if (_handler) _handler->shutdown();
   if (_handles_open) {
     for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
       uv_timer_stop(t);
