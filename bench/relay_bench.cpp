@@ -146,9 +146,9 @@ class bench_run {
     return b + "]";
   }
 
-  void error(const std::string& what, const std::string& e, const relay::http::client_response& r) {
+  void error(const std::string& what, const relay::http::client_error& e, const relay::http::client_response& r) {
     if (_quiet) return;
-    if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s: %s %d %s\n", what.c_str(), e.c_str(), r.status, r.body.substr(0, 200).c_str());
+    if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s: %s %d %s\n", what.c_str(), e.message.c_str(), r.status, r.body.substr(0, 200).c_str());
   }
 
   void report(const std::string& extra = {}) {
@@ -188,10 +188,10 @@ class bench_run {
       issued += static_cast<uint64_t>(_a.batch);
       ++_in_flight;
       uint64_t sent = now_ns();
-      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const std::string& e, relay::http::client_response& r) {
+      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
         --_in_flight;
         ++_requests;
-        if (!e.empty() || r.status != _a.expect_status) return error("submit", e, r);
+        if (e || r.status != _a.expect_status) return error("submit", e, r);
         _jobs += static_cast<uint64_t>(_a.batch);
         _latency.add(now_ns() - sent);
         next(c);
@@ -218,9 +218,9 @@ class bench_run {
     std::function<void()> next = [&] {
       if (loaded >= static_cast<uint64_t>(_a.count)) return;
       ++_in_flight;
-      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&](const std::string& e, relay::http::client_response& r) {
+      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&](const relay::http::client_error& e, relay::http::client_response& r) {
         --_in_flight;
-        if (!e.empty() || r.status != 201) return error("preload", e, r);
+        if (e || r.status != 201) return error("preload", e, r);
         loaded += 500;
         next();
       }, 60000);
@@ -238,10 +238,10 @@ class bench_run {
       ++_in_flight;
       uint64_t sent = now_ns();
       c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":" + std::to_string(_a.batch) + "}",
-                 [&, c, sent](const std::string& e, relay::http::client_response& r) {
+                 [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
                    --_in_flight;
                    ++_requests;
-                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   if (e || r.status != 200) return error("lease", e, r);
                    std::vector<std::pair<std::string, std::string>> got;
                    for (size_t at = r.body.find("{\"id\":\""); at != std::string::npos; at = r.body.find("{\"id\":\"", at + 1))
                      got.emplace_back(field(r.body, "id", at), field(r.body, "lease", at));
@@ -249,10 +249,10 @@ class bench_run {
                      ++empty_workers;
                      return;
                    }
-                   auto done = [&, c, sent, n = got.size()](const std::string& e2, relay::http::client_response& r2) {
+                   auto done = [&, c, sent, n = got.size()](const relay::http::client_error& e2, relay::http::client_response& r2) {
                      --_in_flight;
                      ++_requests;
-                     if (!e2.empty() || r2.status != 200) return error("complete", e2, r2);
+                     if (e2 || r2.status != 200) return error("complete", e2, r2);
                      _jobs += n;
                      _latency.add(now_ns() - sent);
                      lease(c);
@@ -288,10 +288,10 @@ class bench_run {
       }
       ++_in_flight;
       c->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(_a.batch, "t" + std::to_string(now_ns()) + "_"),
-                 [&, c](const std::string& e, relay::http::client_response& r) {
+                 [&, c](const relay::http::client_error& e, relay::http::client_response& r) {
                    --_in_flight;
                    ++_requests;
-                   if (!e.empty() || r.status != 201) return error("submit", e, r);
+                   if (e || r.status != 201) return error("submit", e, r);
                    produce(c);
                  }, 60000);
     };
@@ -299,10 +299,10 @@ class bench_run {
       ++_in_flight;
       c->request("POST", "/v1/queues/" + _a.queue + "/lease",
                  "{\"max\":" + std::to_string(_a.batch) + ",\"wait_ms\":" + std::string(stopping ? "0" : "1000") + "}",
-                 [&, c](const std::string& e, relay::http::client_response& r) {
+                 [&, c](const relay::http::client_error& e, relay::http::client_response& r) {
                    --_in_flight;
                    ++_requests;
-                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   if (e || r.status != 200) return error("lease", e, r);
                    std::string body = "[";
                    size_t n = 0;
                    std::vector<uint64_t> stamps;
@@ -315,10 +315,10 @@ class bench_run {
                      return;
                    }
                    ++_in_flight;
-                   c->request("POST", "/v1/results", body + "]", [&, c, n, stamps](const std::string& e2, relay::http::client_response& r2) {
+                   c->request("POST", "/v1/results", body + "]", [&, c, n, stamps](const relay::http::client_error& e2, relay::http::client_response& r2) {
                      --_in_flight;
                      ++_requests;
-                     if (!e2.empty() || r2.status != 200) return error("results", e2, r2);
+                     if (e2 || r2.status != 200) return error("results", e2, r2);
                      _jobs += n;
                      uint64_t t = now_ns();
                      for (uint64_t s : stamps) _latency.add(t - s);
@@ -344,10 +344,10 @@ class bench_run {
       auto* c = waiters[i];
       ++_in_flight;
       c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":1,\"wait_ms\":60000}",
-                 [&](const std::string& e, relay::http::client_response& r) {
+                 [&](const relay::http::client_error& e, relay::http::client_response& r) {
                    --_in_flight;
                    ++answered;
-                   if (!e.empty() || r.status != 200) return error("lease", e, r);
+                   if (e || r.status != 200) return error("lease", e, r);
                    auto at = r.body.find("\"payload\":\"t");
                    if (at == std::string::npos) return;
                    ++woken;
@@ -383,9 +383,9 @@ class bench_run {
       ++sent;
       ++_in_flight;
       p->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(1, "t" + std::to_string(now_ns()) + "_"),
-                 [&](const std::string& e, relay::http::client_response& r) {
+                 [&](const relay::http::client_error& e, relay::http::client_response& r) {
                    --_in_flight;
-                   if (!e.empty() || r.status != 201) error("submit", e, r);
+                   if (e || r.status != 201) error("submit", e, r);
                    submit_next();
                  }, 60000);
     };
@@ -420,10 +420,10 @@ class bench_run {
       auto* c = connect(tls);
       ++_in_flight;
       uint64_t sent = now_ns();
-      c->request("GET", "/v1/jobs/0000000000000001", {}, [&, c, sent](const std::string& e, relay::http::client_response& r) {
+      c->request("GET", "/v1/jobs/0000000000000001", {}, [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
         --_in_flight;
         ++_requests;
-        if (!e.empty()) return error("handshake", e, r);
+        if (e) return error("handshake", e, r);
         _jobs += 1;  // one handshake (and one request)
         if (c->resumed()) ++resumed;
         _latency.add(now_ns() - sent);

@@ -156,6 +156,16 @@ class response_parser {
 
   bool started() const { return _started; }  // bytes of a response seen
   const std::string& error() const { return _error; }
+  // What kind of error error() describes, so that the connection can tell a
+  // server that breaks the protocol from one that sends too much or stops
+  // half way.
+  enum class failure : uint8_t {
+    none,
+    malformed,  // not a valid HTTP/1.1 answer (or an unasked-for 101)
+    too_large,  // a body over max_body_bytes or a header line over 8 KiB
+    cut_short,  // the stream ended inside a response (finish())
+  };
+  failure error_kind() const { return _failure; }
 
  private:
   static int on_message_begin(llhttp_t* p);
@@ -165,7 +175,7 @@ class response_parser {
   static int on_headers_complete(llhttp_t* p);
   static int on_body(llhttp_t* p, const char* at, size_t len);
   static int on_message_complete(llhttp_t* p);
-  int fail(std::string why);
+  int fail(std::string why, failure f = failure::malformed);
 
   size_t _max_body_bytes;
   llhttp_settings_t _settings;
@@ -178,6 +188,7 @@ class response_parser {
   bool _keep_alive = true;
   bool _failed = false;
   bool _finished = false;
+  failure _failure = failure::none;
   std::string _error;
 };
 

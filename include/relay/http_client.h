@@ -5,10 +5,16 @@
 // Requests are pipelined and answered in FIFO order. A transport, TLS or
 // protocol error, or a request timing out, fails every outstanding request
 // with the same error and closes the connection; whether to reconnect is the
-// owner's decision. An answer with Connection: close is not a failure: the
-// server processed nothing after it, so requests pipelined behind it are
-// sent again on a new connection. The host name is resolved again on every
-// connect.
+// owner's decision. An answer with Connection: close, or one whose body ends
+// with the stream (HTTP/1.0 services), is not a failure: the server
+// processed nothing after it, so requests pipelined behind it are sent again
+// on a new connection. Interim 1xx answers (100 Continue, 103 Early Hints)
+// are skipped; the request waits for its final answer. The host name is
+// resolved again on every connect.
+//
+// Callbacks: each request's callback runs exactly once. It runs from a
+// libuv callback of this connection (a read, its timer, a stream end), or
+// from inside close() (with kind `closed`) -- never from inside request().
 //
 // The process must ignore SIGPIPE (relay, bunny, relayctl and the tests do):
 // libuv writes to sockets with write(2), which raises it when the peer has
@@ -64,9 +70,9 @@ class client_conn final : private net::stream_handler {
     uint32_t connect_timeout_ms = 10000;      // resolve + connect + handshake
     size_t max_response_bytes = 64 << 20;
   };
-  // `error` is empty on success; otherwise it says what failed, and
-  // `response` is empty.
-  using callback = std::function<void(const std::string& error, client_response& response)>;
+  // `error` is false (kind none) on success; otherwise it says what failed,
+  // and `response` is empty.
+  using callback = std::function<void(const client_error& error, client_response& response)>;
 
   // The connection frees itself after close(); do not delete it.
   static client_conn* create(uv_loop_t* loop, options o);
@@ -74,12 +80,22 @@ class client_conn final : private net::stream_handler {
   client_conn& operator=(const client_conn&) = delete;
 
   // Queues a request; connects first if needed. `extra_headers` are whole
-  // lines ending in CRLF. timeout_ms (0: none) counts from when the request
-  // is queued until its response is complete.
+  // lines, each `Name: value` ending in CRLF. timeout_ms (0: none) counts
+  // from when the request is queued until its response is complete.
+  //
+  // The request is refused (kind `refused`, from the loop, nothing sent and
+  // no connection opened for it) when `method` is not an HTTP token, when
+  // `target` holds a byte outside visible ASCII (0x21-0x7E; so no space,
+  // CR, LF or NUL), or when `extra_headers` holds a line that is not a
+  // token name, a colon and a value free of CR, LF and NUL, ended by CRLF.
+  // Callers pass job ids and the like into these: the check stops a value
+  // that slipped past their own validation from ending the request early
+  // and smuggling a second one.
   void request(std::string_view method, std::string_view target, std::string_view body, callback cb,
                uint32_t timeout_ms = 0, std::string_view extra_headers = {});
-  // Fails outstanding requests with "closed", then closes; the object is
-  // freed once libuv has closed its handles.
+  // Fails outstanding requests with kind `closed` (from inside this call),
+  // then closes; the object is freed once libuv has closed its handles, so
+  // nothing may be called on it afterwards.
   void close();
 
   bool connected() const { return _state == state::ready; }
@@ -99,6 +115,10 @@ class client_conn final : private net::stream_handler {
     uint64_t deadline = 0;  // uv_now() ms; 0: none
     bool sent = false;
   };
+  struct refusal {
+    callback cb;
+    client_error error;
+  };
 
   client_conn(uv_loop_t* loop, options o);
   ~client_conn() override;
@@ -117,10 +137,12 @@ class client_conn final : private net::stream_handler {
   bool deliver();
   // The server ended the stream: completes a close-delimited response, then
   // fails what is left with `error`.
-  void peer_closed(const std::string& error);
-  void fail_all(const std::string& error);
+  void peer_closed(client_error error);
+  void fail_all(const client_error& error);
   // Closes the transport and fails every outstanding request with `error`.
-  void drop(const std::string& error);
+  void drop(const client_error& error);
+  // Answers the requests request() refused.
+  void answer_refused();
   void arm_timer();
   void reset_transport();
 
@@ -142,6 +164,9 @@ class client_conn final : private net::stream_handler {
   tls::identity _server;
   response_parser _parser;
   std::deque<pending> _queue;
+  // Refused by request(), answered from the timer so that no callback runs
+  // on the caller's stack.
+  std::deque<refusal> _refused;
   bool _closing = false;
 };
 

@@ -124,6 +124,10 @@ class stream {
   void release_tls_input_buffer();
 
   bool is_tls() const { return _is_tls; }
+  // The peer ended its TLS stream with close_notify (on_end(eof) follows).
+  // A TLS EOF without it may be a truncation by whoever sits on the path,
+  // which matters to a body delimited by the end of the stream.
+  bool peer_sent_close_notify() const { return _close_notify; }
   bool secure() const { return _secure; }
   bool closing() const { return _closing; }
   // Null after finish().
@@ -184,6 +188,7 @@ class stream {
   bool _shut = false;       // FIN sent
   bool _lingering = false;
   bool _ended = false;      // on_end() delivered or finish() taken over
+  bool _close_notify = false;
   bool _closing = false;
 };
 

@@ -57,11 +57,11 @@ class agent::job_slot {
     std::string id = j->input.id;
     a.connection(a._ctl_conn)->request(
         "POST", "/v1/jobs/" + id + "/heartbeat", body,
-        [&a, id](const std::string& error, http::client_response& r) {
+        [&a, id](const http::client_error& error, http::client_response& r) {
           auto it = a._jobs.find(id);
           if (it == a._jobs.end()) return;
           job_slot* js = it->second;
-          if (!error.empty()) {
+          if (error) {
             a.transport_failed("heartbeat", error);  // the next beat tries again
             return;
           }
@@ -236,17 +236,17 @@ bool agent::drop(http::client_conn*& slot) {
   return true;
 }
 
-void agent::transport_failed(const std::string& what, const std::string& error) {
-  if (error == "closed") return;  // we closed it ourselves
-  if (_connected || _last_error != error) {
+void agent::transport_failed(const std::string& what, const http::client_error& error) {
+  if (error.what == http::client_error::kind::closed) return;  // we closed it ourselves
+  if (_connected || _last_error != error.message) {
     log::warn("relay_unreachable")
         .str("during", what)
         .str("relay", _cfg.relay.urls[_url_index % _urls.size()])
-        .str("reason", error);
+        .str("reason", error.message);
   }
   _connected = false;
   _connected_gauge.set(0);
-  _last_error = error;
+  _last_error = error.message;
 }
 
 uint64_t agent::backoff_ms(uint32_t failures) {
@@ -280,14 +280,14 @@ void agent::poll() {
   _polling = true;
   connection(_poll_conn)->request(
       "POST", "/v1/queues/" + queue + "/lease", body,
-      [this](const std::string& error, http::client_response& r) { on_leased(error, r); },
+      [this](const http::client_error& error, http::client_response& r) { on_leased(error, r); },
       static_cast<uint32_t>(wait + _cfg.poll.request_timeout_ms), _auth_header);
 }
 
-void agent::on_leased(const std::string& error, http::client_response& r) {
+void agent::on_leased(const http::client_error& error, http::client_response& r) {
   _polling = false;
   if (_draining || _stopped) return;
-  if (!error.empty()) {
+  if (error) {
     transport_failed("lease", error);
     if (drop(_poll_conn)) {
       ++_url_index;  // try the next relay address, if any
@@ -415,12 +415,12 @@ void agent::deliver(job_slot* j) {
   std::string id = j->input.id;
   connection(_ctl_conn)->request(
       "POST", path, body,
-      [this, id](const std::string& error, http::client_response& r) {
+      [this, id](const http::client_error& error, http::client_response& r) {
         auto it = _jobs.find(id);
         if (it == _jobs.end()) return;
         job_slot* js = it->second;
         bool retry = false;
-        if (!error.empty()) {
+        if (error) {
           transport_failed("result", error);
           if (drop(_ctl_conn)) _reconnects.inc();
           retry = true;
@@ -570,6 +570,7 @@ void agent::stop() {
   }
   drop(_poll_conn);
   drop(_ctl_conn);
+  if (_handler) _handler->shutdown();
   if (_handles_open) {
     for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
       uv_timer_stop(t);

@@ -56,14 +56,14 @@ class agent {
   http::client_conn* connection(http::client_conn*& slot);
   bool drop(http::client_conn*& slot);
   void poll();
-  void on_leased(const std::string& error, http::client_response& r);
+  void on_leased(const http::client_error& error, http::client_response& r);
   void start_job(job_input input, std::string lease, int64_t expires_ms);
   void job_done(job_slot* j, outcome o);
   void deliver(job_slot* j);
   void finish_job(job_slot* j);
   void retry_poll_later();
   uint64_t backoff_ms(uint32_t failures);
-  void transport_failed(const std::string& what, const std::string& error);
+  void transport_failed(const std::string& what, const http::client_error& error);
   void check_drained();
   void stop();
   static void on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t* prev, const uv_stat_t* curr);

@@ -48,6 +48,10 @@ class handler {
   virtual ~handler() = default;
   // The returned run is valid until `done` has been called.
   virtual handler_run* start(const job_input& job, done_fn done) = 0;
+  // No run will be started any more: lets go of what the handler keeps
+  // between runs (the http handler's idle connections) so that the loop can
+  // end. Runs under way are not touched; they still report.
+  virtual void shutdown() {}
 };
 
 struct exec_options {
@@ -57,6 +61,11 @@ struct exec_options {
   size_t max_output_bytes = 1000000;
 };
 
+// The http handler keeps the connections of finished runs open (HTTP/1.1
+// keep-alive) and gives them to the next runs, one request at a time each:
+// never more than the number of runs under way at once, which the agent
+// bounds by `concurrency`. An idle connection is closed after
+// min(30 s, timeout_ms), or when the service closes it.
 struct http_options {
   std::string host;
   uint16_t port = 0;

@@ -21,15 +21,101 @@ client_conn::client_conn(uv_loop_t* loop, options o)
 
 client_conn::~client_conn() = default;
 
+std::string_view to_string(client_error::kind k) {
+  switch (k) {
+    case client_error::kind::none: return "none";
+    case client_error::kind::connect: return "connect";
+    case client_error::kind::tls: return "tls";
+    case client_error::kind::lost: return "lost";
+    case client_error::kind::timeout: return "timeout";
+    case client_error::kind::protocol: return "protocol";
+    case client_error::kind::too_large: return "too_large";
+    case client_error::kind::refused: return "refused";
+    case client_error::kind::closed: return "closed";
+  }
+  return "unknown";
+}
+
+namespace {
+
+using kind = client_error::kind;
+
+// RFC 9110, 5.6.2: tchar.
+bool is_tchar(unsigned char c) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
+  switch (c) {
+    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
+    case '-': case '.': case '^': case '_': case '`': case '|': case '~':
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool is_token(std::string_view s) {
+  if (s.empty()) return false;
+  for (unsigned char c : s)
+    if (!is_tchar(c)) return false;
+  return true;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    auto lower = [](unsigned char c) { return c >= 'A' && c <= 'Z' ? static_cast<unsigned char>(c + 32) : c; };
+    if (lower(static_cast<unsigned char>(a[i])) != lower(static_cast<unsigned char>(b[i]))) return false;
+  }
+  return true;
+}
+
+// Why the request may not go on the wire; empty when it may. The bytes come
+// from callers that paste job ids, queue names and keys into targets and
+// headers: one CR LF in any of them would end the request early and let the
+// rest be read as a second, smuggled request.
+std::string check_request(std::string_view method, std::string_view target, std::string_view headers) {
+  if (!is_token(method)) return "the method is not an HTTP token";
+  if (target.empty()) return "the target is empty";
+  for (unsigned char c : target)
+    if (c < 0x21 || c > 0x7e) return "the target holds a byte outside visible ASCII";
+  while (!headers.empty()) {
+    size_t eol = headers.find("\r\n");
+    if (eol == std::string_view::npos) return "an extra header line does not end in CRLF";
+    std::string_view line = headers.substr(0, eol);
+    headers.remove_prefix(eol + 2);
+    size_t colon = line.find(':');
+    if (colon == std::string_view::npos || !is_token(line.substr(0, colon)))
+      return "an extra header line is not a token name followed by a colon";
+    std::string_view name = line.substr(0, colon);
+    // The connection writes these itself; a second copy would make the
+    // framing ambiguous between us and the server.
+    if (iequals(name, "content-length") || iequals(name, "transfer-encoding") || iequals(name, "host"))
+      return "an extra header line sets " + std::string(name) + ", which the connection writes itself";
+    // RFC 9110, 5.5: field values are visible characters, obs-text, SP and
+    // HTAB; CR, LF and NUL are named because they are the dangerous ones.
+    for (unsigned char c : line.substr(colon + 1))
+      if ((c < 0x20 && c != '\t') || c == 0x7f) return "an extra header value holds CR, LF, NUL or another control byte";
+  }
+  return {};
+}
+
+}  // namespace
+
 void client_conn::request(std::string_view method, std::string_view target, std::string_view body, callback cb,
                           uint32_t timeout_ms, std::string_view extra_headers) {
   if (_closing) {
+    // Only reachable from a callback that close() is running (the object
+    // is gone once close() returns), so this answer is on close()'s stack.
     client_response none;
-    cb("closed", none);
+    cb(client_error{kind::closed, "the connection was closed"}, none);
+    return;
+  }
+  if (std::string why = check_request(method, target, extra_headers); !why.empty()) {
+    _refused.push_back({std::move(cb), client_error{kind::refused, "request refused, nothing sent: " + why}});
+    arm_timer();
     return;
   }
   pending p;
-  p.bytes.reserve(128 + target.size() + body.size());
+  p.bytes.reserve(128 + target.size() + body.size() + extra_headers.size());
   p.bytes.append(method);
   p.bytes += ' ';
   p.bytes.append(target);
@@ -49,6 +135,15 @@ void client_conn::request(std::string_view method, std::string_view target, std:
   arm_timer();
 }
 
+void client_conn::answer_refused() {
+  std::deque<refusal> refused;
+  refused.swap(_refused);
+  for (auto& r : refused) {
+    client_response none;
+    r.cb(r.error, none);
+  }
+}
+
 void client_conn::start_connect() {
   _connect_deadline = uv_now(_loop) + _options.connect_timeout_ms;
   _state = state::resolving;
@@ -64,7 +159,7 @@ void client_conn::start_connect() {
     delete _resolve;
     _resolve = nullptr;
     _state = state::idle;
-    fail_all("resolve " + _options.host + ": " + uv_strerror(rc));
+    fail_all({kind::connect, "resolve " + _options.host + ": " + uv_strerror(rc)});
   }
 }
 
@@ -78,14 +173,14 @@ void client_conn::on_resolved(uv_getaddrinfo_t* req, int status, addrinfo* res) 
   c->_resolve = nullptr;
   if (status < 0 || !res) {
     c->_state = state::idle;
-    c->fail_all("resolve " + c->_options.host + ": " + uv_strerror(status));
+    c->fail_all({kind::connect, "resolve " + c->_options.host + ": " + uv_strerror(status)});
     return;
   }
   std::string error;
   c->_stream = net::stream::connect(c->_loop, res->ai_addr, *c, c->_options.tls, c->_options.server_name, error);
   uv_freeaddrinfo(res);
   if (!c->_stream) {
-    c->drop("connect to " + c->where() + ": " + error);
+    c->drop({kind::connect, "connect to " + c->where() + ": " + error});
     return;
   }
   c->_state = c->_options.tls ? state::handshaking : state::connecting;
@@ -124,17 +219,20 @@ void client_conn::on_end(net::stream&, net::stream_end why, std::string_view det
   std::string d(detail);
   switch (why) {
     case net::stream_end::connect_failed:
-      drop("connect to " + where() + ": " + d);
+      drop({kind::connect, "connect to " + where() + ": " + d});
       return;
     case net::stream_end::tls_error:
-      drop("TLS with " + _options.host + ": " + d);
+      drop({kind::tls, "TLS with " + _options.host + ": " + d});
       return;
     case net::stream_end::eof:
-      if (_state == state::ready) peer_closed("server closed the connection (" + d + ")");
-      else drop("TLS with " + _options.host + ": connection closed during the handshake");
+      if (_state == state::ready) peer_closed({kind::lost, "server closed the connection (" + d + ")"});
+      else drop({kind::tls, "TLS with " + _options.host + ": connection closed during the handshake"});
       return;
     case net::stream_end::reset:
-      drop("connection to " + _options.host + " lost: " + d);
+      // A server that refuses our certificate may reset rather than send
+      // its alert; before the handshake is done that is a TLS failure.
+      if (_state == state::handshaking) drop({kind::tls, "TLS with " + _options.host + ": " + d});
+      else drop({kind::lost, "connection to " + _options.host + " lost: " + d});
       return;
   }
 }
@@ -144,7 +242,7 @@ void client_conn::on_closed(net::stream& s) {
   // detaches the stream before closing it.
   if (&s != _stream) return;
   _stream = nullptr;
-  drop("connection to " + _options.host + " lost: the write failed");
+  drop({kind::lost, "connection to " + _options.host + " lost: the write failed"});
 }
 
 void client_conn::parse(const std::string& data) {
@@ -154,7 +252,8 @@ void client_conn::parse(const std::string& data) {
     off += r.consumed;
     if (r.what == response_parser::event::need_more) return;
     if (r.what != response_parser::event::response_complete) {
-      drop(_parser.error());
+      drop({_parser.error_kind() == response_parser::failure::too_large ? kind::too_large : kind::protocol,
+            _parser.error()});
       return;
     }
     if (!deliver()) return;
@@ -164,7 +263,7 @@ void client_conn::parse(const std::string& data) {
 bool client_conn::deliver() {
   // One response is complete: hand it to the oldest request.
   if (_queue.empty() || !_queue.front().sent) {
-    drop("protocol error: a response arrived that no request asked for");
+    drop({kind::protocol, "protocol error: a response arrived that no request asked for"});
     return false;
   }
   pending p = std::move(_queue.front());
@@ -173,7 +272,7 @@ bool client_conn::deliver() {
   bool close_now = !_parser.keep_alive();
   _parser.next();
   if (close_now) reset_transport();
-  p.cb({}, r);  // may queue requests or close this connection
+  p.cb(client_error{}, r);  // may queue requests or close this connection
   if (close_now) {
     // A server that answers with Connection: close processes nothing sent
     // after that request (RFC 9112, 9.6) -- relay retires old connections
@@ -189,18 +288,33 @@ bool client_conn::deliver() {
   return true;
 }
 
-void client_conn::peer_closed(const std::string& error) {
+void client_conn::peer_closed(client_error error) {
   response_parser::event e = _parser.finish();
-  if (e == response_parser::event::response_complete && !deliver()) return;
+  if (e == response_parser::event::response_complete) {
+    // Only a body delimited by the end of the stream completes here. Over
+    // TLS a FIN or reset can be forged by anyone on the path, so only the
+    // server's close_notify says that the body ended where the bytes did
+    // (RFC 8446, 6.1); without it the answer may be truncated.
+    if (_stream && _stream->is_tls() && !_stream->peer_sent_close_notify()) {
+      drop({kind::lost, "TLS stream from " + _options.host +
+                            " ended without close_notify inside an answer delimited by the end of the stream"});
+      return;
+    }
+    // deliver() sees that the connection cannot be reused (the parser says
+    // not keep-alive) and sends what is left on a new one.
+    deliver();
+    return;
+  }
+  if (e == response_parser::event::error) error.message = _parser.error() + " (" + error.message + ")";
   drop(error);
 }
 
-void client_conn::drop(const std::string& error) {
+void client_conn::drop(const client_error& error) {
   reset_transport();
   fail_all(error);
 }
 
-void client_conn::fail_all(const std::string& error) {
+void client_conn::fail_all(const client_error& error) {
   std::deque<pending> failed;
   failed.swap(_queue);
   for (auto& p : failed) {
@@ -228,6 +342,10 @@ void client_conn::reset_transport() {
 
 void client_conn::arm_timer() {
   if (_closing) return;
+  if (!_refused.empty()) {
+    uv_timer_start(&_timer, on_timer, 0, 0);
+    return;
+  }
   uint64_t due = _connect_deadline;
   for (const auto& p : _queue)
     if (p.deadline && (!due || p.deadline < due)) due = p.deadline;
@@ -241,15 +359,19 @@ void client_conn::arm_timer() {
 
 void client_conn::on_timer(uv_timer_t* t) {
   auto* c = static_cast<client_conn*>(t->data);
+  if (!c->_refused.empty()) {
+    c->answer_refused();
+    // A refused request's callback may have closed the connection.
+    if (c->_closing) return;
+  }
   uint64_t now = uv_now(c->_loop);
   if (c->_connect_deadline && now >= c->_connect_deadline) {
-    std::string why = "connect to " + c->_options.host + ":" + std::to_string(c->_options.port) + ": timed out";
-    c->drop(why);
+    c->drop({kind::timeout, "connect to " + c->where() + ": timed out"});
     return;
   }
   for (const auto& p : c->_queue) {
     if (p.deadline && now >= p.deadline) {
-      c->drop("timed out waiting for the response");
+      c->drop({kind::timeout, "timed out waiting for the response from " + c->where()});
       return;
     }
   }
@@ -258,6 +380,9 @@ void client_conn::on_timer(uv_timer_t* t) {
 
 void client_conn::close() {
   if (_closing) return;
+  // Set first: a callback run from here that queues a request must not
+  // start a connection on an object about to be freed.
+  _closing = true;
   // End the TLS stream with close_notify. Besides being polite, it keeps the
   // session resumable: OpenSSL marks a session whose connection was dropped
   // without one as not resumable.
@@ -266,10 +391,13 @@ void client_conn::close() {
     _stream->finish(net::linger_options{0, 0});
     _stream = nullptr;
   }
-  drop("closed");
-  _closing = true;
   uv_timer_stop(&_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_timer), on_timer_closed);
+  reset_transport();
+  // The timer that would have answered them is closing: refused requests
+  // get their answer now, like everything else outstanding.
+  answer_refused();
+  fail_all({kind::closed, "the connection was closed"});
 }
 
 void client_conn::on_timer_closed(uv_handle_t* h) { delete static_cast<client_conn*>(h->data); }

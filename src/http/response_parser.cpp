@@ -35,12 +35,14 @@ void response_parser::reset() {
   _complete = false;
   _keep_alive = true;
   _failed = false;
+  _failure = failure::none;
   _finished = false;
   _error.clear();
 }
 
-int response_parser::fail(std::string why) {
+int response_parser::fail(std::string why, failure f) {
   _failed = true;
+  _failure = f;
   _error = std::move(why);
   return -1;
 }
@@ -59,7 +61,8 @@ int response_parser::on_message_begin(llhttp_t* p) {
 int response_parser::on_header_field(llhttp_t* p, const char* at, size_t len) {
   auto* s = self(p);
   if (s->_field.size() + len > max_header_line_bytes)
-    return s->fail("response header larger than " + std::to_string(max_header_line_bytes) + " bytes");
+    return s->fail("response header larger than " + std::to_string(max_header_line_bytes) + " bytes",
+                   failure::too_large);
   s->_field.append(at, len);
   return 0;
 }
@@ -67,7 +70,8 @@ int response_parser::on_header_field(llhttp_t* p, const char* at, size_t len) {
 int response_parser::on_header_value(llhttp_t* p, const char* at, size_t len) {
   auto* s = self(p);
   if (s->_value.size() + len > max_header_line_bytes)
-    return s->fail("response header larger than " + std::to_string(max_header_line_bytes) + " bytes");
+    return s->fail("response header larger than " + std::to_string(max_header_line_bytes) + " bytes",
+                   failure::too_large);
   s->_value.append(at, len);
   return 0;
 }
@@ -91,7 +95,7 @@ int response_parser::on_headers_complete(llhttp_t* p) {
   // after a 101 and leave the requests behind it unanswered.
   if (p->status_code == 101) return s->fail("protocol error: 101 Switching Protocols was not asked for");
   if ((p->flags & F_CONTENT_LENGTH) != 0 && p->content_length > s->_max_body_bytes)
-    return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes");
+    return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes", failure::too_large);
   return 0;
 }
 
@@ -99,7 +103,7 @@ int response_parser::on_body(llhttp_t* p, const char* at, size_t len) {
   auto* s = self(p);
   // Bounds chunked and close-delimited bodies (Content-Length was checked).
   if (s->_resp.body.size() + len > s->_max_body_bytes)
-    return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes");
+    return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes", failure::too_large);
   s->_resp.body.append(at, len);
   return 0;
 }
@@ -159,7 +163,7 @@ response_parser::event response_parser::finish() {
     _keep_alive = false;
     return event::response_complete;
   }
-  if (!_failed) fail("response cut short by the end of the stream");
+  if (!_failed) fail("response cut short by the end of the stream", failure::cut_short);
   return event::error;
 }
 

@@ -172,7 +172,10 @@ void stream::received(const char* data, size_t len) {
   }
   if (!_input.empty() && _handler && _secure) _handler->on_input(*this);
   if (_closing || _finishing) return;
-  if (st == tls::session::status::closed) end(stream_end::eof, "the peer sent close_notify");
+  if (st == tls::session::status::closed) {
+    _close_notify = true;
+    end(stream_end::eof, "the peer sent close_notify");
+  }
 }
 
 void stream::became_secure() {

@@ -138,13 +138,13 @@ class client {
   }
   bool ready() const { return _conn != nullptr; }
 
-  // Returns the transport error (empty on success).
-  std::string call(const std::string& method, const std::string& path, const std::string& body, uint32_t timeout_ms,
-                   relay::http::client_response& out) {
-    std::string error;
+  // Returns the transport error (kind none on success).
+  relay::http::client_error call(const std::string& method, const std::string& path, const std::string& body,
+                                 uint32_t timeout_ms, relay::http::client_response& out) {
+    relay::http::client_error error;
     bool done = false;
     _conn->request(method, path, body,
-                   [&](const std::string& e, relay::http::client_response& r) {
+                   [&](const relay::http::client_error& e, relay::http::client_response& r) {
                      error = e;
                      out = std::move(r);
                      done = true;
@@ -319,8 +319,11 @@ class tool {
   // One request; prints relay's error and maps the outcome to an exit code.
   int request(const std::string& method, const std::string& path, const std::string& body,
               relay::http::client_response& r, uint32_t timeout_ms = 0) {
-    std::string error = _client->call(method, path, body, timeout_ms ? timeout_ms : _o.timeout_ms, r);
-    if (!error.empty()) return fail(unreachable, error);
+    relay::http::client_error error = _client->call(method, path, body, timeout_ms ? timeout_ms : _o.timeout_ms, r);
+    // A job id or queue name that cannot go into a request line is the
+    // caller's mistake, not relay's absence.
+    if (error.what == relay::http::client_error::kind::refused) return fail(usage_error, error.message);
+    if (error) return fail(unreachable, error.message);
     if (r.status >= 200 && r.status < 300) return ok;
     std::string msg = "relay answered " + std::to_string(r.status);
     simdjson::dom::element root;

@@ -234,7 +234,7 @@ TEST_CASE("a parked lease is woken by a submit, oldest waiter first") {
   std::string got1, got2;
   bool done1 = false, done2 = false;
   w1.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                   [&](const std::string&, relay::http::client_response& r) { got1 = r.body, done1 = true; });
+                   [&](const relay::http::client_error&, relay::http::client_response& r) { got1 = r.body, done1 = true; });
   auto waiting = [&](int n) {
     for (int i = 0; i < 500; ++i) {
       uv_run(loop1, UV_RUN_NOWAIT);
@@ -250,7 +250,7 @@ TEST_CASE("a parked lease is woken by a submit, oldest waiter first") {
   };
   REQUIRE(waiting(1));
   w2.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                   [&](const std::string&, relay::http::client_response& r) { got2 = r.body, done2 = true; });
+                   [&](const relay::http::client_error&, relay::http::client_response& r) { got2 = r.body, done2 = true; });
   REQUIRE(waiting(2));
 
   test::sync_client producer(relay.api_port, "producer");
@@ -288,7 +288,7 @@ TEST_CASE("GET with wait_ms returns when the job finishes") {
   bool done = false;
   std::string body;
   reader.conn->request("GET", "/v1/jobs/" + id + "?wait_ms=20000", {},
-                       [&](const std::string&, relay::http::client_response& r) { body = r.body, done = true; });
+                       [&](const relay::http::client_error&, relay::http::client_response& r) { body = r.body, done = true; });
   for (int i = 0; i < 20; ++i) uv_run(&reader.loop, UV_RUN_NOWAIT), std::this_thread::sleep_for(std::chrono::milliseconds(5));
   CHECK_FALSE(done);
   auto l = lease_one(relay, "render");

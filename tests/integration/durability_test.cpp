@@ -105,10 +105,10 @@ class load {
     std::string payload = "\"p-" + std::to_string(_cycle) + "-" + std::to_string(submitted++) + "\"";
     ++_outstanding;
     _producers[i]->request("POST", "/v1/queues/work/jobs", R"({"payload":)" + payload + R"(,"lease_ms":1000})",
-                           [this, i, payload](const std::string& e, relay::http::client_response& r) {
+                           [this, i, payload](const relay::http::client_error& e, relay::http::client_response& r) {
                              --_outstanding;
-                             if (e.empty() && r.status == 201) acked_submits[field(r.body, "id")] = payload;
-                             if (e.empty()) produce(i);
+                             if (!e && r.status == 201) acked_submits[field(r.body, "id")] = payload;
+                             if (!e) produce(i);
                            },
                            5000);
   }
@@ -117,9 +117,9 @@ class load {
     if (_draining && _empty[i] >= 3) return;
     ++_outstanding;
     _workers[i]->request("POST", "/v1/queues/work/lease", _draining ? R"({"max":16,"wait_ms":1500})" : R"({"max":4,"wait_ms":100})",
-                         [this, i](const std::string& e, relay::http::client_response& r) {
+                         [this, i](const relay::http::client_error& e, relay::http::client_response& r) {
                            --_outstanding;
-                           if (!e.empty()) return;
+                           if (e) return;
                            if (_draining) _empty[i] = r.body == R"({"jobs":[]})" ? _empty[i] + 1 : 0;
                            complete_all(i, r.body, 0);
                          },
@@ -137,9 +137,9 @@ class load {
     std::string result = "{\"done\":\"" + id + "\",\"cycle\":" + std::to_string(_cycle) + "}";
     ++_outstanding;
     _workers[i]->request("POST", "/v1/jobs/" + id + "/complete", R"({"lease":")" + lease + R"(","result":)" + result + "}",
-                         [this, i, id, result, body, at](const std::string& e, relay::http::client_response& r) {
+                         [this, i, id, result, body, at](const relay::http::client_error& e, relay::http::client_response& r) {
                            --_outstanding;
-                           if (!e.empty()) return;
+                           if (e) return;
                            if (r.status == 200) acked_results[id] = result;
                            complete_all(i, body, at + 1);
                          },
@@ -165,8 +165,8 @@ std::map<std::string, std::string> fetch_all(const relay_process& relay, const s
   std::function<void()> issue = [&] {
     if (next >= ids.size()) return;
     std::string id = ids[next++];
-    c.conn->request("GET", "/v1/jobs/" + id, {}, [&, id](const std::string& e, relay::http::client_response& r) {
-      out[id] = e.empty() && r.status == 200 ? r.body : std::string();
+    c.conn->request("GET", "/v1/jobs/" + id, {}, [&, id](const relay::http::client_error& e, relay::http::client_response& r) {
+      out[id] = !e && r.status == 200 ? r.body : std::string();
       ++done;
       issue();
     }, 30000);

@@ -105,7 +105,7 @@ TEST_CASE("SIGTERM drains: parked long polls are answered, then relay exits 0") 
   bool done = false;
   relay::http::client_response got;
   worker.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                       [&](const std::string&, relay::http::client_response& r) { got = std::move(r), done = true; });
+                       [&](const relay::http::client_error&, relay::http::client_response& r) { got = std::move(r), done = true; });
   for (int i = 0; i < 500 && relay.curl("admin", "GET", "/v1/queues/render").status != 200; ++i) {
     uv_run(&worker.loop, UV_RUN_NOWAIT);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

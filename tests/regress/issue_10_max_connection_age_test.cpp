@@ -87,11 +87,11 @@ TEST_CASE("the project's client sends again what it pipelined behind an answer t
   auto* conn = relay::http::client_conn::create(&loop, o);
   struct outcome {
     bool done = false;
-    std::string error;
+    relay::http::client_error error;
     int status = 0;
   } parked, behind;
   auto record = [](outcome& out) {
-    return [&out](const std::string& e, relay::http::client_response& r) {
+    return [&out](const relay::http::client_error& e, relay::http::client_response& r) {
       out.done = true;
       out.error = e;
       out.status = r.status;
@@ -103,7 +103,7 @@ TEST_CASE("the project's client sends again what it pipelined behind an answer t
   auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!(parked.done && behind.done) && std::chrono::steady_clock::now() < until) uv_run(&loop, UV_RUN_ONCE);
   CHECK_EQ(parked.status, 200);
-  CHECK_MESSAGE(behind.error.empty(), behind.error);
+  CHECK_MESSAGE(!behind.error, behind.error.message);
   CHECK_EQ(behind.status, 200);
   conn->close();
   uv_run(&loop, UV_RUN_DEFAULT);

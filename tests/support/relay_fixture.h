@@ -176,7 +176,7 @@ class sync_client {
   }
 
   struct result {
-    std::string error;
+    relay::http::client_error error;
     relay::http::client_response response;
   };
   // `extra_headers`: whole lines ending in CRLF (an Authorization header).
@@ -185,7 +185,7 @@ class sync_client {
     result r;
     bool done = false;
     conn->request(method, path, body,
-                  [&](const std::string& e, relay::http::client_response& resp) {
+                  [&](const relay::http::client_error& e, relay::http::client_response& resp) {
                     r.error = e;
                     r.response = std::move(resp);
                     done = true;

@@ -1,0 +1,83 @@
+// Issue 11: bunny's http handler opened a new connection to the local
+// service for every job. Finished runs now leave their connection open
+// (HTTP/1.1 keep-alive) for the next run, one request at a time; an answer
+// with Connection: close is never reused, nor is a connection whose request
+// failed or timed out.
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "../support/bunny_fixture.h"
+#include "../support/raw_http_server.h"
+
+namespace {
+
+using test::raw_http_server;
+
+std::string body_of(const std::string& request) { return request.substr(request.find("\r\n\r\n") + 4); }
+
+raw_http_server::answer keep_alive_echo(const std::string& request, bool close) {
+  std::string body = "{\"echo\":" + body_of(request) + "}";
+  return {{"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+           (close ? "\r\nConnection: close" : "") + "\r\n\r\n" + body},
+          0, close};
+}
+
+// Runs `n` jobs one after another through a bunny whose handler is `service`.
+void run_jobs(const test::relay_process& relay, const std::string& address, int n) {
+  test::bunny_process bunny(relay, {.queues = R"(["render"])",
+                                    .handler = R"({"http": "http://)" + address + R"(/run", "timeout_ms": 10000})"});
+  for (int i = 0; i < n; ++i) {
+    auto r = relay.curl("producer", "POST", "/v1/queues/render/jobs",
+                        R"({"payload":{"n":)" + std::to_string(i) + R"(},"max_attempts":1})");
+    REQUIRE_MESSAGE(r.status == 201, r.body);
+    std::string job = test::wait_job(relay, test::field(r.body, "id"));
+    CHECK_MESSAGE(test::field(job, "state") == "succeeded", job);
+    CHECK_MESSAGE(job.find(R"("result":{"echo":{"n":)" + std::to_string(i) + "}}") != std::string::npos, job);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("sequential jobs through the http handler share one keep-alive connection") {
+  test::relay_process relay;
+  raw_http_server service([](const std::string& r) { return keep_alive_echo(r, false); });
+  run_jobs(relay, service.address(), 5);
+  CHECK_EQ(service.requests(), 5u);
+  CHECK_EQ(service.connections(), 1u);
+}
+
+TEST_CASE("an answer with Connection: close is not reused") {
+  test::relay_process relay;
+  raw_http_server service([](const std::string& r) { return keep_alive_echo(r, true); });
+  run_jobs(relay, service.address(), 3);
+  CHECK_EQ(service.requests(), 3u);
+  CHECK_EQ(service.connections(), 3u);
+}
+
+TEST_CASE("a connection whose request failed is not reused") {
+  test::relay_process relay;
+  int calls = 0;
+  // The first answer is garbage (a protocol error: the run fails); the
+  // connection it came on must not carry the next job.
+  raw_http_server service([&calls](const std::string& r) {
+    if (calls++ == 0) return raw_http_server::answer{{"HTTP/1.1 2OO OK\r\n\r\n"}, 0, false};
+    return keep_alive_echo(r, false);
+  });
+  test::bunny_process bunny(relay, {.queues = R"(["render"])",
+                                    .handler = R"({"http": "http://)" + service.address() + R"(/run", "timeout_ms": 10000})"});
+  auto bad = relay.curl("producer", "POST", "/v1/queues/render/jobs", R"({"payload":0,"max_attempts":1})");
+  REQUIRE_MESSAGE(bad.status == 201, bad.body);
+  std::string failed = test::wait_job(relay, test::field(bad.body, "id"));
+  CHECK_MESSAGE(test::field(failed, "state") == "dead", failed);
+  for (int i = 1; i <= 2; ++i) {
+    auto r = relay.curl("producer", "POST", "/v1/queues/render/jobs",
+                        R"({"payload":)" + std::to_string(i) + R"(,"max_attempts":1})");
+    REQUIRE_MESSAGE(r.status == 201, r.body);
+    std::string job = test::wait_job(relay, test::field(r.body, "id"));
+    CHECK_MESSAGE(test::field(job, "state") == "succeeded", job);
+  }
+  // One for the failed run, one shared by the two that followed.
+  CHECK_EQ(service.requests(), 3u);
+  CHECK_EQ(service.connections(), 2u);
+}
