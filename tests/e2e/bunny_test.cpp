@@ -133,6 +133,15 @@ TEST_CASE("a handler that cannot start is named; one killed by a signal is repor
   CHECK_EQ(field(jb, "error"), "handler killed by signal 9");
 }
 
+TEST_CASE("the handler has stdin, stdout and stderr, and no other descriptor of bunny's or its guard's") {
+  relay_process relay;
+  bunny_process b(relay, {.handler = R"({"exec": [")" + test::handler_path("fds.sh") + R"("]})"});
+  std::string id = submit(relay, "render", "0");
+  std::string job = test::wait_job(relay, id);
+  CHECK_EQ(field(job, "state"), "succeeded");
+  CHECK_EQ(field(job, "result"), "0 1 2 3 ");  // 3: the directory ls reads
+}
+
 TEST_CASE("the handler's environment holds the job and nothing of bunny's") {
   relay_process relay;
   setenv("BUNNY_TEST_SECRET", "do-not-leak", 1);
