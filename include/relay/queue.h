@@ -183,6 +183,18 @@ class record_sink {
 // never runs them on the caller's stack. Freeing itself (or arranging to) is
 // allowed.
 
+// The size in bytes of the answer that hands leased jobs to a worker:
+// `empty` with no job, plus entry() for each job in it. The API layer,
+// which writes the answer, says what these are; the broker adds them up so
+// that a lease bounded in bytes (lease_waiter::max_bytes, broker::lease)
+// takes only as many jobs as fit. entry() is given the job as it is before
+// the lease, the attempt number and lease expiry the lease will give it,
+// and whether it is the first job of the answer (no separator before it).
+struct answer_size {
+  size_t empty = 0;
+  size_t (*entry)(const job& j, uint32_t attempt, time_ms expires, bool first) = nullptr;
+};
+
 // A worker's parked lease request. The broker calls on_leased() exactly once
 // with at least one job, after unparking the waiter; the waiter may be
 // destroyed inside the callback. Unpark a waiter whose request ends first.
@@ -192,6 +204,11 @@ class lease_waiter {
   virtual void on_leased(const std::vector<job*>& jobs) = 0;
 
   size_t max = 1;
+  // The answer's bound in bytes, by `size` (SIZE_MAX: none). The first job
+  // is handed over whatever its size, so a waiter woken is never answered
+  // with nothing; what does not fit stays ready for the next.
+  size_t max_bytes = SIZE_MAX;
+  answer_size size;
   uint32_t lease_ms = 0;  // 0: each job's own lease_ms
   principal_ref owner = nullptr;
 
@@ -315,6 +332,11 @@ class broker {
   // priority. lease_ms 0 uses each job's own lease length.
   op_error lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
                  time_ms now, std::vector<job*>& out);
+  // The same, also stopping before the job that would take the answer,
+  // measured by `size`, over `max_bytes`; the first job is always taken.
+  // Jobs left out stay ready, with no attempt used.
+  op_error lease(std::string_view queue, size_t max, size_t max_bytes, const answer_size& size, uint32_t lease_ms,
+                 principal_ref owner, time_ms now, std::vector<job*>& out);
   // Parks `w` on `queue` (FIFO among waiters) until a job is ready for it.
   // Call only after lease() returned nothing. Parking does not create the
   // queue: a queue that holds no job is neither listed nor counted towards
@@ -408,6 +430,9 @@ class broker {
   job* find_mutable(job_id id);
   void forget(job& j);
   void grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now);
+  // Leases ready jobs of `q` into `out` within the bounds (see lease()).
+  void take(job_queue& q, size_t max, size_t max_bytes, const answer_size& size, uint32_t lease_ms,
+            principal_ref owner, time_ms now, std::vector<job*>& out);
   void set_outcome(job& j, std::string_view text);
   bool apply_snapshot(const record& r);
   // A job created from a submit or snapshot record: its queue, identity,

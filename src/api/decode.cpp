@@ -223,6 +223,11 @@ bool decoder::lease(const std::string& body, lease_args& out, decode_error& err)
       out.max = static_cast<size_t>(n);
       return true;
     }
+    if (key == "max_bytes") {
+      if (!get_int(v, key, 1, value_limits::max_lease_answer_bytes, n, err)) return false;
+      out.max_bytes = static_cast<size_t>(n);
+      return true;
+    }
     if (key == "wait_ms") {
       if (!get_int(v, key, 0, value_limits::max_wait_ms, n, err)) return false;
       out.wait_ms = static_cast<uint32_t>(n);

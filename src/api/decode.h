@@ -25,6 +25,9 @@ struct decode_error {
 
 struct lease_args {
   size_t max = 1;
+  // The answer's body at most this many bytes, but always at least one job
+  // (a job alone fits limits.max_body_bytes). SIZE_MAX: no bound.
+  size_t max_bytes = SIZE_MAX;
   uint32_t wait_ms = 0;
   uint32_t lease_ms = 0;  // 0: each job's own
 };
@@ -56,6 +59,8 @@ struct value_limits {
   static constexpr uint32_t max_lease_ms = 24 * 3600 * 1000;
   static constexpr uint32_t max_wait_ms = 60000;
   static constexpr size_t max_lease_batch = 1000;
+  // JSON integers beyond 2^53 are not exact in every client's parser.
+  static constexpr int64_t max_lease_answer_bytes = (int64_t{1} << 53) - 1;
   static constexpr size_t max_batch_items = 10000;
   static constexpr size_t max_idempotency_key = 256;
   static constexpr size_t max_error_bytes = 64 * 1024;

@@ -1,34 +1,66 @@
 // Worker routes: lease (with long polling), heartbeat, complete, fail, and
 // the batch of results.
+#include <cassert>
+#include <charconv>
+
 #include "api/service.h"
 #include "api/waits.h"
 #include "relay/json.h"
 
 namespace relay::api {
 
+namespace {
+
+// The lease answer, in pieces shared by the writer and the measure below,
+// so that a byte bound counts exactly what is sent:
+//   {"jobs":[{"id":"<16 hex>","attempt":N,"lease":"<32 hex>","lease_expires_ms":N,"payload":<as stored>},...]}
+namespace answer {
+constexpr std::string_view open = "{\"jobs\":[", close = "]}", separator = ",";
+constexpr std::string_view id = "{\"id\":\"", attempt = "\",\"attempt\":", lease = ",\"lease\":\"",
+                           expires = "\",\"lease_expires_ms\":", payload = ",\"payload\":", end = "}";
+constexpr size_t id_digits = 16, lease_digits = 32;
+}  // namespace answer
+
+size_t decimal_digits(int64_t v) {
+  char buf[24];
+  return static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v).ptr - buf);
+}
+
+}  // namespace
+
+size_t leased_job_bytes(const queue::job& j, uint32_t attempt, queue::time_ms expires, bool first) {
+  return (first ? 0 : answer::separator.size()) + answer::id.size() + answer::id_digits + answer::attempt.size() +
+         decimal_digits(attempt) + answer::lease.size() + answer::lease_digits + answer::expires.size() +
+         decimal_digits(expires) + answer::payload.size() + j.payload.size() + answer::end.size();
+}
+
+const queue::answer_size lease_answer_size{answer::open.size() + answer::close.size(), leased_job_bytes};
+
 std::string leased_jobs_json(const std::vector<queue::job*>& jobs) {
-  // One allocation: each job is its payload plus ~110 bytes of fields.
-  size_t size = 16;
-  for (const queue::job* j : jobs) size += j->payload.size() + 128;
+  // One allocation, of the exact size.
+  size_t size = lease_answer_size.empty;
+  for (size_t i = 0; i < jobs.size(); ++i) size += leased_job_bytes(*jobs[i], jobs[i]->attempts, jobs[i]->due_ms, i == 0);
   std::string body;
   body.reserve(size);
-  body += "{\"jobs\":[";
+  body += answer::open;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const queue::job& j = *jobs[i];
-    if (i) body += ',';
-    body += "{\"id\":\"";
+    if (i) body += answer::separator;
+    body += answer::id;
     queue::append_job_id(body, j.id);
-    body += "\",\"attempt\":";
+    body += answer::attempt;
     json::append_uint(body, j.attempts);
-    body += ",\"lease\":\"";
+    body += answer::lease;
     j.lease.append_hex(body);
-    body += "\",\"lease_expires_ms\":";
+    body += answer::expires;
     json::append_int(body, j.due_ms);
-    body += ",\"payload\":";
+    body += answer::payload;
     body += j.payload;
-    body += '}';
+    body += answer::end;
   }
-  body += "]}";
+  body += answer::close;
+  // Ensures: the measure the broker bounded the lease by is the size sent.
+  assert(body.size() == size);
   return body;
 }
 
@@ -67,13 +99,15 @@ void service::lease(context& c) {
     return;
   }
   std::vector<queue::job*> jobs;
-  _broker.lease(q, args.max, args.lease_ms, c.conn.principal, now(), jobs);
+  _broker.lease(q, args.max, args.max_bytes, lease_answer_size, args.lease_ms, c.conn.principal, now(), jobs);
   if (!jobs.empty() || args.wait_ms == 0 || _draining) {
     respond(c, 200, leased_jobs_json(jobs));
     return;
   }
   auto* w = new lease_wait(*this, c.conn);
   w->max = args.max;
+  w->max_bytes = args.max_bytes;
+  w->size = lease_answer_size;
   w->lease_ms = args.lease_ms;
   w->owner = c.conn.principal;
   w->queue = q;

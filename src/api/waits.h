@@ -13,6 +13,11 @@ namespace relay::api {
 
 // {"jobs":[{"id","attempt","lease","lease_expires_ms","payload"},...]}
 std::string leased_jobs_json(const std::vector<queue::job*>& jobs);
+// The bytes one job adds to that answer, leased as `attempt` until
+// `expires`; `first`: no separator before it. lease_answer_size is this and
+// the empty answer's size, the measure lease requests' max_bytes bounds.
+size_t leased_job_bytes(const queue::job& j, uint32_t attempt, queue::time_ms expires, bool first);
+extern const queue::answer_size lease_answer_size;
 
 struct service::lease_wait final : queue::lease_waiter {
   lease_wait(service& s, net::server_conn& c) : svc(s), conn(c) {}

@@ -1,10 +1,19 @@
 // The exec handler: one process per job, no shell. The payload goes to
 // stdin, stdout (JSON) is the result; the environment holds JOB_ID,
 // JOB_QUEUE, JOB_ATTEMPT and a fixed PATH, and nothing of bunny's own.
+//
+// The handler is started through the guard (guard.h), bunny's own binary
+// in another mode, which makes it die with bunny; the guard leads the
+// process group bunny signals, passes every signal on to the handler by
+// being in its group, and exits as the handler did, so what is written
+// here about "the handler" holds for the guard and the handler together.
 #include <signal.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
+#include "bunny/guard.h"
 #include "bunny/handler.h"
 
 namespace relay::bunny {
@@ -44,15 +53,18 @@ class exec_run final : public handler_run {
     uv_pipe_init(_h.loop, &_in, 0);
     uv_pipe_init(_h.loop, &_out, 0);
     uv_pipe_init(_h.loop, &_err, 0);
-    _in.data = _out.data = _err.data = this;
-    _handles += 3;
-    uv_stdio_container_t stdio[3];
+    uv_pipe_init(_h.loop, &_report, 0);
+    _in.data = _out.data = _err.data = _report.data = this;
+    _handles += 4;
+    uv_stdio_container_t stdio[guard_report_fd + 1];
     stdio[0].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_READABLE_PIPE);
     stdio[0].data.stream = reinterpret_cast<uv_stream_t*>(&_in);
     stdio[1].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
     stdio[1].data.stream = reinterpret_cast<uv_stream_t*>(&_out);
     stdio[2].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
     stdio[2].data.stream = reinterpret_cast<uv_stream_t*>(&_err);
+    stdio[guard_report_fd].flags = static_cast<uv_stdio_flags>(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
+    stdio[guard_report_fd].data.stream = reinterpret_cast<uv_stream_t*>(&_report);
 
     std::vector<std::string> env_strings = {
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -63,18 +75,26 @@ class exec_run final : public handler_run {
     std::vector<char*> env, args;
     for (auto& e : env_strings) env.push_back(e.data());
     env.push_back(nullptr);
+    // /proc/self/exe rather than a path: the very binary running now, even
+    // if a newer bunny has been installed over it since it started. The
+    // guard learns bunny's pid from here, not from getppid(), because
+    // bunny may already have died by the time the guard asks.
+    std::string bunny_pid = std::to_string(::getpid());
+    for (const char* a : {"bunny-guard", guard_flag, bunny_pid.c_str(), "--"}) args.push_back(const_cast<char*>(a));
     for (const auto& a : _h.options.argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
 
     uv_process_options_t po{};
-    po.file = args[0];
+    po.file = "/proc/self/exe";
     po.args = args.data();
     po.env = env.data();
     po.stdio = stdio;
-    po.stdio_count = 3;
+    po.stdio_count = guard_report_fd + 1;
     po.exit_cb = on_exit;
     // Its own session and process group, so a timeout can signal everything
-    // the handler started, not just the first process.
+    // the handler started, not just the first process. The parent-death
+    // signal the guard asks for is sent when the thread that forked it
+    // ends: this is the loop's thread, which lives as long as bunny.
     po.flags = UV_PROCESS_DETACHED;
     _proc.data = this;
     int rc = uv_spawn(_h.loop, &_proc, &po);
@@ -82,7 +102,7 @@ class exec_run final : public handler_run {
       // The process handle still has to be closed.
       ++_handles;
       uv_close(reinterpret_cast<uv_handle_t*>(&_proc), on_closed);
-      _exited = _out_eof = _err_eof = true;
+      _exited = _out_eof = _err_eof = _report_eof = true;
       _spawn_error = std::string("cannot start handler ") + _h.options.argv[0] + ": " + uv_strerror(rc);
       uv_timer_start(&_timer, on_spawn_failed, 0, 0);
       return;
@@ -94,6 +114,7 @@ class exec_run final : public handler_run {
     if (uv_write(&_write, reinterpret_cast<uv_stream_t*>(&_in), &b, 1, on_written) != 0) close_stdin();
     uv_read_start(reinterpret_cast<uv_stream_t*>(&_out), on_alloc, on_stdout);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&_err), on_alloc, on_stderr);
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&_report), on_alloc, on_report);
     uv_timer_start(&_timer, on_timeout, _h.options.timeout_ms, 0);
   }
 
@@ -151,6 +172,28 @@ class exec_run final : public handler_run {
     }
   }
 
+  // The guard's start report: nothing before end of file when the handler
+  // was started, the errno of its exec (or of the guard's set-up) if not.
+  static void on_report(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+    auto* r = static_cast<exec_run*>(s->data);
+    if (n > 0) {
+      size_t room = sizeof r->_report_bytes - r->_report_len;
+      size_t take = std::min(room, static_cast<size_t>(n));
+      std::memcpy(r->_report_bytes + r->_report_len, buf->base, take);
+      r->_report_len += take;
+    } else if (n < 0) {
+      r->_report_eof = true;
+      uv_read_stop(s);
+      if (r->_report_len == sizeof(int)) {
+        int error;
+        std::memcpy(&error, r->_report_bytes, sizeof error);
+        // The same words libuv used when it started the handler itself.
+        r->_spawn_error = std::string("cannot start handler ") + r->_h.options.argv[0] + ": " + uv_strerror(-error);
+      }
+      r->maybe_finish();
+    }
+  }
+
   static void on_exit(uv_process_t* p, int64_t status, int sig) {
     auto* r = static_cast<exec_run*>(p->data);
     r->_exited = true;
@@ -179,7 +222,7 @@ class exec_run final : public handler_run {
 
   static void on_pipe_timeout(uv_timer_t* t) {
     auto* r = static_cast<exec_run*>(t->data);
-    r->_out_eof = r->_err_eof = true;
+    r->_out_eof = r->_err_eof = r->_report_eof = true;
     r->maybe_finish();
   }
 
@@ -217,13 +260,13 @@ class exec_run final : public handler_run {
   }
 
   void maybe_finish() {
-    if (_finished || !_exited || !_out_eof || !_err_eof) return;
+    if (_finished || !_exited || !_out_eof || !_err_eof || !_report_eof) return;
     _finished = true;
     outcome o = decide();
     uv_timer_stop(&_timer);
     close_stdin();
     for (uv_handle_t* h : {reinterpret_cast<uv_handle_t*>(&_out), reinterpret_cast<uv_handle_t*>(&_err),
-                           reinterpret_cast<uv_handle_t*>(&_timer)})
+                           reinterpret_cast<uv_handle_t*>(&_report), reinterpret_cast<uv_handle_t*>(&_timer)})
       uv_close(h, on_closed);
     if (_running) uv_close(reinterpret_cast<uv_handle_t*>(&_proc), on_closed);
     done_fn done = std::move(_done);
@@ -239,14 +282,16 @@ class exec_run final : public handler_run {
   std::string _payload;
   done_fn _done;
   uv_process_t _proc{};
-  uv_pipe_t _in{}, _out{}, _err{};
+  uv_pipe_t _in{}, _out{}, _err{}, _report{};
   uv_timer_t _timer{};
   uv_write_t _write{};
   int _handles = 0;
-  bool _running = false, _exited = false, _out_eof = false, _err_eof = false;
+  bool _running = false, _exited = false, _out_eof = false, _err_eof = false, _report_eof = false;
   bool _stdin_closed = false, _timed_out = false, _cancelled = false, _overflow = false, _finished = false;
   int64_t _status = 0;
   int _signal = 0;
+  char _report_bytes[sizeof(int) + 1];  // one more: a longer report is malformed, not an errno
+  size_t _report_len = 0;
   std::string _stdout, _stderr, _why, _spawn_error;
   char _buffer[65536];
 };

@@ -6,8 +6,10 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "bunny/agent.h"
+#include "bunny/guard.h"
 #include "relay/config.h"
 #include "relay/log.h"
 #include "relay/ops.h"
@@ -40,6 +42,9 @@ struct process {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // bunny re-executed as the guard of one exec handler: nothing of the
+  // agent (allocator settings, log thread, loop) may start in that process.
+  if (argc > 1 && std::string_view(argv[1]) == relay::bunny::guard_flag) return relay::bunny::run_guard(argc, argv);
   relay::ops::return_freed_memory_promptly();
   std::optional<std::string> config_file;
   relay::config::override_list overrides;

@@ -340,28 +340,60 @@ job* broker::pop_ready(job_queue& q) {
   return nullptr;
 }
 
+namespace {
+
+// When a lease granted now ends; the answer's size depends on it, so it is
+// worked out in one place for the grant and for the size.
+time_ms lease_expiry(const job& j, uint32_t lease_ms, time_ms now) {
+  return now + (lease_ms ? lease_ms : j.lease_ms);
+}
+
+}  // namespace
+
 void broker::grant(job& j, uint32_t lease_ms, principal_ref owner, time_ms now) {
   record r;
   r.type = record_type::lease;
   r.id = j.id;
   r.at = now;
-  r.due = now + (lease_ms ? lease_ms : j.lease_ms);
+  r.due = lease_expiry(j, lease_ms, now);
   _random(r.lease.bytes.data(), r.lease.bytes.size());
   r.owner = *owner;
   commit(r);
 }
 
-op_error broker::lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
-                       time_ms now, std::vector<job*>& out) {
-  op_error err;
-  job_queue* q = queue_for(queue, open_mode::lookup, err);
-  if (!q) return op_error::none;
+void broker::take(job_queue& q, size_t max, size_t max_bytes, const answer_size& size, uint32_t lease_ms,
+                  principal_ref owner, time_ms now, std::vector<job*>& out) {
+  // Without a measure there is no byte bound to keep.
+  bool bounded = max_bytes != SIZE_MAX && size.entry != nullptr;
+  size_t bytes = size.empty;
   while (out.size() < max) {
-    job* j = pop_ready(*q);
+    job* j = pop_ready(q);  // the next ready job, still in its ring until granted
     if (!j) break;
+    if (bounded) {
+      // The attempt and expiry the grant below will write, so that the
+      // size counted is the size sent.
+      size_t more = size.entry(*j, uint32_t{j->attempts} + 1, lease_expiry(*j, lease_ms, now), out.empty());
+      // The first job goes whatever its size: it fits limits.max_body_bytes,
+      // and an answer with nothing would leave the worker asking forever.
+      if (!out.empty() && (more > max_bytes || bytes > max_bytes - more)) break;
+      bytes += more;
+    }
     grant(*j, lease_ms, owner, now);
     out.push_back(j);
   }
+}
+
+op_error broker::lease(std::string_view queue, size_t max, uint32_t lease_ms, principal_ref owner,
+                       time_ms now, std::vector<job*>& out) {
+  return lease(queue, max, SIZE_MAX, answer_size{}, lease_ms, owner, now, out);
+}
+
+op_error broker::lease(std::string_view queue, size_t max, size_t max_bytes, const answer_size& size,
+                       uint32_t lease_ms, principal_ref owner, time_ms now, std::vector<job*>& out) {
+  op_error err;
+  job_queue* q = queue_for(queue, open_mode::lookup, err);
+  if (!q) return op_error::none;
+  take(*q, max, max_bytes, size, lease_ms, owner, now, out);
   return op_error::none;
 }
 
@@ -397,12 +429,8 @@ void broker::dispatch(job_queue& q, time_ms now) {
     lease_waiter* w = q._wait_head;
     unpark(*w);
     std::vector<job*> jobs;
-    while (jobs.size() < w->max) {
-      job* j = pop_ready(q);
-      if (!j) break;
-      grant(*j, w->lease_ms, w->owner, now);
-      jobs.push_back(j);
-    }
+    // At least one job: q.ready() > 0 and the first is taken whatever its size.
+    take(q, w->max, w->max_bytes, w->size, w->lease_ms, w->owner, now, jobs);
     w->on_leased(jobs);  // may destroy w
   }
 }

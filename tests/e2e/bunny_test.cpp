@@ -116,6 +116,32 @@ TEST_CASE("failing handlers: non-zero exit, non-JSON output and timeouts go dead
   CHECK(dead.body.find(a) != std::string::npos);
 }
 
+// Handlers run under a guard process (issue 11); what bunny reports about
+// them must be what it reported when it started them itself.
+TEST_CASE("a handler that cannot start is named; one killed by a signal is reported as killed by it") {
+  relay_process relay;
+  bunny_process missing(relay, {.queues = R"(["render"])", .handler = R"({"exec": ["/nonexistent/render-job", "--fast"]})"},
+                        "missing");
+  bunny_process killed(relay, {.queues = R"(["work"])", .handler = R"({"exec": ["/bin/sh", "-c", "kill -9 $$"]})"},
+                       "killed");
+  std::string a = submit(relay, "render", "1", R"(,"max_attempts":1)");
+  std::string b = submit(relay, "work", "2", R"(,"max_attempts":1)");
+  std::string ja = test::wait_job(relay, a), jb = test::wait_job(relay, b);
+  CHECK_EQ(field(ja, "state"), "dead");
+  CHECK_EQ(field(ja, "error"), "cannot start handler /nonexistent/render-job: no such file or directory");
+  CHECK_EQ(field(jb, "state"), "dead");
+  CHECK_EQ(field(jb, "error"), "handler killed by signal 9");
+}
+
+TEST_CASE("the handler has stdin, stdout and stderr, and no other descriptor of bunny's or its guard's") {
+  relay_process relay;
+  bunny_process b(relay, {.handler = R"({"exec": [")" + test::handler_path("fds.sh") + R"("]})"});
+  std::string id = submit(relay, "render", "0");
+  std::string job = test::wait_job(relay, id);
+  CHECK_EQ(field(job, "state"), "succeeded");
+  CHECK_EQ(field(job, "result"), "0 1 2 3 ");  // 3: the directory ls reads
+}
+
 TEST_CASE("the handler's environment holds the job and nothing of bunny's") {
   relay_process relay;
   setenv("BUNNY_TEST_SECRET", "do-not-leak", 1);

@@ -86,6 +86,17 @@ TEST_CASE("field errors name the field") {
   std::string l2 = padded("");
   CHECK(d.lease(l2, la, err));
   CHECK_EQ(la.max, 1u);
+  CHECK_EQ(la.max_bytes, SIZE_MAX);
+  std::string l3 = padded(R"({"max":5,"max_bytes":250000})");
+  CHECK(d.lease(l3, la, err));
+  CHECK_EQ(la.max_bytes, 250000u);
+  for (const char* bad : {R"({"max_bytes":0})", R"({"max_bytes":-1})", R"({"max_bytes":"1000"})",
+                          R"({"max_bytes":1.5})", R"({"max_bytes":9007199254740992})", R"({"max_bytes":null})"}) {
+    std::string l = padded(bad);
+    CHECK_FALSE_MESSAGE(d.lease(l, la, err), bad);
+    CHECK_EQ(err.kind, api_error::invalid_field);
+    CHECK_MESSAGE(err.message.find("max_bytes") != std::string::npos, err.message);
+  }
 
   outcome_args oa;
   std::string c1 = padded(R"({"lease":"zz","result":1})");

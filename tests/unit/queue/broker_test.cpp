@@ -258,6 +258,79 @@ TEST_CASE_FIXTURE(fixture, "waiters are served oldest first, one submit each") {
   CHECK_EQ(b.find_queue("q")->ready(), 1u);
 }
 
+namespace {
+
+// A measure for the byte bound with round numbers: the answer is 10 bytes
+// empty, and each job its payload plus 100 (plus 1 after the first). It
+// also records what it was asked, to check the attempt and expiry given.
+std::vector<std::pair<uint32_t, time_ms>> measured;
+size_t test_entry(const job& j, uint32_t attempt, time_ms expires, bool first) {
+  measured.emplace_back(attempt, expires);
+  return j.payload.size() + 100 + (first ? 0 : 1);
+}
+constexpr answer_size test_size{10, test_entry};
+
+}  // namespace
+
+TEST_CASE_FIXTURE(fixture, "a lease bounded in bytes takes the jobs that fit; the rest stay ready, no attempt used") {
+  std::string p400(400, '1');
+  job_id a = submit(p400), c = submit(p400), d = submit(p400);
+  measured.clear();
+  std::vector<job*> out;
+  // Two jobs: 10 + 500 + 501 = 1011 bytes.
+  REQUIRE(b.lease("q", 5, 1011, test_size, 2000, worker, now, out) == op_error::none);
+  REQUIRE_EQ(out.size(), 2u);
+  CHECK_EQ(out[0]->id, a);
+  CHECK_EQ(out[1]->id, c);
+  // Measured before the grant, as the grant then left it: attempt 1, expiring at now + lease_ms.
+  REQUIRE_GE(measured.size(), 2u);
+  CHECK_EQ(measured[0], std::pair<uint32_t, time_ms>{out[0]->attempts, out[0]->due_ms});
+  CHECK_EQ(measured[1], std::pair<uint32_t, time_ms>{out[1]->attempts, out[1]->due_ms});
+  CHECK_EQ(state(d), job_state::queued);
+  CHECK_EQ(b.find(d)->attempts, 0);
+
+  // One byte less: the second job no longer fits.
+  submit(p400);
+  out.clear();
+  REQUIRE(b.lease("q", 5, 1010, test_size, 2000, worker, now, out) == op_error::none);
+  REQUIRE_EQ(out.size(), 1u);
+  CHECK_EQ(out[0]->id, d);
+
+  // A bound below one job still gets the first job.
+  out.clear();
+  REQUIRE(b.lease("q", 5, 1, test_size, 2000, worker, now, out) == op_error::none);
+  CHECK_EQ(out.size(), 1u);
+  CHECK_EQ(b.find_queue("q")->ready(), 0u);
+}
+
+TEST_CASE_FIXTURE(fixture, "a waiter woken with a byte bound gets the jobs that fit, at least one") {
+  std::string p400(400, '1');
+  // Ready before the waiter parks (as after a lease cut short by its bound),
+  // so that the wake-up finds several.
+  job_id a = submit(p400), c = submit(p400);
+  test_waiter w;
+  w.owner = worker;
+  w.max = 5;
+  w.max_bytes = 1011;
+  w.size = test_size;
+  b.park("q", w);
+  job_id d = submit(p400);
+  CHECK_EQ(w.calls, 1);
+  CHECK_EQ(w.got, (std::vector<job_id>{a, c}));
+  CHECK_EQ(state(d), job_state::queued);
+  CHECK_EQ(b.find(d)->attempts, 0);
+
+  test_waiter tight;
+  tight.owner = worker;
+  tight.max = 5;
+  tight.max_bytes = 1;
+  tight.size = test_size;
+  b.park("q", tight);
+  submit(p400);
+  CHECK_EQ(tight.got, std::vector<job_id>{d});
+  CHECK_EQ(b.find_queue("q")->ready(), 1u);
+}
+
 TEST_CASE_FIXTURE(fixture, "a queue with neither jobs nor waiters is forgotten") {
   test_waiter w;
   w.owner = worker;
