@@ -112,7 +112,7 @@ TEST_CASE("lease max_bytes: a parked long poll woken later keeps its bound") {
   std::string got;
   bool done = false;
   worker.conn->request("POST", "/v1/queues/render/lease", R"({"max":5,"max_bytes":100,"wait_ms":20000})",
-                       [&](const std::string&, relay::http::client_response& r) { got = r.body, done = true; });
+                       [&](const relay::http::client_error&, relay::http::client_response& r) { got = r.body, done = true; });
   bool parked = false;
   for (int i = 0; i < 500 && !parked; ++i) {
     uv_run(&worker.loop, UV_RUN_NOWAIT);
