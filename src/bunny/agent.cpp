@@ -2,10 +2,7 @@
 
 #include <cstring>
 #include <ctime>
-#include <fstream>
-#include <sstream>
 
-#include "relay/api_keys.h"
 #include "relay/json.h"
 #include "relay/json_read.h"
 #include "relay/log.h"
@@ -26,12 +23,12 @@ constexpr int64_t lease_margin_ms = 1000;
 
 }  // namespace
 
-// One leased job: its handler run, its heartbeat timer and the delivery of
-// its outcome. Freed from its timers' close callbacks.
+// One leased attempt of a job: its handler run, its heartbeat timer and the
+// delivery of its outcome. Freed from its timers' close callbacks.
 class agent::job_slot {
  public:
-  job_slot(agent& a, job_input in, std::string token, int64_t expires)
-      : owner(a), input(std::move(in)), lease(std::move(token)), expires_ms(expires), started(uv_now(a._loop)) {
+  job_slot(agent& a, uint64_t gen, job_input in, std::string token, int64_t expires)
+      : owner(a), generation(gen), input(std::move(in)), lease(std::move(token)), expires_ms(expires) {
     uv_timer_init(a._loop, &heartbeat);
     uv_timer_init(a._loop, &retry);
     heartbeat.data = retry.data = this;
@@ -49,54 +46,62 @@ class agent::job_slot {
       });
   }
 
+  // Relay no longer holds this attempt's lease: nothing it does counts.
+  void lose_lease(std::string_view why) {
+    if (lease_lost) return;
+    lease_lost = true;
+    uv_timer_stop(&heartbeat);
+    if (run) run->cancel(why);
+  }
+
   static void on_heartbeat(uv_timer_t* t) {
     auto* j = static_cast<job_slot*>(t->data);
     agent& a = j->owner;
     if (j->lease_lost || a._stopped) return;
-    std::string body = "{\"lease\":\"" + j->lease + "\",\"extend_ms\":" + std::to_string(a._cfg.lease_ms) + "}";
-    std::string id = j->input.id;
-    a.connection(a._ctl_conn)->request(
-        "POST", "/v1/jobs/" + id + "/heartbeat", body,
-        [&a, id](const http::client_error& error, http::client_response& r) {
-          auto it = a._jobs.find(id);
-          if (it == a._jobs.end()) return;
-          job_slot* js = it->second;
-          if (error) {
-            a.transport_failed("heartbeat", error);  // the next beat tries again
-            return;
-          }
-          if (r.status == 200) {
-            a._connected = true;
-            std::string copy = r.body;
-            json::pad(copy);
-            simdjson::ondemand::parser p;
-            simdjson::ondemand::document d;
-            int64_t exp = 0;
-            if (!p.iterate(copy).get(d) && !d["lease_expires_ms"].get_int64().get(exp)) js->expires_ms = exp;
-            return;
-          }
-          if (r.status == 409 || r.status == 403 || r.status == 404) {
-            // Relay took the lease back: stop work nobody will accept.
-            js->lease_lost = true;
-            a._lease_lost.inc();
-            log::warn("lease_lost").str("job", id).num("status", r.status).str("relay_said", r.body.substr(0, 300));
-            uv_timer_stop(&js->heartbeat);
-            if (js->run) js->run->cancel("lease lost");
-          }
-        },
-        static_cast<uint32_t>(a._cfg.poll.request_timeout_ms), a._auth_header);
+    uint64_t gen = j->generation;
+    a._ctl_client->heartbeat(j->input.id, j->lease, static_cast<uint32_t>(a._cfg.lease_ms),
+                             [&a, gen](const v1::error& e, int64_t& expires) {
+                               job_slot* js = a.find(gen);
+                               if (!js || js->lease_lost) return;
+                               if (!e) {
+                                 a.relay_answered();
+                                 js->expires_ms = a.clamp_expiry(expires);
+                                 return;
+                               }
+                               if (e.what == v1::error::kind::transport) {
+                                 a.transport_failed("heartbeat", e);  // the next beat tries again
+                               } else if (e.what == v1::error::kind::refused &&
+                                          (e.status == 409 || e.status == 403 || e.status == 404)) {
+                                 // Relay took the lease back: stop work nobody will accept.
+                                 a._lease_lost.inc();
+                                 log::warn("lease_lost")
+                                     .str("job", js->input.id)
+                                     .num("attempt", js->input.attempt)
+                                     .num("status", e.status)
+                                     .str("relay_said", e.message);
+                                 js->lose_lease("lease lost");
+                               } else if (e.what == v1::error::kind::bad_answer) {
+                                 a._answers_rejected.inc();
+                                 log::warn("bad_heartbeat_answer").str("job", js->input.id).str("reason", e.message);
+                               }
+                             });
   }
 
   static void on_retry(uv_timer_t* t) { static_cast<job_slot*>(t->data)->owner.deliver(static_cast<job_slot*>(t->data)); }
 
   agent& owner;
+  const uint64_t generation;
   job_input input;
   std::string lease;
-  int64_t expires_ms;
-  uint64_t started;
+  int64_t expires_ms;  // relay's clock, bounded by bunny's own (clamp_expiry)
+  uint64_t started = 0;
   handler_run* run = nullptr;
   bool lease_lost = false;
   bool stopped_by_drain = false;
+  // A newer attempt of the same job, started when this one has ended, and
+  // the attempt a waiting slot waits for.
+  job_slot* waiting = nullptr;
+  job_slot* ahead = nullptr;
   outcome result;
   uint32_t delivery_failures = 0;
   uv_timer_t heartbeat{};
@@ -116,6 +121,11 @@ agent::agent(uv_loop_t* loop, config::bunny_config cfg, ops::registry& m)
                                "Outcomes not delivered before their lease certainly expired.")),
       _reconnects(m.get_counter("bunny_reconnects_total", "Connections to relay dropped and re-established.")),
       _tls_reloads(m.get_counter("bunny_tls_reloads_total", "Client certificate reloads.")),
+      _answers_rejected(m.get_counter("bunny_lease_answers_rejected_total",
+                                      "Answers from relay (or jobs in a lease answer) refused as not keeping the API "
+                                      "contract; a refused job is not run and its lease left to expire.")),
+      _superseded(m.get_counter("bunny_jobs_superseded_total",
+                                "Attempts stopped or dropped because relay leased their job again.")),
       _duration(m.get_histogram("bunny_handler_duration_seconds", "Handler run time.", ops::latency_bounds_seconds())),
       _running_gauge(m.get_gauge("bunny_jobs_running", "Handler runs in progress.")),
       _connected_gauge(m.get_gauge("bunny_relay_connected", "1 when the last exchange with relay succeeded.")),
@@ -190,6 +200,12 @@ bool agent::start(std::string& error) {
   if (_cfg.api_key_file)
     uv_fs_poll_start(&_api_key_watch, on_file_change, _cfg.api_key_file->c_str(),
                      static_cast<unsigned>(_cfg.tls.reload_check_ms));
+  v1::client::options co;
+  co.connection = connection_options();
+  co.extra_headers = _auth_header;
+  co.request_timeout_ms = static_cast<uint32_t>(_cfg.poll.request_timeout_ms);
+  _poll_client = std::make_unique<v1::client>(_loop, co);
+  _ctl_client = std::make_unique<v1::client>(_loop, co);
   log::info("bunny_started")
       .str("relay", _cfg.relay.urls.front())
       .num("concurrency", static_cast<int64_t>(_cfg.concurrency))
@@ -211,42 +227,49 @@ std::string agent::readiness() const {
 
 // ---- Connections ----
 
-http::client_conn* agent::connection(http::client_conn*& slot) {
-  // A connection opened before a certificate reload keeps presenting the old
-  // identity; replace it as soon as nothing is in flight on it.
-  if (slot && slot->tls_context() != _tls && slot->outstanding() == 0) drop(slot);
-  if (!slot) {
-    const config::url& u = _urls[_url_index % _urls.size()];
-    http::client_conn::options o;
-    o.host = u.host;
-    o.port = u.port;
-    o.server_name = _cfg.relay.server_name.value_or(u.host);
-    o.tls = _tls;
-    o.connect_timeout_ms = static_cast<uint32_t>(_cfg.poll.request_timeout_ms);
-    slot = http::client_conn::create(_loop, o);
-  }
-  return slot;
+http::client_conn::options agent::connection_options() const {
+  const config::url& u = _urls[_url_index % _urls.size()];
+  http::client_conn::options o;
+  o.host = u.host;
+  o.port = u.port;
+  o.server_name = _cfg.relay.server_name.value_or(u.host);
+  o.tls = _tls;
+  o.connect_timeout_ms = static_cast<uint32_t>(_cfg.poll.request_timeout_ms);
+  o.max_response_bytes = max_answer_bytes;
+  return o;
 }
 
-bool agent::drop(http::client_conn*& slot) {
-  if (!slot) return false;
-  http::client_conn* c = slot;
-  slot = nullptr;
-  c->close();
-  return true;
+void agent::reconnect(v1::client& c) {
+  c.reset();
+  c.set_connection(connection_options());
+  _reconnects.inc();
 }
 
-void agent::transport_failed(const std::string& what, const http::client_error& error) {
-  if (error.what == http::client_error::kind::closed) return;  // we closed it ourselves
-  if (_connected || _last_error != error.message) {
+void agent::relay_answered() {
+  _connected = true;
+  _connected_gauge.set(1);
+  _last_error.clear();
+}
+
+void agent::transport_failed(const std::string& what, const v1::error& e) {
+  if (e.transport == http::client_error::kind::closed) return;  // we closed it ourselves
+  if (_connected || _last_error != e.message) {
     log::warn("relay_unreachable")
         .str("during", what)
         .str("relay", _cfg.relay.urls[_url_index % _urls.size()])
-        .str("reason", error.message);
+        .str("kind", http::to_string(e.transport))
+        .str("reason", e.message);
   }
   _connected = false;
   _connected_gauge.set(0);
-  _last_error = error.message;
+  _last_error = e.message;
+}
+
+int64_t agent::clamp_expiry(int64_t relay_ms) const {
+  // Relay's clock decides when its lease ends, but a relay that claims a
+  // lease far beyond what bunny asked for would have bunny hold an outcome
+  // (and retry its delivery) for that long: bunny's own bound wins.
+  return std::min<int64_t>(relay_ms, wall_ms() + static_cast<int64_t>(_cfg.lease_ms));
 }
 
 uint64_t agent::backoff_ms(uint32_t failures) {
@@ -265,6 +288,11 @@ void agent::retry_poll_later() {
   uv_timer_start(&_poll_timer, [](uv_timer_t* t) { static_cast<agent*>(t->data)->poll(); }, delay, 0);
 }
 
+agent::job_slot* agent::find(uint64_t generation) const {
+  auto it = _slots.find(generation);
+  return it == _slots.end() ? nullptr : it->second;
+}
+
 // ---- Leasing ----
 
 void agent::poll() {
@@ -273,84 +301,70 @@ void agent::poll() {
   if (free == 0) return;
   // With several queues: sweep the others without waiting, then park on one.
   size_t n = _cfg.queues.size();
-  const std::string& queue = _cfg.queues[_queue_index % n];
-  uint64_t wait = (n == 1 || _empty_streak + 1 >= n) ? _cfg.poll.wait_ms : 0;
-  std::string body = "{\"max\":" + std::to_string(free) + ",\"wait_ms\":" + std::to_string(wait) +
-                     ",\"lease_ms\":" + std::to_string(_cfg.lease_ms) + "}";
+  v1::lease_request r;
+  r.queue = _cfg.queues[_queue_index % n];
+  r.max = static_cast<uint32_t>(free);
+  r.wait_ms = static_cast<uint32_t>((n == 1 || _empty_streak + 1 >= n) ? _cfg.poll.wait_ms : 0);
+  r.lease_ms = static_cast<uint32_t>(_cfg.lease_ms);
+  // Relay stops adding jobs before the answer outgrows what the client
+  // reads; an answer dropped for its size would leave its jobs leased to
+  // nobody until they expire, and burn an attempt of each.
+  r.max_bytes = max_answer_bytes;
   _polling = true;
-  connection(_poll_conn)->request(
-      "POST", "/v1/queues/" + queue + "/lease", body,
-      [this](const http::client_error& error, http::client_response& r) { on_leased(error, r); },
-      static_cast<uint32_t>(wait + _cfg.poll.request_timeout_ms), _auth_header);
+  _poll_client->lease(r, [this, free](const v1::error& e, v1::lease_answer& a) { on_leased(e, a, free); });
 }
 
-void agent::on_leased(const http::client_error& error, http::client_response& r) {
+void agent::on_leased(const v1::error& e, v1::lease_answer& a, size_t asked) {
   _polling = false;
   if (_draining || _stopped) return;
-  if (error) {
-    transport_failed("lease", error);
-    if (drop(_poll_conn)) {
-      ++_url_index;  // try the next relay address, if any
-      _reconnects.inc();
+  const std::string& queue = _cfg.queues[_queue_index % _cfg.queues.size()];
+  if (e.what == v1::error::kind::transport) {
+    transport_failed("lease", e);
+    ++_url_index;  // try the next relay address, if any
+    reconnect(*_poll_client);
+    retry_poll_later();
+    return;
+  }
+  if (e) {
+    if (e.what == v1::error::kind::bad_answer) {
+      // Never the answer itself in the log: it may hold payloads.
+      _answers_rejected.inc();
+      log::error("bad_lease_answer").str("queue", queue).str("reason", e.message);
+    } else {
+      log::warn("lease_refused").str("queue", queue).num("status", e.status).str("code", e.code).str("relay_said", e.message);
     }
+    relay_answered();
     retry_poll_later();
     return;
   }
-  if (r.status != 200) {
-    log::warn("lease_refused").num("status", r.status).str("relay_said", r.body.substr(0, 300));
-    _connected = true;
-    _connected_gauge.set(1);
-    retry_poll_later();
-    return;
-  }
-  _connected = true;
-  _connected_gauge.set(1);
-  _last_error.clear();
+  relay_answered();
   _poll_failures = 0;
-  std::string body = std::move(r.body);
-  json::pad(body);
-  simdjson::ondemand::parser parser;
-  simdjson::ondemand::document doc;
-  simdjson::ondemand::array jobs;
-  size_t got = 0;
-  // Never the body itself in the log: it may hold payloads.
-  if (parser.iterate(body).get(doc) || doc["jobs"].get_array().get(jobs)) {
+  for (const auto& r : a.rejected) {
+    _answers_rejected.inc();
     log::error("bad_lease_answer")
-        .str("reason", "not a JSON object with a \"jobs\" array")
-        .num("bytes", static_cast<int64_t>(body.size()));
-    retry_poll_later();
-    return;
+        .str("queue", queue)
+        .num("index", static_cast<int64_t>(r.index))
+        .str("job", r.id)
+        .str("reason", r.reason)
+        .num("bytes", static_cast<int64_t>(a.bytes));
   }
-  for (auto el : jobs) {
-    simdjson::ondemand::object o;
-    if (el.get_object().get(o)) break;
-    job_input in;
-    in.queue = _cfg.queues[_queue_index % _cfg.queues.size()];
-    std::string lease;
-    int64_t expires = 0;
-    bool ok = true;
-    for (auto f : o) {
-      simdjson::ondemand::field field;
-      std::string_view key, s;
-      if (std::move(f).get(field) || field.unescaped_key().get(key)) {
-        ok = false;
-        break;
-      }
-      int64_t n = 0;
-      if (key == "id" && !field.value().get_string().get(s)) in.id = s;
-      else if (key == "lease" && !field.value().get_string().get(s)) lease = s;
-      else if (key == "attempt" && !field.value().get_int64().get(n)) in.attempt = static_cast<uint32_t>(n);
-      else if (key == "lease_expires_ms" && !field.value().get_int64().get(n)) expires = n;
-      else if (key == "payload" && json::raw_value(field.value(), s)) in.payload = s;
-    }
-    if (!ok || in.id.empty() || lease.empty()) {
-      log::error("bad_lease_answer")
-          .str("reason", "a job without an id or a lease, or with a field that is not JSON")
-          .num("bytes", static_cast<int64_t>(body.size()));
-      break;
+  size_t got = 0;
+  for (auto& job : a.jobs) {
+    if (got == asked) {
+      // More jobs than free slots: running them would break the
+      // concurrency bound. They are not ours to run; relay's lease on them
+      // runs out and they go to another worker.
+      _answers_rejected.inc();
+      log::error("bad_lease_answer").str("queue", queue).str("job", job.id).str("reason", "more jobs than were asked for");
+      continue;
     }
     ++got;
-    start_job(std::move(in), std::move(lease), expires);
+    job_input in;
+    in.id = std::move(job.id);
+    in.queue = queue;
+    in.attempt = job.attempt;
+    in.payload = std::move(job.payload);
+    start_job(std::move(in), std::move(job.lease), clamp_expiry(job.lease_expires_ms));
   }
   if (got == 0) {
     ++_queue_index;
@@ -362,13 +376,54 @@ void agent::on_leased(const http::client_error& error, http::client_response& r)
 }
 
 void agent::start_job(job_input input, std::string lease, int64_t expires_ms) {
-  ++_running;
+  ++_running;  // a waiting attempt holds its place too
   _running_gauge.set(static_cast<int64_t>(_running));
+  uint64_t gen = _next_generation++;
+  auto* j = new job_slot(*this, gen, std::move(input), std::move(lease), expires_ms);
+  _slots.emplace(gen, j);
+  job_slot*& head = _by_id[j->input.id];
+  if (!head) {
+    head = j;
+    run_job(j);
+    return;
+  }
+  // Relay leases a job again only once the earlier lease has expired (a link
+  // cut longer than lease_ms does that): the attempt here is dead. Stop it
+  // and drop its outcome; the new attempt starts once it has ended, so two
+  // attempts of one job never run side by side.
+  _superseded.inc();
+  log::warn("job_leased_again")
+      .str("job", j->input.id)
+      .num("earlier_attempt", head->input.attempt)
+      .num("new_attempt", j->input.attempt)
+      .str("action", head->run ? "stopping the earlier attempt; the new one starts when it has ended"
+                               : "dropping the earlier attempt's outcome");
+  if (!head->run) {
+    finish_job(head);  // an outcome relay will refuse: the lease is gone
+    _by_id[j->input.id] = j;
+    run_job(j);
+    return;
+  }
+  head->lose_lease("relay leased the job again");
+  if (job_slot* skipped = head->waiting) {
+    // Leased a third time while the first still ends: the one between never
+    // starts.
+    skipped->lose_lease("relay leased the job again");
+    --_running;
+    finish_job(skipped);
+  }
+  head->waiting = j;
+  j->ahead = head;
+}
+
+void agent::run_job(job_slot* j) {
+  j->started = uv_now(_loop);
   _started.inc();
-  auto* j = new job_slot(*this, std::move(input), std::move(lease), expires_ms);
-  _jobs[j->input.id] = j;
   log::info("job_started").str("job", j->input.id).str("queue", j->input.queue).num("attempt", j->input.attempt);
-  j->run = _handler->start(j->input, [this, j](outcome o) { job_done(j, std::move(o)); });
+  uint64_t gen = j->generation;
+  j->run = _handler->start(j->input, [this, gen](outcome o) {
+    if (job_slot* js = find(gen)) job_done(js, std::move(o));
+  });
 }
 
 void agent::job_done(job_slot* j, outcome o) {
@@ -384,10 +439,21 @@ void agent::job_done(job_slot* j, outcome o) {
   // local service's answer) go to relay: they may echo the payload.
   log::info("job_finished")
       .str("job", j->input.id)
+      .num("attempt", j->input.attempt)
       .boolean("ok", o.ok)
       .num("duration_ms", static_cast<int64_t>(seconds * 1000))
       .str("error", std::string_view(o.error).substr(0, o.error_own_bytes));
-  if (j->lease_lost) {
+  if (job_slot* next = j->waiting) {
+    // A newer attempt of this job waited for this one to end.
+    finish_job(j);
+    _by_id[next->input.id] = next;
+    if (_stopped) {
+      --_running;
+      finish_job(next);
+    } else {
+      run_job(next);
+    }
+  } else if (j->lease_lost) {
     finish_job(j);
   } else {
     j->result = std::move(o);
@@ -399,62 +465,59 @@ void agent::job_done(job_slot* j, outcome o) {
 // ---- Results ----
 
 void agent::deliver(job_slot* j) {
-  std::string body = "{\"lease\":\"" + j->lease + "\",";
-  std::string path = "/v1/jobs/" + j->input.id;
+  uint64_t gen = j->generation;
+  auto delivered = [this, gen](const v1::error& e) {
+    job_slot* js = find(gen);
+    if (!js) return;
+    const std::string& id = js->input.id;
+    bool retry = false;
+    if (!e) {
+      relay_answered();
+      log::info("result_delivered").str("job", id).num("attempt", js->input.attempt).boolean("ok", js->result.ok);
+    } else if (e.what == v1::error::kind::transport) {
+      transport_failed("result", e);
+      reconnect(*_ctl_client);
+      retry = true;
+    } else if (e.what == v1::error::kind::refused && e.status == 409) {
+      log::warn("result_refused").str("job", id).str("reason", "lease lost; relay will deliver the job again");
+    } else if (e.what == v1::error::kind::refused && (e.status == 401 || e.status == 429 || e.status >= 500)) {
+      // 401: the key was refused -- mid-rotation, or the file is being
+      // fixed; the result is kept and retried until its lease runs out.
+      if (e.status == 401) log::warn("api_key_refused").str("during", "result").str("job", id);
+      retry = true;
+    } else {
+      log::error("result_refused").str("job", id).num("status", e.status).str("code", e.code).str("relay_said", e.message);
+    }
+    if (!retry || js->lease_lost) {
+      finish_job(js);
+      return;
+    }
+    if (wall_ms() > js->expires_ms + lease_margin_ms) {
+      // Relay has certainly redelivered it by now; keep nothing.
+      _abandoned.inc();
+      log::warn("result_abandoned").str("job", id).str("reason", "lease expired before relay could be reached; relay will deliver the job again");
+      finish_job(js);
+      return;
+    }
+    uv_timer_start(&js->retry, job_slot::on_retry, backoff_ms(js->delivery_failures++), 0);
+  };
   if (j->result.ok) {
-    path += "/complete";
-    body += "\"result\":" + j->result.result + "}";
+    _ctl_client->complete(j->input.id, j->lease, j->result.result, std::move(delivered));
   } else {
-    path += "/fail";
-    body += "\"error\":";
-    json::append_string(body, j->result.error);
     // A job stopped because this bunny is leaving should run elsewhere now.
-    if (j->stopped_by_drain) body += ",\"retry_delay_ms\":0";
-    body += "}";
+    std::optional<uint32_t> delay;
+    if (j->stopped_by_drain) delay = 0;
+    _ctl_client->fail(j->input.id, j->lease, j->result.error, delay, std::move(delivered));
   }
-  std::string id = j->input.id;
-  connection(_ctl_conn)->request(
-      "POST", path, body,
-      [this, id](const http::client_error& error, http::client_response& r) {
-        auto it = _jobs.find(id);
-        if (it == _jobs.end()) return;
-        job_slot* js = it->second;
-        bool retry = false;
-        if (error) {
-          transport_failed("result", error);
-          if (drop(_ctl_conn)) _reconnects.inc();
-          retry = true;
-        } else if (r.status == 200) {
-          _connected = true;
-          log::info("result_delivered").str("job", id).boolean("ok", js->result.ok);
-        } else if (r.status == 409) {
-          log::warn("result_refused").str("job", id).str("reason", "lease lost; relay will deliver the job again");
-        } else if (r.status == 401 || r.status == 429 || r.status >= 500) {
-          // 401: the key was refused -- mid-rotation, or the file is being
-          // fixed; the result is kept and retried until its lease runs out.
-          if (r.status == 401) log::warn("api_key_refused").str("during", "result").str("job", id);
-          retry = true;
-        } else {
-          log::error("result_refused").str("job", id).num("status", r.status).str("relay_said", r.body.substr(0, 300));
-        }
-        if (!retry) {
-          finish_job(js);
-          return;
-        }
-        if (wall_ms() > js->expires_ms + lease_margin_ms) {
-          // Relay has certainly redelivered it by now; keep nothing.
-          _abandoned.inc();
-          log::warn("result_abandoned").str("job", id).str("reason", "lease expired before relay could be reached; relay will deliver the job again");
-          finish_job(js);
-          return;
-        }
-        uv_timer_start(&js->retry, job_slot::on_retry, backoff_ms(js->delivery_failures++), 0);
-      },
-      static_cast<uint32_t>(_cfg.poll.request_timeout_ms), _auth_header);
 }
 
 void agent::finish_job(job_slot* j) {
-  _jobs.erase(j->input.id);
+  _slots.erase(j->generation);
+  if (j->ahead) j->ahead->waiting = nullptr;
+  if (j->waiting) j->waiting->ahead = nullptr;
+  j->ahead = j->waiting = nullptr;
+  auto it = _by_id.find(j->input.id);
+  if (it != _by_id.end() && it->second == j) _by_id.erase(it);
   j->close();
   check_drained();
 }
@@ -488,32 +551,21 @@ void agent::reload_tls() {
   }
   _tls = std::move(ctx);
   _tls_reloads.inc();
+  if (_poll_client) {
+    _poll_client->set_connection(connection_options());
+    _ctl_client->set_connection(connection_options());
+  }
   log::info("tls_reloaded").str("cert", _cfg.tls.cert.value_or(""));
   // Connections switch to the new certificate at their next idle moment
   // (agent::connection); running jobs keep going.
 }
 
 bool agent::load_api_key(std::string& error) {
-  std::ifstream in(*_cfg.api_key_file, std::ios::binary);
-  if (!in) {
-    error = *_cfg.api_key_file + ": cannot open the API key file";
-    return false;
+  if (!v1::read_api_key_file(*_cfg.api_key_file, _auth_header, error)) return false;
+  if (_poll_client) {
+    _poll_client->set_extra_headers(_auth_header);
+    _ctl_client->set_extra_headers(_auth_header);
   }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  std::string key = ss.str();
-  while (!key.empty() && (key.back() == '\n' || key.back() == '\r' || key.back() == ' ' || key.back() == '\t'))
-    key.pop_back();
-  size_t start = key.find_first_not_of(" \t");
-  key.erase(0, start == std::string::npos ? key.size() : start);
-  // Checked as relay will check it, so a bad file is reported here, by
-  // name, rather than as 401s; the key itself never appears in a message.
-  std::string_view token;
-  if (key.empty() || !auth::bearer_token("Bearer " + key, token)) {
-    error = *_cfg.api_key_file + ": the API key file must hold one key on one line (RFC 6750 token characters)";
-    return false;
-  }
-  _auth_header = "Authorization: Bearer " + key + "\r\n";
   return true;
 }
 
@@ -530,14 +582,14 @@ void agent::begin_drain() {
   ops::notify_service_manager("STOPPING=1\nSTATUS=draining");
   log::info("draining").num("running", static_cast<int64_t>(_running)).num("grace_ms", static_cast<int64_t>(_cfg.drain_timeout_ms));
   uv_timer_stop(&_poll_timer);
-  drop(_poll_conn);  // relay forgets the parked lease when its connection closes
+  if (_poll_client) _poll_client->reset();  // relay forgets the parked lease when its connection closes
   uv_timer_start(
       &_drain_timer,
       [](uv_timer_t* t) {
         auto* a = static_cast<agent*>(t->data);
         if (a->_running > 0) {
           log::warn("drain_grace_over").num("running", static_cast<int64_t>(a->_running));
-          for (auto& [id, j] : a->_jobs) {
+          for (auto& [gen, j] : a->_slots) {
             if (j->run) {
               j->stopped_by_drain = true;
               j->run->cancel("bunny shut down before the job finished");
@@ -553,23 +605,29 @@ void agent::begin_drain() {
 }
 
 void agent::check_drained() {
-  if (_draining && _jobs.empty()) stop();
+  if (_draining && _slots.empty()) stop();
 }
 
 void agent::stop() {
   if (_stopped) return;
   _stopped = true;
-  if (!_jobs.empty()) log::warn("stopped_with_undelivered_results").num("jobs", static_cast<int64_t>(_jobs.size()));
+  if (!_slots.empty()) log::warn("stopped_with_undelivered_results").num("jobs", static_cast<int64_t>(_slots.size()));
   std::vector<job_slot*> left;
-  for (auto& [id, j] : _jobs) left.push_back(j);
+  for (auto& [gen, j] : _slots) left.push_back(j);
   for (job_slot* j : left) {
+    if (!find(j->generation)) continue;  // finished with the one before it
     j->lease_lost = true;  // an outcome that still arrives is dropped
     uv_timer_stop(&j->heartbeat);
-    if (j->run) j->run->cancel("bunny stopped");  // finished when the run reports
-    else finish_job(j);
+    if (j->run) {
+      j->run->cancel("bunny stopped");  // finished when the run reports
+    } else {
+      if (j->ahead) --_running;  // waited, never ran
+      finish_job(j);
+    }
   }
-  drop(_poll_conn);
-  drop(_ctl_conn);
+  // Outstanding requests' callbacks never run once their client is gone.
+  _poll_client.reset();
+  _ctl_client.reset();
   if (_handler) _handler->shutdown();
   if (_handles_open) {
     for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {

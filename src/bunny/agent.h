@@ -4,8 +4,14 @@
 // Two connections to relay: one carries only the long-polling lease request
 // (so that at most one request is parked on relay per idle bunny), the other
 // carries heartbeats and results, which must never wait behind a parked poll.
-// The lease asks for as many jobs as there are free slots, so a busy bunny
-// never holds more leases than it can run.
+// The lease asks for as many jobs as there are free slots, and for no more
+// answer bytes than bunny will read, so a busy bunny never holds more leases
+// than it can run and never drops an answer that would strand its jobs.
+//
+// Relay is not trusted: every lease answer is validated by the v1 client
+// before any of it is used, and a job id leased again while an attempt of it
+// is still here means that attempt's lease is gone: it is stopped, and the
+// new attempt starts only once it has ended.
 #pragma once
 
 #include <uv.h>
@@ -21,6 +27,7 @@
 #include "relay/http_client.h"
 #include "relay/metrics.h"
 #include "relay/tls.h"
+#include "relay/v1_client.h"
 
 namespace relay::bunny {
 
@@ -53,17 +60,26 @@ class agent {
   class job_slot;
   friend class job_slot;
 
-  http::client_conn* connection(http::client_conn*& slot);
-  bool drop(http::client_conn*& slot);
+  // Requests go to the current relay address with the current certificate
+  // and key; both clients follow a failover, a reload or a rotation.
+  http::client_conn::options connection_options() const;
+  // The most bytes bunny reads of one answer from relay; lease requests ask
+  // relay to stay within it.
+  static constexpr size_t max_answer_bytes = size_t{64} << 20;
+  int64_t clamp_expiry(int64_t relay_ms) const;
+  void reconnect(v1::client& c);
   void poll();
-  void on_leased(const http::client_error& error, http::client_response& r);
+  void on_leased(const v1::error& e, v1::lease_answer& a, size_t asked);
   void start_job(job_input input, std::string lease, int64_t expires_ms);
+  void run_job(job_slot* j);
   void job_done(job_slot* j, outcome o);
   void deliver(job_slot* j);
   void finish_job(job_slot* j);
+  job_slot* find(uint64_t generation) const;
   void retry_poll_later();
   uint64_t backoff_ms(uint32_t failures);
-  void transport_failed(const std::string& what, const http::client_error& error);
+  void transport_failed(const std::string& what, const v1::error& e);
+  void relay_answered();
   void check_drained();
   void stop();
   static void on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t* prev, const uv_stat_t* curr);
@@ -76,8 +92,9 @@ class agent {
   std::string _auth_header;  // "Authorization: Bearer …\r\n" or empty; never logged
   std::unique_ptr<handler> _handler;
 
-  http::client_conn* _poll_conn = nullptr;
-  http::client_conn* _ctl_conn = nullptr;
+  // One carries only the long poll, the other heartbeats and results.
+  std::unique_ptr<v1::client> _poll_client;
+  std::unique_ptr<v1::client> _ctl_client;
   bool _polling = false;
   size_t _queue_index = 0;
   size_t _empty_streak = 0;
@@ -88,8 +105,13 @@ class agent {
   bool _connected = false;
   std::string _last_error;
 
-  std::unordered_map<std::string, job_slot*> _jobs;
-  size_t _running = 0;
+  // Every slot by its generation, a number never reused: callbacks hold the
+  // generation and find their own slot, or nothing once it is gone. One
+  // attempt per job id at a time: _by_id names the newest slot of an id.
+  std::unordered_map<uint64_t, job_slot*> _slots;
+  std::unordered_map<std::string, job_slot*> _by_id;
+  uint64_t _next_generation = 1;
+  size_t _running = 0;   // slots holding a concurrency place (run started or waiting to start)
   bool _draining = false;
   bool _stopped = false;
   bool _handles_open = false;  // start() initialised the timers and watches
@@ -104,6 +126,8 @@ class agent {
   ops::counter& _abandoned;
   ops::counter& _reconnects;
   ops::counter& _tls_reloads;
+  ops::counter& _answers_rejected;
+  ops::counter& _superseded;
   ops::histogram& _duration;
   ops::gauge& _running_gauge;
   ops::gauge& _connected_gauge;

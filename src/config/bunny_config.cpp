@@ -2,6 +2,7 @@
 #include <charconv>
 
 #include "config/schema.h"
+#include "relay/auth.h"
 
 namespace relay::config {
 namespace {
@@ -35,15 +36,6 @@ const schema& bunny_schema() {
       {"log.level", kind::choice, field<c>([](c& x) { return &x.log.level; }), {"debug", "info", "warn", "error"}},
   };
   return keys;
-}
-
-bool valid_queue(std::string_view q) {
-  if (q.empty() || q.size() > 128 || q.front() == '.') return false;
-  for (char ch : q)
-    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
-          ch == '_' || ch == '-'))
-      return false;
-  return true;
 }
 
 }  // namespace
@@ -106,7 +98,7 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
   }
   if (cfg.queues.empty()) return fail("\"queues\" must name at least one queue");
   for (const auto& q : cfg.queues)
-    if (!valid_queue(q)) return fail("\"queues\": \"" + q + "\" is not a valid queue name");
+    if (!auth::valid_queue_name(q)) return fail("\"queues\": \"" + q + "\" is not a valid queue name");
   bool has_exec = !cfg.handler.exec.empty(), has_http = cfg.handler.http.has_value();
   if (has_exec == has_http) return fail("set exactly one of \"handler.exec\" and \"handler.http\"");
   if (has_http) {
