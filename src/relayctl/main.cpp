@@ -26,8 +26,9 @@
 #include <vector>
 
 #include "relay/api_keys.h"
+#include "relay/auth.h"
 #include "relay/config.h"
-#include "relay/http_client.h"
+#include "relay/v1_client.h"
 #include "relay/json.h"
 #include "relay/tls.h"
 
@@ -71,8 +72,8 @@ struct options {
   std::string url, server_name, cert, key, ca, file, api_key_file, principal, key_id, not_after;
   bool json = false, batch = false;
   uint32_t timeout_ms = 30000;
-  std::optional<uint32_t> wait_ms, limit, max;
-  std::optional<std::string> priority, delay_ms, max_attempts, lease_ms, idempotency_key;
+  std::optional<uint32_t> wait_ms, limit, max, priority, delay_ms, max_attempts, lease_ms;
+  std::optional<std::string> idempotency_key;
   std::vector<std::string> args;
 };
 
@@ -81,84 +82,26 @@ std::string env(const char* name, const char* fallback = "") {
   return v ? v : fallback;
 }
 
-// The key in `path`: one line, surrounding whitespace and the final newline
-// dropped. Never echoed in an error.
-bool read_api_key(const std::string& path, std::string& key, std::string& error) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    error = path + ": cannot open the API key file";
-    return false;
-  }
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  key = ss.str();
-  while (!key.empty() && (key.back() == '\n' || key.back() == '\r' || key.back() == ' ' || key.back() == '\t'))
-    key.pop_back();
-  size_t start = key.find_first_not_of(" \t");
-  key.erase(0, start == std::string::npos ? key.size() : start);
-  std::string_view token;
-  if (key.empty() || !relay::auth::bearer_token("Bearer " + key, token)) {
-    error = path + ": the API key file must hold one key on one line (RFC 6750 token characters)";
-    key.clear();
-    return false;
-  }
-  return true;
+// The typed client on a private loop, from the command line's options.
+std::unique_ptr<relay::v1::blocking_client> connect(const options& o, std::string& error) {
+  relay::v1::client::options co;
+  if (!o.api_key_file.empty() && !relay::v1::read_api_key_file(o.api_key_file, co.extra_headers, error)) return nullptr;
+  relay::config::url u;
+  if (!relay::config::parse_url(o.url, u, error)) return nullptr;
+  relay::tls::client_options t;
+  if (!o.cert.empty()) t.cert_file = o.cert;
+  if (!o.key.empty()) t.key_file = o.key;
+  t.ca_file = o.ca;
+  auto ctx = relay::tls::context::make_client(t, error);
+  if (!ctx) return nullptr;
+  co.connection.host = u.host;
+  co.connection.port = u.port;
+  co.connection.server_name = o.server_name.empty() ? u.host : o.server_name;
+  co.connection.tls = ctx;
+  co.connection.connect_timeout_ms = o.timeout_ms;
+  co.request_timeout_ms = o.timeout_ms;
+  return std::make_unique<relay::v1::blocking_client>(std::move(co));
 }
-
-// A blocking wrapper over client_conn on a private loop.
-class client {
- public:
-  client(const options& o, std::string& error) {
-    uv_loop_init(&_loop);
-    if (!o.api_key_file.empty()) {
-      std::string key;
-      if (!read_api_key(o.api_key_file, key, error)) return;
-      _auth_header = "Authorization: Bearer " + key + "\r\n";
-    }
-    relay::config::url u;
-    if (!relay::config::parse_url(o.url, u, error)) return;
-    relay::tls::client_options t;
-    if (!o.cert.empty()) t.cert_file = o.cert;
-    if (!o.key.empty()) t.key_file = o.key;
-    t.ca_file = o.ca;
-    auto ctx = relay::tls::context::make_client(t, error);
-    if (!ctx) return;
-    relay::http::client_conn::options co;
-    co.host = u.host;
-    co.port = u.port;
-    co.server_name = o.server_name.empty() ? u.host : o.server_name;
-    co.tls = ctx;
-    co.connect_timeout_ms = o.timeout_ms;
-    _conn = relay::http::client_conn::create(&_loop, co);
-  }
-  ~client() {
-    if (_conn) _conn->close();
-    uv_run(&_loop, UV_RUN_DEFAULT);
-    uv_loop_close(&_loop);
-  }
-  bool ready() const { return _conn != nullptr; }
-
-  // Returns the transport error (kind none on success).
-  relay::http::client_error call(const std::string& method, const std::string& path, const std::string& body,
-                                 uint32_t timeout_ms, relay::http::client_response& out) {
-    relay::http::client_error error;
-    bool done = false;
-    _conn->request(method, path, body,
-                   [&](const relay::http::client_error& e, relay::http::client_response& r) {
-                     error = e;
-                     out = std::move(r);
-                     done = true;
-                   },
-                   timeout_ms, _auth_header);
-    while (!done) uv_run(&_loop, UV_RUN_ONCE);
-    return error;
-  }
-
- private:
-  uv_loop_t _loop;
-  relay::http::client_conn* _conn = nullptr;
-  std::string _auth_header;  // "Authorization: Bearer …\r\n" or empty; never printed
-};
 
 std::string base64url(const uint8_t* data, size_t n) {
   static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -267,23 +210,6 @@ std::string read_input(const options& o, const std::string& arg, std::string& er
 }
 
 // Top-level JSON values of an array, as raw text.
-bool split_array(const std::string& text, std::vector<std::string>& out, std::string& error) {
-  simdjson::padded_string p(text);
-  simdjson::dom::parser parser;
-  simdjson::dom::element root;
-  if (auto e = parser.parse(p).get(root)) {
-    error = std::string("input is not valid JSON: ") + simdjson::error_message(e);
-    return false;
-  }
-  simdjson::dom::array arr;
-  if (root.get_array().get(arr)) {
-    error = "--batch wants a JSON array";
-    return false;
-  }
-  for (simdjson::dom::element e : arr) out.push_back(simdjson::minify(e));
-  return true;
-}
-
 std::string field_str(simdjson::dom::element e, const char* key) {
   std::string_view s;
   if (!e[key].get_string().get(s)) return std::string(s);
@@ -298,12 +224,12 @@ class tool {
 
   int run(const std::string& command) {
     std::string error;
-    _client = std::make_unique<client>(_o, error);
-    if (!_client->ready()) return fail(usage_error, error);
+    _client = connect(_o, error);
+    if (!_client) return fail(usage_error, error);
     if (command == "submit") return submit();
     if (command == "get") return get();
     if (command == "wait") return wait();
-    if (command == "cancel") return simple("DELETE", "/v1/jobs/", 1, "");
+    if (command == "cancel") return cancel();
     if (command == "queues") return queues();
     if (command == "dead") return dead();
     if (command == "requeue") return requeue();
@@ -316,20 +242,21 @@ class tool {
     return code;
   }
 
-  // One request; prints relay's error and maps the outcome to an exit code.
-  int request(const std::string& method, const std::string& path, const std::string& body,
-              relay::http::client_response& r, uint32_t timeout_ms = 0) {
-    relay::http::client_error error = _client->call(method, path, body, timeout_ms ? timeout_ms : _o.timeout_ms, r);
-    // A job id or queue name that cannot go into a request line is the
-    // caller's mistake, not relay's absence.
-    if (error.what == relay::http::client_error::kind::refused) return fail(usage_error, error.message);
-    if (error) return fail(unreachable, error.message);
-    if (r.status >= 200 && r.status < 300) return ok;
-    std::string msg = "relay answered " + std::to_string(r.status);
-    simdjson::dom::element root;
-    std::string_view m;
-    if (parse_answer(r.body, root) && !root["error"]["message"].get_string().get(m)) msg += ": " + std::string(m);
-    return fail(relay_error, msg);
+  // Prints what went wrong and maps it to an exit code.
+  int failed(const relay::v1::error& e) {
+    using kind = relay::v1::error::kind;
+    switch (e.what) {
+      case kind::none: return ok;
+      case kind::transport: return fail(unreachable, e.message);
+      case kind::refused: {
+        std::string msg = "relay answered " + std::to_string(e.status);
+        if (!e.message.empty() && e.message != msg) msg += ": " + e.message;
+        return fail(relay_error, msg);
+      }
+      case kind::bad_answer: return fail(relay_error, "unexpected answer: " + e.message);
+      case kind::bad_call: return fail(usage_error, e.message);
+    }
+    return fail(relay_error, e.message);
   }
 
   int need_args(size_t n, const char* what) {
@@ -340,89 +267,51 @@ class tool {
   int submit() {
     if (int rc = need_args(1, "QUEUE")) return rc;
     std::string error;
-    std::string input = read_input(_o, _o.args.size() > 1 ? _o.args[1] : std::string(_o.file.empty() ? "" : "-"), error);
+    relay::v1::submit_request r;
+    r.queue = _o.args[0];
+    r.payload = read_input(_o, _o.args.size() > 1 ? _o.args[1] : std::string(_o.file.empty() ? "" : "-"), error);
     if (!error.empty()) return fail(usage_error, error);
-    if (input.empty()) return fail(usage_error, "no payload (give PAYLOAD, - for stdin, or --file)");
-    std::string options;
-    auto add = [&](const char* key, const std::optional<std::string>& v, bool quoted) {
-      if (!v) return;
-      options += ",\"" + std::string(key) + "\":";
-      if (quoted) relay::json::append_string(options, *v);
-      else options += *v;
-    };
-    add("priority", _o.priority, false);
-    add("delay_ms", _o.delay_ms, false);
-    add("max_attempts", _o.max_attempts, false);
-    add("lease_ms", _o.lease_ms, false);
-    std::string body;
-    if (_o.batch) {
-      if (_o.idempotency_key) return fail(usage_error, "--idempotency-key applies to single jobs");
-      std::vector<std::string> payloads;
-      if (!split_array(input, payloads, error)) return fail(usage_error, error);
-      body = "[";
-      for (size_t i = 0; i < payloads.size(); ++i) body += (i ? "," : "") + ("{\"payload\":" + payloads[i] + options + "}");
-      body += "]";
-    } else {
-      add("idempotency_key", _o.idempotency_key, true);
-      body = "{\"payload\":" + input + options + "}";
-    }
-    relay::http::client_response r;
-    if (int rc = request("POST", "/v1/queues/" + _o.args[0] + "/jobs", body, r)) return rc;
+    if (r.payload.empty()) return fail(usage_error, "no payload (give PAYLOAD, - for stdin, or --file)");
+    r.batch = _o.batch;
+    r.priority = _o.priority;
+    r.delay_ms = _o.delay_ms;
+    r.max_attempts = _o.max_attempts;
+    r.lease_ms = _o.lease_ms;
+    r.idempotency_key = _o.idempotency_key;
+    auto a = _client->submit(r);
+    if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", r.body.c_str());
-      return ok;
-    }
-    simdjson::dom::element root;
-    if (!parse_answer(r.body, root)) return fail(relay_error, "unexpected answer: " + r.body);
-    simdjson::dom::array ids;
-    if (!root["ids"].get_array().get(ids)) {
-      for (simdjson::dom::element id : ids) std::printf("%s\n", std::string(id.get_string().value_unsafe()).c_str());
+      std::printf("%s\n", a.value.raw.c_str());
+    } else if (_o.batch) {
+      for (const auto& id : a.value.ids) std::printf("%s\n", id.c_str());
     } else {
-      std::printf("%s%s\n", field_str(root, "id").c_str(), r.status == 200 ? " (already submitted)" : "");
+      std::printf("%s%s\n", a.value.ids.front().c_str(), a.value.created ? "" : " (already submitted)");
     }
     return ok;
   }
 
-  // Prints a job; returns whether it is finished and succeeded/other.
-  void print_job(const std::string& body) {
+  void print_job(const relay::v1::job_view& j) {
     if (_o.json) {
-      std::printf("%s\n", body.c_str());
+      std::printf("%s\n", j.raw.c_str());
       return;
     }
-    simdjson::dom::element j;
-    if (!parse_answer(body, j)) {
-      std::printf("%s\n", body.c_str());
-      return;
-    }
-    std::printf("job %s in %s: %s (attempt %s of %s)\n", field_str(j, "id").c_str(), field_str(j, "queue").c_str(),
-                field_str(j, "state").c_str(), field_str(j, "attempts").c_str(), field_str(j, "max_attempts").c_str());
-    std::string result = field_str(j, "result"), err = field_str(j, "error");
-    if (result != "null") std::printf("  result: %s\n", result.c_str());
-    if (err != "null") std::printf("  error: %s\n", err.c_str());
+    simdjson::dom::element root;
+    std::string max_attempts = "?";
+    if (parse_answer(j.raw, root)) max_attempts = field_str(root, "max_attempts");
+    std::printf("job %s in %s: %s (attempt %u of %s)\n", j.id.c_str(), j.queue.c_str(), j.state.c_str(), j.attempts,
+                max_attempts.c_str());
+    if (!j.result.empty() && j.result != "null") std::printf("  result: %s\n", j.result.c_str());
+    if (!j.error.empty() && j.error != "null") std::printf("  error: %s\n", j.error.c_str());
   }
-
-  std::string state_of(const std::string& body) {
-    simdjson::dom::element j;
-    if (!parse_answer(body, j)) return {};
-    return field_str(j, "state");
-  }
-  static bool terminal(const std::string& s) { return s == "succeeded" || s == "dead" || s == "cancelled"; }
 
   int get() {
     if (int rc = need_args(1, "JOB")) return rc;
-    std::string path = "/v1/jobs/" + _o.args[0];
-    uint32_t timeout = _o.timeout_ms;
-    if (_o.wait_ms) {
-      path += "?wait_ms=" + std::to_string(*_o.wait_ms);
-      timeout = *_o.wait_ms + _o.timeout_ms;
-    }
-    relay::http::client_response r;
-    if (int rc = request("GET", path, {}, r, timeout)) return rc;
-    print_job(r.body);
+    auto a = _client->get_job(_o.args[0], _o.wait_ms.value_or(0));
+    if (a.err) return failed(a.err);
+    print_job(a.value);
     if (!_o.wait_ms) return ok;
-    std::string s = state_of(r.body);
-    if (!terminal(s)) return timed_out;
-    return s == "succeeded" ? ok : job_failed;
+    if (!a.value.terminal()) return timed_out;
+    return a.value.state == "succeeded" ? ok : job_failed;
   }
 
   int wait() {
@@ -430,46 +319,41 @@ class tool {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(_o.timeout_ms);
     int worst = ok;
     for (const auto& id : _o.args) {
-      std::string body;
+      relay::v1::job_view job;
       for (;;) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
         uint32_t wait_ms = static_cast<uint32_t>(std::clamp<long long>(left, 0, 60000));
-        relay::http::client_response r;
-        if (int rc = request("GET", "/v1/jobs/" + id + "?wait_ms=" + std::to_string(wait_ms), {}, r, wait_ms + 30000))
-          return rc;
-        body = r.body;
-        if (terminal(state_of(body)) || wait_ms == 0) break;
+        auto a = _client->get_job(id, wait_ms);
+        if (a.err) return failed(a.err);
+        job = std::move(a.value);
+        if (job.terminal() || wait_ms == 0) break;
       }
-      std::string s = state_of(body);
-      if (!terminal(s)) {
-        print_job(body);
-        return fail(timed_out, "timed out waiting for job " + id);
-      }
-      print_job(body);
-      if (s != "succeeded") worst = job_failed;
+      print_job(job);
+      if (!job.terminal()) return fail(timed_out, "timed out waiting for job " + id);
+      if (job.state != "succeeded") worst = job_failed;
     }
     return worst;
   }
 
-  int simple(const char* method, const std::string& prefix, size_t nargs, const std::string& body) {
-    if (int rc = need_args(nargs, "JOB")) return rc;
-    relay::http::client_response r;
-    if (int rc = request(method, prefix + _o.args[0], body, r)) return rc;
-    if (_o.json) std::printf("%s\n", r.body.c_str());
-    else std::printf("%s %s\n", _o.args[0].c_str(), state_of(r.body).c_str());
+  int cancel() {
+    if (int rc = need_args(1, "JOB")) return rc;
+    if (auto e = _client->cancel(_o.args[0])) return failed(e);
+    // relay's answer to a cancel says only this.
+    if (_o.json) std::printf("{\"id\":\"%s\",\"state\":\"cancelled\"}\n", _o.args[0].c_str());
+    else std::printf("%s cancelled\n", _o.args[0].c_str());
     return ok;
   }
 
   int queues() {
-    relay::http::client_response r;
-    std::string path = _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0];
-    if (int rc = request("GET", path, {}, r)) return rc;
+    if (!_o.args.empty() && !relay::auth::valid_queue_name(_o.args[0])) return fail(usage_error, "not a valid queue name");
+    auto a = _client->call("GET", _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0]);
+    if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", r.body.c_str());
+      std::printf("%s\n", a.value.c_str());
       return ok;
     }
     simdjson::dom::element root;
-    if (!parse_answer(r.body, root)) return fail(relay_error, "unexpected answer");
+    if (!parse_answer(a.value, root)) return fail(relay_error, "unexpected answer");
     std::vector<simdjson::dom::element> list;
     simdjson::dom::array arr;
     if (!root["queues"].get_array().get(arr)) {
@@ -482,9 +366,9 @@ class tool {
     for (auto q : list) {
       auto c = q["counts"];
       auto n = [&](const char* k) { return field_str(c.value_unsafe(), k); };
-      std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %12sms\n", field_str(q, "name").c_str(), n("queued").c_str(),
-                  n("delayed").c_str(), n("leased").c_str(), n("succeeded").c_str(), n("failed").c_str(),
-                  n("dead").c_str(), n("cancelled").c_str(), field_str(q, "waiting_workers").c_str(),
+      std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %12sms\n", printable(field_str(q, "name")).c_str(),
+                  n("queued").c_str(), n("delayed").c_str(), n("leased").c_str(), n("succeeded").c_str(),
+                  n("failed").c_str(), n("dead").c_str(), n("cancelled").c_str(), field_str(q, "waiting_workers").c_str(),
                   field_str(q, "oldest_ready_age_ms").c_str());
     }
     return ok;
@@ -492,38 +376,51 @@ class tool {
 
   int dead() {
     if (int rc = need_args(1, "QUEUE")) return rc;
-    relay::http::client_response r;
+    if (!relay::auth::valid_queue_name(_o.args[0])) return fail(usage_error, "not a valid queue name");
     std::string path = "/v1/queues/" + _o.args[0] + "/dead";
     if (_o.limit) path += "?limit=" + std::to_string(*_o.limit);
-    if (int rc = request("GET", path, {}, r)) return rc;
+    auto a = _client->call("GET", path);
+    if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", r.body.c_str());
+      std::printf("%s\n", a.value.c_str());
       return ok;
     }
     simdjson::dom::element root;
     simdjson::dom::array jobs;
-    if (!parse_answer(r.body, root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
+    if (!parse_answer(a.value, root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
     for (simdjson::dom::element j : jobs)
-      std::printf("%s  attempts=%s  error=%s\n", field_str(j, "id").c_str(), field_str(j, "attempts").c_str(),
+      std::printf("%s  attempts=%s  error=%s\n", printable(field_str(j, "id")).c_str(), field_str(j, "attempts").c_str(),
                   field_str(j, "error").c_str());
     return ok;
   }
 
   int requeue() {
     if (int rc = need_args(1, "QUEUE")) return rc;
+    if (!relay::auth::valid_queue_name(_o.args[0])) return fail(usage_error, "not a valid queue name");
     std::string body = "{";
     if (_o.args.size() > 1) {
       body += "\"ids\":[";
-      for (size_t i = 1; i < _o.args.size(); ++i) body += (i > 1 ? ",\"" : "\"") + _o.args[i] + "\"";
+      for (size_t i = 1; i < _o.args.size(); ++i) {
+        if (!relay::v1::valid_job_id(_o.args[i])) return fail(usage_error, "a job id is 16 lowercase hex digits");
+        body += (i > 1 ? ",\"" : "\"") + _o.args[i] + "\"";
+      }
       body += "]";
     } else if (_o.max) {
       body += "\"max\":" + std::to_string(*_o.max);
     }
     body += "}";
-    relay::http::client_response r;
-    if (int rc = request("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body, r)) return rc;
-    std::printf("%s\n", r.body.c_str());
+    auto a = _client->call("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body);
+    if (a.err) return failed(a.err);
+    std::printf("%s\n", a.value.c_str());
     return ok;
+  }
+
+  // What relay sends is printed only as printable ASCII: a terminal is not
+  // the place for its escape sequences.
+  static std::string printable(std::string s) {
+    for (char& c : s)
+      if (c < 0x20 || c == 0x7f) c = '?';
+    return s;
   }
 
   // Parses one of relay's answers; `root` is valid until the next call.
@@ -532,7 +429,7 @@ class tool {
   }
 
   options _o;
-  std::unique_ptr<client> _client;
+  std::unique_ptr<relay::v1::blocking_client> _client;
   simdjson::dom::parser _parser;
 };
 
@@ -598,10 +495,10 @@ int main(int argc, char** argv) {
     } else if (a == "--wait") good = number(o.wait_ms);
     else if (a == "--limit") good = number(o.limit);
     else if (a == "--max") good = number(o.max);
-    else if (a == "--priority") good = text(o.priority);
-    else if (a == "--delay-ms") good = text(o.delay_ms);
-    else if (a == "--max-attempts") good = text(o.max_attempts);
-    else if (a == "--lease-ms") good = text(o.lease_ms);
+    else if (a == "--priority") good = number(o.priority);
+    else if (a == "--delay-ms") good = number(o.delay_ms);
+    else if (a == "--max-attempts") good = number(o.max_attempts);
+    else if (a == "--lease-ms") good = number(o.lease_ms);
     else if (a == "--idempotency-key") good = text(o.idempotency_key);
     else if (a.size() > 1 && a[0] == '-' && a != "-") {
       std::fprintf(stderr, "relayctl: unknown option %s\n%s", a.c_str(), usage);
@@ -621,13 +518,6 @@ int main(int argc, char** argv) {
   if (o.ca.empty()) {
     std::fprintf(stderr, "relayctl: --ca (or RELAYCTL_CA) is required: relay's certificate is always verified\n");
     return usage_error;
-  }
-  for (const auto* numeric : {&o.priority, &o.delay_ms, &o.max_attempts, &o.lease_ms}) {
-    uint32_t n;
-    if (*numeric && !parse_number(**numeric, n)) {
-      std::fprintf(stderr, "relayctl: job options take whole numbers\n");
-      return usage_error;
-    }
   }
   return tool(std::move(o)).run(command);
 }
