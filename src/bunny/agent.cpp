@@ -450,6 +450,13 @@ void agent::job_done(job_slot* j, outcome o) {
     if (_stopped) {
       --_running;
       finish_job(next);
+    } else if (_draining) {
+      // Leaving: the new attempt goes back to relay unstarted, to run
+      // elsewhere at once.
+      --_running;
+      next->stopped_by_drain = true;
+      next->result.error = "bunny shut down before the job started";
+      deliver(next);
     } else {
       run_job(next);
     }
