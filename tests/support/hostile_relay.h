@@ -97,6 +97,7 @@ struct action {
   int delay_ms = 0;
   size_t reset_after = 0;
   size_t oversize_bytes = 0;
+  bool chunked = false;
 
   // A complete HTTP/1.1 answer.
   static action answer(int status, const std::string& body, const std::string& extra_headers = {}) {
@@ -141,10 +142,12 @@ struct action {
   }
   // A 200 lease answer of `n` bytes (a syntactically fine start, then one
   // long payload string), streamed until sent or the peer gives up.
-  static action oversize(size_t n) {
+  // `chunked`: no Content-Length, so the size shows only as it arrives.
+  static action oversize(size_t n, bool chunked = false) {
     action a;
     a.kind = what::oversize;
     a.oversize_bytes = n;
+    a.chunked = chunked;
     return a;
   }
 
@@ -483,16 +486,24 @@ class hostile_relay {
                            ",\"payload\":\"";
         const std::string tail = "\"}]}";
         size_t fill = a.oversize_bytes > head.size() + tail.size() ? a.oversize_bytes - head.size() - tail.size() : 0;
-        if (!send_plain(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " +
-                               std::to_string(head.size() + fill + tail.size()) + "\r\n\r\n" + head))
+        // In chunked framing every piece is a chunk of its own.
+        auto piece = [&a](std::string_view p) {
+          if (!a.chunked) return std::string(p);
+          char size[32];
+          std::snprintf(size, sizeof size, "%zx\r\n", p.size());
+          return size + std::string(p) + "\r\n";
+        };
+        std::string framing = a.chunked ? "Transfer-Encoding: chunked\r\n"
+                                        : "Content-Length: " + std::to_string(head.size() + fill + tail.size()) + "\r\n";
+        if (!send_plain(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + framing + "\r\n" + piece(head)))
           return;
-        const std::string chunk(1 << 16, 'x');
+        const std::string chunk = piece(std::string(1 << 16, 'x'));
         while (fill > 0 && !_stop && !c.closed) {
-          size_t n = std::min(fill, chunk.size());
-          if (!send_plain(c, std::string_view(chunk).substr(0, n))) return;
+          size_t n = std::min<size_t>(fill, 1 << 16);
+          if (!send_plain(c, n == (1 << 16) ? chunk : piece(std::string(n, 'x')))) return;
           fill -= n;
         }
-        send_plain(c, tail);
+        send_plain(c, piece(tail) + (a.chunked ? "0\r\n\r\n" : ""));
         return;
       }
     }
