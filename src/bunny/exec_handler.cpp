@@ -184,12 +184,12 @@ class exec_run final : public handler_run {
     } else if (n < 0) {
       r->_report_eof = true;
       uv_read_stop(s);
-      if (r->_report_len == sizeof(int)) {
-        int error;
-        std::memcpy(&error, r->_report_bytes, sizeof error);
-        // The same words libuv used when it started the handler itself.
+      int error = 0;
+      if (r->_report_len == sizeof error) std::memcpy(&error, r->_report_bytes, sizeof error);
+      // The same words libuv used when it started the handler itself
+      // (libuv's errors are negated errnos).
+      if (error > 0)
         r->_spawn_error = std::string("cannot start handler ") + r->_h.options.argv[0] + ": " + uv_strerror(-error);
-      }
       r->maybe_finish();
     }
   }
