@@ -164,6 +164,7 @@ class client_conn final : private net::stream_handler {
   tls::identity _server;
   response_parser _parser;
   std::deque<pending> _queue;
+  size_t _answerable = 0;  // requests the bytes being parsed may answer
   // Refused by request(), answered from the timer so that no callback runs
   // on the caller's stack.
   std::deque<refusal> _refused;

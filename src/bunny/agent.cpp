@@ -376,6 +376,18 @@ void agent::on_leased(const v1::error& e, v1::lease_answer& a, size_t asked) {
 }
 
 void agent::start_job(job_input input, std::string lease, int64_t expires_ms) {
+  auto known = _by_id.find(input.id);
+  if (known != _by_id.end()) {
+    for (job_slot* s = known->second; s; s = s->waiting) {
+      if (s->lease == lease) {
+        // The same lease again: a replayed or duplicated answer, not a new
+        // attempt. The one here goes on.
+        _answers_rejected.inc();
+        log::warn("bad_lease_answer").str("job", input.id).str("reason", "a lease this bunny already holds, sent again");
+        return;
+      }
+    }
+  }
   ++_running;  // a waiting attempt holds its place too
   _running_gauge.set(static_cast<int64_t>(_running));
   uint64_t gen = _next_generation++;
@@ -392,7 +404,7 @@ void agent::start_job(job_input input, std::string lease, int64_t expires_ms) {
   // and drop its outcome; the new attempt starts once it has ended, so two
   // attempts of one job never run side by side.
   _superseded.inc();
-  log::warn("job_leased_again")
+  log::warn("job_superseded")
       .str("job", j->input.id)
       .num("earlier_attempt", head->input.attempt)
       .num("new_attempt", j->input.attempt)
@@ -447,7 +459,9 @@ void agent::job_done(job_slot* j, outcome o) {
     // A newer attempt of this job waited for this one to end.
     finish_job(j);
     _by_id[next->input.id] = next;
-    if (_stopped) {
+    if (_stopped || next->lease_lost) {
+      // Gone while it waited (a heartbeat answered 409, or bunny stops):
+      // relay has taken it back, so it never starts here.
       --_running;
       finish_job(next);
     } else if (_draining) {

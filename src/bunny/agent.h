@@ -64,8 +64,11 @@ class agent {
   // and key; both clients follow a failover, a reload or a rotation.
   http::client_conn::options connection_options() const;
   // The most bytes bunny reads of one answer from relay; lease requests ask
-  // relay to stay within it.
-  static constexpr size_t max_answer_bytes = size_t{64} << 20;
+  // relay to stay within it. Reading an answer costs several times its size
+  // (validation builds a parse tape), so this stays well inside the pod's
+  // 256 MiB: relay's limits.max_body_bytes (1 MiB by default) must stay
+  // below it.
+  static constexpr size_t max_answer_bytes = size_t{16} << 20;
   int64_t clamp_expiry(int64_t relay_ms) const;
   void reconnect(v1::client& c);
   void poll();

@@ -14,6 +14,8 @@
 namespace relay::v1 {
 namespace {
 
+constexpr size_t answer_max_depth = simdjson::DEFAULT_MAX_DEPTH + 8;
+
 bool lower_hex(std::string_view s, size_t n) {
   if (s.size() != n) return false;
   for (char c : s)
@@ -27,6 +29,13 @@ bool valid_json(std::string_view body, simdjson::padded_string& padded, std::str
   padded = simdjson::padded_string(body);
   simdjson::dom::parser dom;
   simdjson::dom::element root;
+  // relay accepts payloads nested as deep as simdjson's default (1024); in
+  // an answer they sit a few levels deeper, and one deep payload must not
+  // make the whole answer (other producers' jobs) unreadable.
+  if (auto err = dom.allocate(body.size(), answer_max_depth)) {
+    why = std::string("cannot read the answer: ") + simdjson::error_message(err);
+    return false;
+  }
   if (auto err = dom.parse(padded).get(root)) {
     why = std::string("not valid JSON: ") + simdjson::error_message(err);
     return false;
@@ -138,7 +147,7 @@ bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& w
   simdjson::ondemand::parser parser;
   simdjson::ondemand::document doc;
   simdjson::ondemand::object top;
-  if (parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }
@@ -195,7 +204,7 @@ bool parse_heartbeat_answer(std::string_view body, int64_t& expires_ms, std::str
   simdjson::ondemand::document doc;
   simdjson::ondemand::object top;
   simdjson::ondemand::value v;
-  if (parser.iterate(padded).get(doc) || doc.get_object().get(top) ||
+  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top) ||
       top.find_field_unordered("lease_expires_ms").get(v) || !read_int(v, 1, max_expiry_ms, expires_ms)) {
     why = "no \"lease_expires_ms\" that is a positive integer below 2^53";
     return false;
@@ -210,7 +219,7 @@ bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
   simdjson::ondemand::parser parser;
   simdjson::ondemand::document doc;
   simdjson::ondemand::object top;
-  if (parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }
@@ -253,7 +262,7 @@ bool parse_submitted(std::string_view body, submitted& out, std::string& why) {
   simdjson::ondemand::parser parser;
   simdjson::ondemand::document doc;
   simdjson::ondemand::object top;
-  if (parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }

@@ -246,6 +246,18 @@ void client_conn::on_closed(net::stream& s) {
 }
 
 void client_conn::parse(const std::string& data) {
+  // Only requests on the wire before these bytes arrived can be answered by
+  // them. A callback below may send a new request at once; an extra answer
+  // already in this buffer is then not its answer but one nobody asked for.
+  _answerable = 0;
+  for (const auto& q : _queue) _answerable += q.sent ? 1 : 0;
+  if (_answerable == 0 && !data.empty()) {
+    // Bytes on an idle connection: kept, they would become the start of the
+    // next request's answer (a pooled connection to a local service gave one
+    // job's answer to the next job).
+    drop({kind::protocol, "protocol error: bytes arrived that no request asked for"});
+    return;
+  }
   size_t off = 0;
   while (off < data.size() && _stream && !_closing) {
     response_parser::result r = _parser.execute(data.data() + off, data.size() - off);
@@ -262,10 +274,11 @@ void client_conn::parse(const std::string& data) {
 
 bool client_conn::deliver() {
   // One response is complete: hand it to the oldest request.
-  if (_queue.empty() || !_queue.front().sent) {
+  if (_queue.empty() || !_queue.front().sent || _answerable == 0) {
     drop({kind::protocol, "protocol error: a response arrived that no request asked for"});
     return false;
   }
+  --_answerable;
   pending p = std::move(_queue.front());
   _queue.pop_front();
   client_response r = std::move(_parser.current());
@@ -302,6 +315,7 @@ void client_conn::peer_closed(client_error error) {
     }
     // deliver() sees that the connection cannot be reused (the parser says
     // not keep-alive) and sends what is left on a new one.
+    _answerable = _queue.empty() || !_queue.front().sent ? 0 : 1;
     deliver();
     return;
   }

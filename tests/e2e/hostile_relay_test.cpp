@@ -305,7 +305,7 @@ TEST_CASE("hostile relay: one answer naming the same job id twice never runs two
   std::this_thread::sleep_for(std::chrono::milliseconds(1200));
   size_t beats = r.relay.count(request_kind::heartbeat);
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-  CHECK_MESSAGE(r.relay.count(request_kind::heartbeat) == beats, "heartbeats go on for attempts that ended");
+  CHECK_MESSAGE(r.relay.count(request_kind::heartbeat) == beats, "heartbeats go on for attempts that ended: " << tail(r.bunny->proc->log()));
   r.expect_recovery();
   expect_alive_then_clean_exit(*r.bunny);
 }
