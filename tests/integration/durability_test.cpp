@@ -157,22 +157,23 @@ class load {
 };
 
 // GET every job in `ids` over one pipelined connection: id → body (or "" if
-// the status was not 200).
+// the job could not be read: not 200, or not a job).
 std::map<std::string, std::string> fetch_all(const relay_process& relay, const std::vector<std::string>& ids) {
   std::map<std::string, std::string> out;
-  test::sync_client c(relay.api_port, "admin");
+  test::test_loop loop;
+  relay::v1::client c(&loop.loop, test::v1_options(relay.api_port, "admin"));
   size_t next = 0, done = 0;
   std::function<void()> issue = [&] {
     if (next >= ids.size()) return;
     std::string id = ids[next++];
-    c.conn->request("GET", "/v1/jobs/" + id, {}, [&, id](const relay::http::client_error& e, relay::http::client_response& r) {
-      out[id] = !e && r.status == 200 ? r.body : std::string();
+    c.get_job(id, 0, [&, id](const relay::v1::error& e, relay::v1::job_view& v) {
+      out[id] = !e ? v.raw : std::string();
       ++done;
       issue();
-    }, 30000);
+    });
   };
   for (int i = 0; i < 64; ++i) issue();
-  while (done < ids.size()) uv_run(&c.loop, UV_RUN_ONCE);
+  while (done < ids.size()) uv_run(&loop.loop, UV_RUN_ONCE);
   return out;
 }
 
@@ -381,23 +382,32 @@ TEST_CASE("compaction keeps the journal near the size of the live data") {
     for (int i = 0; i < 3; ++i)
       keep.push_back(field(relay.curl("producer", "POST", "/v1/queues/keep/jobs", R"({"payload":"keep me"})").body, "id"));
     std::string big(400, 'x');
-    test::sync_client producer(relay.api_port, "producer");
-    test::sync_client worker(relay.api_port, "worker");
+    relay::v1::blocking_client producer(test::v1_options(relay.api_port, "producer"));
+    relay::v1::blocking_client worker(test::v1_options(relay.api_port, "worker"));
+    relay::v1::submit_request batch;
+    batch.queue = "render";
+    batch.batch = true;
+    batch.payload = "[";
+    for (int i = 0; i < 50; ++i) batch.payload += std::string(i ? "," : "") + "\"" + big + "\"";
+    batch.payload += "]";
+    relay::v1::lease_request fifty;
+    fifty.queue = "render";
+    fifty.max = 50;
     for (int round = 0; round < 40; ++round) {
-      std::string batch = "[";
-      for (int i = 0; i < 50; ++i) batch += std::string(i ? "," : "") + R"({"payload":")" + big + R"("})";
-      batch += "]";
-      REQUIRE_EQ(producer.call("POST", "/v1/queues/render/jobs", batch).response.status, 201);
-      auto l = worker.call("POST", "/v1/queues/render/lease", R"({"max":50})");
-      std::string body = l.response.body;
+      auto s = producer.submit(batch);
+      REQUIRE_MESSAGE(!s.err, s.err.message);
+      REQUIRE(s.value.created);  // 201
+      auto l = worker.lease(fifty);
+      REQUIRE_MESSAGE(!l.err, l.err.message);
+      // Many completes in one request: /v1/results has no typed call.
       std::string results = "[";
-      for (size_t at = body.find("{\"id\":\""); at != std::string::npos; at = body.find("{\"id\":\"", at + 1)) {
-        std::string rest = body.substr(at);
-        results += std::string(results.size() > 1 ? "," : "") + R"({"id":")" + field(rest, "id") + R"(","lease":")" +
-                   field(rest, "lease") + R"(","result":")" + big + R"("})";
+      for (const auto& j : l.value.jobs) {
+        results += std::string(results.size() > 1 ? "," : "") + R"({"id":")" + j.id + R"(","lease":")" + j.lease +
+                   R"(","result":")" + big + R"("})";
       }
       results += "]";
-      REQUIRE_EQ(worker.call("POST", "/v1/results", results).response.status, 200);
+      auto r = worker.call("POST", "/v1/results", results);
+      REQUIRE_MESSAGE(!r.err, r.err.message);  // 200
     }
     // 2,000 jobs of ~1 KB went through (~2 MB of records); once their
     // results expire, compaction brings the journal down to the live data.
