@@ -1,6 +1,10 @@
-// Load generator for relay on the project's own client code (libuv, the TLS
-// session, llhttp): keep-alive mutual-TLS connections presenting the PKI's
-// client certificates. Each run prints one key=value line.
+// Load generator for relay on the project's own client code: the typed v1
+// client (relay/v1_client.h) over keep-alive mutual-TLS connections
+// presenting the PKI's client certificates. Each run prints one key=value
+// line. Raw http::client_conn is used only where the bench measures raw HTTP
+// on purpose: `handshake` (a connection per request, any answer, from relay
+// or nginx) and `submit --expect-status` other than 201 (bench/compare's
+// nginx `return 200` baseline, which is not relay's API).
 //
 //   relay_bench SCENARIO --port P --pki DIR [options]
 //
@@ -42,6 +46,7 @@
 
 #include "relay/http_client.h"
 #include "relay/tls.h"
+#include "relay/v1_client.h"
 #include "proc.h"
 #include "stats.h"
 
@@ -69,16 +74,6 @@ uint64_t now_ns() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(clock_type::now().time_since_epoch()).count());
 }
 
-// "key":"value" or "key":number from a small JSON answer, starting at `from`.
-std::string field(const std::string& json, const std::string& key, size_t from = 0) {
-  std::string pat = "\"" + key + "\":";
-  auto p = json.find(pat, from);
-  if (p == std::string::npos) return {};
-  p += pat.size();
-  if (json[p] == '"') return json.substr(p + 1, json.find('"', p + 1) - p - 1);
-  return json.substr(p, json.find_first_of(",}]", p) - p);
-}
-
 class bench_run {
  public:
   explicit bench_run(const args& a) : _a(a) {
@@ -88,6 +83,10 @@ class bench_run {
     _payload = std::string(static_cast<size_t>(std::max(a.payload_bytes - 2, 0)), 'p');
   }
   ~bench_run() {
+    // A v1 client's callbacks never run once it is destroyed; a raw
+    // connection's fail inside close().
+    _clients.clear();
+    _quiet = true;
     for (auto* c : _conns) c->close();
     uv_run(&_loop, UV_RUN_DEFAULT);
     uv_loop_close(&_loop);
@@ -126,29 +125,96 @@ class bench_run {
     return ctx;
   }
 
-  relay::http::client_conn* connect(const std::shared_ptr<const relay::tls::context>& tls) {
+  relay::http::client_conn::options conn_options(const std::shared_ptr<const relay::tls::context>& tls) const {
     relay::http::client_conn::options co;
     co.host = _a.host;
     co.port = _a.port;
     co.server_name = _a.server_name;
     co.tls = tls;
     co.connect_timeout_ms = 60000;
-    auto* c = relay::http::client_conn::create(&_loop, co);
+    return co;
+  }
+
+  // One keep-alive connection speaking relay's v1 API (connected on its
+  // first request).
+  relay::v1::client* connect(const std::shared_ptr<const relay::tls::context>& tls) {
+    relay::v1::client::options o;
+    o.connection = conn_options(tls);
+    o.request_timeout_ms = 60000;  // a long poll's: its wait plus this
+    _clients.push_back(std::make_unique<relay::v1::client>(&_loop, std::move(o)));
+    return _clients.back().get();
+  }
+
+  // Raw HTTP, for what the bench measures below the API (see the top).
+  relay::http::client_conn* connect_raw(const std::shared_ptr<const relay::tls::context>& tls) {
+    auto* c = relay::http::client_conn::create(&_loop, conn_options(tls));
     _conns.push_back(c);
     return c;
   }
 
+  // The request body of n jobs, for raw HTTP.
   std::string job_body(int n, const std::string& marker = {}) const {
-    std::string one = "{\"payload\":\"" + marker + _payload.substr(std::min(marker.size(), _payload.size())) + "\"}";
+    std::string one = "{\"payload\":" + payload_json(marker) + "}";
     if (n <= 1) return one;
     std::string b = "[";
     for (int i = 0; i < n; ++i) b += (i ? "," : "") + one;
     return b + "]";
   }
 
+  // One job's payload: a JSON string of --payload-bytes bytes, quotes
+  // included, starting with `marker`.
+  std::string payload_json(const std::string& marker = {}) const {
+    return "\"" + marker + _payload.substr(std::min(marker.size(), _payload.size())) + "\"";
+  }
+
+  // n jobs: one, or with n > 1 a batch of n.
+  relay::v1::submit_request jobs(int n, const std::string& marker = {}) const {
+    relay::v1::submit_request r;
+    r.queue = _a.queue;
+    std::string one = payload_json(marker);
+    if (n <= 1) {
+      r.payload = std::move(one);
+      return r;
+    }
+    r.batch = true;
+    r.payload = "[";
+    for (int i = 0; i < n; ++i) r.payload += (i ? "," : "") + one;
+    r.payload += "]";
+    return r;
+  }
+
+  relay::v1::lease_request lease_of(int max, uint32_t wait_ms) const {
+    relay::v1::lease_request r;
+    r.queue = _a.queue;
+    r.max = static_cast<uint32_t>(max);
+    r.wait_ms = wait_ms;
+    return r;
+  }
+
   void error(const std::string& what, const relay::http::client_error& e, const relay::http::client_response& r) {
     if (_quiet) return;
     if (++_errors <= 3) std::fprintf(stderr, "relay_bench: %s: %s %d %s\n", what.c_str(), e.message.c_str(), r.status, r.body.substr(0, 200).c_str());
+  }
+  void error(const std::string& what, const relay::v1::error& e) {
+    if (_quiet) return;
+    if (++_errors <= 3)
+      std::fprintf(stderr, "relay_bench: %s: %s: %s %d %s\n", what.c_str(), std::string(e.kind_name()).c_str(),
+                   e.message.c_str(), e.status, e.code.c_str());
+  }
+  // A submit answered 200 (an idempotency key matched), not 201 (created).
+  static relay::v1::error not_created() {
+    relay::v1::error e;
+    e.what = relay::v1::error::kind::bad_answer;
+    e.status = 200;
+    e.message = "200, not 201";
+    return e;
+  }
+  // A lease answer with a job relay's contract does not allow.
+  void error(const std::string& what, const relay::v1::lease_answer& a) {
+    relay::v1::error e;
+    e.what = relay::v1::error::kind::bad_answer;
+    e.message = std::to_string(a.rejected.size()) + " job(s) rejected: " + a.rejected.front().reason;
+    error(what, e);
   }
 
   void report(const std::string& extra = {}) {
@@ -157,7 +223,7 @@ class bench_run {
     double jobs = static_cast<double>(_jobs);
     std::printf("scenario=%s connections=%zu batch=%d payload_bytes=%d requests=%llu jobs=%llu errors=%llu seconds=%.3f "
                 "jobs_per_sec=%.0f p50_us=%.1f p99_us=%.1f p999_us=%.1f",
-                _a.mode.c_str(), _conns.size(), _a.batch, _a.payload_bytes, static_cast<unsigned long long>(_requests),
+                _a.mode.c_str(), _clients.size() + _conns.size(), _a.batch, _a.payload_bytes, static_cast<unsigned long long>(_requests),
                 static_cast<unsigned long long>(_jobs), static_cast<unsigned long long>(_errors), elapsed, jobs / elapsed,
                 static_cast<double>(_latency.quantile(0.5)) / 1000, static_cast<double>(_latency.quantile(0.99)) / 1000,
                 static_cast<double>(_latency.quantile(0.999)) / 1000);
@@ -179,26 +245,51 @@ class bench_run {
 
   // ---- submit / fill ----
   void submit_load() {
-    std::string body = job_body(_a.batch);
     bool fill = _a.mode == "fill";
     long rss0 = fill ? server_rss_kb(_a.server_pid) : 0;
     uint64_t issued = 0;
-    std::function<void(relay::http::client_conn*)> next = [&](relay::http::client_conn* c) {
-      if (fill ? issued >= static_cast<uint64_t>(_a.count) : !time_left()) return;
+    auto more = [&] {
+      if (fill ? issued >= static_cast<uint64_t>(_a.count) : !time_left()) return false;
       issued += static_cast<uint64_t>(_a.batch);
       ++_in_flight;
-      uint64_t sent = now_ns();
-      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
-        --_in_flight;
-        ++_requests;
-        if (e || r.status != _a.expect_status) return error("submit", e, r);
-        _jobs += static_cast<uint64_t>(_a.batch);
-        _latency.add(now_ns() - sent);
-        next(c);
-      }, 60000);
+      return true;
     };
-    for (int i = 0; i < _a.connections; ++i) next(connect(_producer_tls));
-    run_until([&] { return _in_flight == 0; });
+    if (_a.expect_status != 201) {
+      // Not relay (bench/compare's nginx `return 200`): raw HTTP, the status
+      // alone checked.
+      std::string body = job_body(_a.batch);
+      std::function<void(relay::http::client_conn*)> next = [&](relay::http::client_conn* c) {
+        if (!more()) return;
+        uint64_t sent = now_ns();
+        c->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
+          --_in_flight;
+          ++_requests;
+          if (e || r.status != _a.expect_status) return error("submit", e, r);
+          _jobs += static_cast<uint64_t>(_a.batch);
+          _latency.add(now_ns() - sent);
+          next(c);
+        }, 60000);
+      };
+      for (int i = 0; i < _a.connections; ++i) next(connect_raw(_producer_tls));
+      run_until([&] { return _in_flight == 0; });
+    } else {
+      const relay::v1::submit_request req = jobs(_a.batch);
+      std::function<void(relay::v1::client*)> next = [&](relay::v1::client* c) {
+        if (!more()) return;
+        uint64_t sent = now_ns();
+        c->submit(req, [&, c, sent](const relay::v1::error& e, relay::v1::submitted& s) {
+          --_in_flight;
+          ++_requests;
+          if (e) return error("submit", e);
+          if (!s.created) return error("submit", not_created());
+          _jobs += static_cast<uint64_t>(_a.batch);
+          _latency.add(now_ns() - sent);
+          next(c);
+        });
+      };
+      for (int i = 0; i < _a.connections; ++i) next(connect(_producer_tls));
+      run_until([&] { return _in_flight == 0; });
+    }
     if (fill && _a.server_pid > 0 && _jobs > 0) {
       long rss1 = server_rss_kb(_a.server_pid);
       char extra[160];
@@ -214,16 +305,17 @@ class bench_run {
   void preload() {
     uint64_t loaded = 0;
     auto* p = connect(_producer_tls);
-    std::string body = job_body(500);
+    const relay::v1::submit_request req = jobs(500);
     std::function<void()> next = [&] {
       if (loaded >= static_cast<uint64_t>(_a.count)) return;
       ++_in_flight;
-      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", body, [&](const relay::http::client_error& e, relay::http::client_response& r) {
+      p->submit(req, [&](const relay::v1::error& e, relay::v1::submitted& s) {
         --_in_flight;
-        if (e || r.status != 201) return error("preload", e, r);
+        if (e) return error("preload", e);
+        if (!s.created) return error("preload", not_created());
         loaded += 500;
         next();
-      }, 60000);
+      });
     };
     next();
     run_until([&] { return _in_flight == 0; });
@@ -234,42 +326,38 @@ class bench_run {
     _cpu0 = server_cpu_seconds(_a.server_pid);
     _t0 = clock_type::now();
     int empty_workers = 0;
-    std::function<void(relay::http::client_conn*)> lease = [&](relay::http::client_conn* c) {
+    const relay::v1::lease_request req = lease_of(_a.batch, 0);
+    std::function<void(relay::v1::client*)> lease = [&](relay::v1::client* c) {
       ++_in_flight;
       uint64_t sent = now_ns();
-      c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":" + std::to_string(_a.batch) + "}",
-                 [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
-                   --_in_flight;
-                   ++_requests;
-                   if (e || r.status != 200) return error("lease", e, r);
-                   std::vector<std::pair<std::string, std::string>> got;
-                   for (size_t at = r.body.find("{\"id\":\""); at != std::string::npos; at = r.body.find("{\"id\":\"", at + 1))
-                     got.emplace_back(field(r.body, "id", at), field(r.body, "lease", at));
-                   if (got.empty()) {
-                     ++empty_workers;
-                     return;
-                   }
-                   auto done = [&, c, sent, n = got.size()](const relay::http::client_error& e2, relay::http::client_response& r2) {
-                     --_in_flight;
-                     ++_requests;
-                     if (e2 || r2.status != 200) return error("complete", e2, r2);
-                     _jobs += n;
-                     _latency.add(now_ns() - sent);
-                     lease(c);
-                   };
-                   if (got.size() == 1) {
-                     ++_in_flight;
-                     c->request("POST", "/v1/jobs/" + got[0].first + "/complete",
-                                "{\"lease\":\"" + got[0].second + "\",\"result\":true}", done, 60000);
-                   } else {
-                     std::string body = "[";
-                     for (size_t i = 0; i < got.size(); ++i)
-                       body += (i ? "," : "") + ("{\"id\":\"" + got[i].first + "\",\"lease\":\"" + got[i].second + "\",\"result\":true}");
-                     ++_in_flight;
-                     c->request("POST", "/v1/results", body + "]", done, 60000);
-                   }
-                 },
-                 60000);
+      c->lease(req, [&, c, sent](const relay::v1::error& e, relay::v1::lease_answer& a) {
+        --_in_flight;
+        ++_requests;
+        if (e) return error("lease", e);
+        if (!a.rejected.empty()) return error("lease", a);
+        if (a.jobs.empty()) {
+          ++empty_workers;
+          return;
+        }
+        auto done = [&, c, sent, n = a.jobs.size()](const relay::v1::error& e2) {
+          --_in_flight;
+          ++_requests;
+          if (e2) return error("complete", e2);
+          _jobs += n;
+          _latency.add(now_ns() - sent);
+          lease(c);
+        };
+        ++_in_flight;
+        if (a.jobs.size() == 1) {
+          c->complete(a.jobs[0].id, a.jobs[0].lease, "true", done);
+        } else {
+          // Many completes in one request: no typed call for /v1/results.
+          std::string body = "[";
+          for (size_t i = 0; i < a.jobs.size(); ++i)
+            body += (i ? "," : "") + ("{\"id\":\"" + a.jobs[i].id + "\",\"lease\":\"" + a.jobs[i].lease + "\",\"result\":true}");
+          c->call("POST", "/v1/results", body + "]", [done](const relay::v1::error& e2, std::string&) { done(e2); });
+        }
+      });
     };
     for (int i = 0; i < _a.workers; ++i) lease(connect(_worker_tls));
     run_until([&] { return _in_flight == 0; });
@@ -281,53 +369,55 @@ class bench_run {
     // Workers stop once every producer has stopped and a lease comes back empty.
     int producing = _a.producers;
     bool stopping = false;
-    std::function<void(relay::http::client_conn*)> produce = [&](relay::http::client_conn* c) {
+    std::vector<relay::v1::client*> producers;
+    std::function<void(relay::v1::client*)> produce = [&](relay::v1::client* c) {
       if (!time_left()) {
         stopping = --producing == 0;
         return;
       }
       ++_in_flight;
-      c->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(_a.batch, "t" + std::to_string(now_ns()) + "_"),
-                 [&, c](const relay::http::client_error& e, relay::http::client_response& r) {
-                   --_in_flight;
-                   ++_requests;
-                   if (e || r.status != 201) return error("submit", e, r);
-                   produce(c);
-                 }, 60000);
+      c->submit(jobs(_a.batch, "t" + std::to_string(now_ns()) + "_"), [&, c](const relay::v1::error& e, relay::v1::submitted& s) {
+        --_in_flight;
+        ++_requests;
+        if (e) return error("submit", e);
+        if (!s.created) return error("submit", not_created());
+        produce(c);
+      });
     };
-    std::function<void(relay::http::client_conn*)> work = [&](relay::http::client_conn* c) {
+    std::function<void(relay::v1::client*)> work = [&](relay::v1::client* c) {
       ++_in_flight;
-      c->request("POST", "/v1/queues/" + _a.queue + "/lease",
-                 "{\"max\":" + std::to_string(_a.batch) + ",\"wait_ms\":" + std::string(stopping ? "0" : "1000") + "}",
-                 [&, c](const relay::http::client_error& e, relay::http::client_response& r) {
-                   --_in_flight;
-                   ++_requests;
-                   if (e || r.status != 200) return error("lease", e, r);
-                   std::string body = "[";
-                   size_t n = 0;
-                   std::vector<uint64_t> stamps;
-                   for (size_t at = r.body.find("{\"id\":\""); at != std::string::npos; at = r.body.find("{\"id\":\"", at + 1)) {
-                     body += (n++ ? "," : "") + ("{\"id\":\"" + field(r.body, "id", at) + "\",\"lease\":\"" + field(r.body, "lease", at) + "\",\"result\":1}");
-                     stamps.push_back(std::strtoull(field(r.body, "payload", at).c_str() + 1, nullptr, 10));
-                   }
-                   if (n == 0) {
-                     if (!stopping) work(c);
-                     return;
-                   }
-                   ++_in_flight;
-                   c->request("POST", "/v1/results", body + "]", [&, c, n, stamps](const relay::http::client_error& e2, relay::http::client_response& r2) {
-                     --_in_flight;
-                     ++_requests;
-                     if (e2 || r2.status != 200) return error("results", e2, r2);
-                     _jobs += n;
-                     uint64_t t = now_ns();
-                     for (uint64_t s : stamps) _latency.add(t - s);
-                     work(c);
-                   }, 60000);
-                 }, 60000);
+      c->lease(lease_of(_a.batch, stopping ? 0 : 1000), [&, c](const relay::v1::error& e, relay::v1::lease_answer& a) {
+        --_in_flight;
+        ++_requests;
+        if (e) return error("lease", e);
+        if (!a.rejected.empty()) return error("lease", a);
+        std::string body = "[";
+        size_t n = 0;
+        std::vector<uint64_t> stamps;
+        for (const auto& j : a.jobs) {
+          body += (n++ ? "," : "") + ("{\"id\":\"" + j.id + "\",\"lease\":\"" + j.lease + "\",\"result\":1}");
+          // The payload is the JSON string "t<ns>_ppp...".
+          stamps.push_back(j.payload.size() > 2 ? std::strtoull(j.payload.c_str() + 2, nullptr, 10) : 0);
+        }
+        if (n == 0) {
+          if (!stopping) work(c);
+          return;
+        }
+        ++_in_flight;
+        // Many completes in one request: no typed call for /v1/results.
+        c->call("POST", "/v1/results", body + "]", [&, c, n, stamps](const relay::v1::error& e2, std::string&) {
+          --_in_flight;
+          ++_requests;
+          if (e2) return error("results", e2);
+          _jobs += n;
+          uint64_t t = now_ns();
+          for (uint64_t s : stamps) _latency.add(t - s);
+          work(c);
+        });
+      });
     };
-    for (int i = 0; i < _a.producers; ++i) _producer_conns.push_back(connect(_producer_tls));
-    for (auto* c : _producer_conns) produce(c);
+    for (int i = 0; i < _a.producers; ++i) producers.push_back(connect(_producer_tls));
+    for (auto* c : producers) produce(c);
     for (int i = 0; i < _a.workers; ++i) work(connect(_worker_tls));
     run_until([&] { return _in_flight == 0; });
     report(" producers=" + std::to_string(_a.producers) + " workers=" + std::to_string(_a.workers) + " latency=submit_to_complete");
@@ -337,22 +427,23 @@ class bench_run {
   void idle() {
     long rss0 = server_rss_kb(_a.server_pid);
     int parked = 0, woken = 0, answered = 0;
-    std::vector<relay::http::client_conn*> waiters;
+    std::vector<relay::v1::client*> waiters;
     for (int i = 0; i < _a.connections; ++i) waiters.push_back(connect(_worker_tls));
+    const relay::v1::lease_request park = lease_of(1, 60000);  // timeout 120 s: wait + request_timeout_ms
     // Connect and park in waves so that handshakes do not time out.
     for (size_t i = 0; i < waiters.size(); ++i) {
       auto* c = waiters[i];
       ++_in_flight;
-      c->request("POST", "/v1/queues/" + _a.queue + "/lease", "{\"max\":1,\"wait_ms\":60000}",
-                 [&](const relay::http::client_error& e, relay::http::client_response& r) {
-                   --_in_flight;
-                   ++answered;
-                   if (e || r.status != 200) return error("lease", e, r);
-                   auto at = r.body.find("\"payload\":\"t");
-                   if (at == std::string::npos) return;
-                   ++woken;
-                   _latency.add(now_ns() - std::strtoull(r.body.c_str() + at + 12, nullptr, 10));
-                 }, 120000);
+      c->lease(park, [&](const relay::v1::error& e, relay::v1::lease_answer& a) {
+        --_in_flight;
+        ++answered;
+        if (e) return error("lease", e);
+        if (!a.rejected.empty()) return error("lease", a);
+        // A burst job's payload is the JSON string "t<ns>_ppp...".
+        if (a.jobs.empty() || a.jobs[0].payload.rfind("\"t", 0) != 0) return;
+        ++woken;
+        _latency.add(now_ns() - std::strtoull(a.jobs[0].payload.c_str() + 2, nullptr, 10));
+      });
       if (i % 200 == 199) {
         auto until = clock_type::now() + std::chrono::milliseconds(150);
         while (clock_type::now() < until) uv_run(&_loop, UV_RUN_NOWAIT);
@@ -382,12 +473,12 @@ class bench_run {
       if (sent >= burst) return;
       ++sent;
       ++_in_flight;
-      p->request("POST", "/v1/queues/" + _a.queue + "/jobs", job_body(1, "t" + std::to_string(now_ns()) + "_"),
-                 [&](const relay::http::client_error& e, relay::http::client_response& r) {
-                   --_in_flight;
-                   if (e || r.status != 201) error("submit", e, r);
-                   submit_next();
-                 }, 60000);
+      p->submit(jobs(1, "t" + std::to_string(now_ns()) + "_"), [&](const relay::v1::error& e, relay::v1::submitted& s) {
+        --_in_flight;
+        if (e) error("submit", e);
+        else if (!s.created) error("submit", not_created());
+        submit_next();
+      });
     };
     submit_next();
     auto wake_until = clock_type::now() + std::chrono::seconds(30);
@@ -403,6 +494,9 @@ class bench_run {
   }
 
   // ---- handshake ----
+  // Raw HTTP on purpose: a new connection per request, whose cost is the
+  // full mTLS handshake (resumed or not: client_conn::resumed()); any answer
+  // counts, relay's 404 for an unknown job or nginx's 200.
   void handshake() {
     auto tls = _producer_tls;
     if (_a.resume) {
@@ -417,7 +511,7 @@ class bench_run {
     uint64_t resumed = 0;
     std::function<void()> next = [&] {
       if (!time_left()) return;
-      auto* c = connect(tls);
+      auto* c = connect_raw(tls);
       ++_in_flight;
       uint64_t sent = now_ns();
       c->request("GET", "/v1/jobs/0000000000000001", {}, [&, c, sent](const relay::http::client_error& e, relay::http::client_response& r) {
@@ -484,7 +578,8 @@ class bench_run {
   uv_loop_t _loop;
   std::shared_ptr<const relay::tls::context> _producer_tls, _worker_tls;
   std::string _payload;
-  std::vector<relay::http::client_conn*> _conns, _producer_conns;
+  std::vector<std::unique_ptr<relay::v1::client>> _clients;
+  std::vector<relay::http::client_conn*> _conns;  // raw HTTP (handshake, not-relay submits)
   clock_type::time_point _t0;
   double _cpu0 = 0;
   uint64_t _requests = 0, _jobs = 0, _errors = 0;

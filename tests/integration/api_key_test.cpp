@@ -1,5 +1,7 @@
 // API keys (issue 10, part 6): the real relay in each auth mode, with curl
-// and with the project's own client, keys made and rotated as an operator
+// and with the project's own clients (typed v1 calls, and raw HTTP where a
+// test sends another Authorization header on each request of one
+// connection or reads WWW-Authenticate: see raw_client.h), keys made and rotated as an operator
 // would, and the audit lines a security team would read.
 #include <doctest/doctest.h>
 
@@ -7,6 +9,7 @@
 #include <initializer_list>
 #include <sstream>
 
+#include "../support/raw_client.h"
 #include "../support/relay_fixture.h"
 #include "relay/api_keys.h"
 #include "relay/tls.h"
@@ -172,24 +175,24 @@ TEST_CASE("api key mode: a good key is served with or without a client certifica
   }
 
   SUBCASE("the project's client, without a certificate") {
-    test::sync_client own(k.relay->api_port, "");
-    auto ok = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", 10000, bearer(producer_key));
+    test::raw_client own(k.relay->api_port, "");
+    auto ok = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", bearer(producer_key));
     REQUIRE_MESSAGE(!ok.error, ok.error.message);
     CHECK_EQ(ok.response.status, 201);
     // Keep-alive: the next request on the same connection is checked afresh.
-    auto none = own.call("GET", "/v1/queues", {}, 10000);
+    auto none = own.call("GET", "/v1/queues", {});
     REQUIRE_MESSAGE(!none.error, none.error.message);
     CHECK_EQ(none.response.status, 401);
     CHECK_EQ(none.response.www_authenticate, "Bearer realm=\"relay\"");
-    auto wrong = own.call("GET", "/v1/queues", {}, 10000, bearer(wrong_key));
+    auto wrong = own.call("GET", "/v1/queues", {}, bearer(wrong_key));
     CHECK_EQ(wrong.response.status, 401);
     CHECK_EQ(wrong.response.www_authenticate, "Bearer realm=\"relay\", error=\"invalid_token\"");
-    test::sync_client own2(k.relay->api_port, "");
-    auto expired = own2.call("GET", "/v1/queues", {}, 10000, bearer(expired_key));
+    test::raw_client own2(k.relay->api_port, "");
+    auto expired = own2.call("GET", "/v1/queues", {}, bearer(expired_key));
     CHECK_EQ(expired.response.status, 401);
     // Two Authorization headers: which one counts would be a guess.
-    test::sync_client own3(k.relay->api_port, "");
-    auto two = own3.call("GET", "/v1/queues", {}, 10000, bearer(producer_key) + bearer(wrong_key));
+    test::raw_client own3(k.relay->api_port, "");
+    auto two = own3.call("GET", "/v1/queues", {}, bearer(producer_key) + bearer(wrong_key));
     CHECK_EQ(two.response.status, 400);
   }
 
@@ -209,10 +212,18 @@ TEST_CASE("api key mode: a good key is served with or without a client certifica
 TEST_CASE("api key mode: leases belong to the key's principal, whichever of its keys is used") {
   keyed_relay k("api_key");
   REQUIRE_EQ(k.curl("", producer_key, "POST", "/v1/queues/render/jobs", R"({"payload":"x"})").status, 201);
-  test::sync_client worker(k.relay->api_port, "");
-  auto lease = worker.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_1));
-  REQUIRE_EQ(lease.response.status, 200);
-  std::string id = field(lease.response.body, "id"), token = field(lease.response.body, "lease");
+  auto with_key = [&](const std::string& key) {
+    auto o = test::v1_options(k.relay->api_port, "");
+    o.extra_headers = bearer(key);
+    return o;
+  };
+  relay::v1::blocking_client worker(with_key(bunny_key_1));
+  relay::v1::lease_request one;
+  one.queue = "render";
+  auto lease = worker.lease(one);
+  REQUIRE_MESSAGE(!lease.err, lease.err.message);
+  REQUIRE_EQ(lease.value.jobs.size(), 1u);
+  std::string id = lease.value.jobs[0].id, token = lease.value.jobs[0].lease;
   REQUIRE_EQ(token.size(), 32u);
   std::string hb = R"({"lease":")" + token + R"("})";
   // Another principal's key, with or without the bunny's certificate.
@@ -222,18 +233,18 @@ TEST_CASE("api key mode: leases belong to the key's principal, whichever of its 
   REQUIRE(denied.has_value());
   CHECK(denied->find("\"principal\":\"apikey:bunny2\"") != std::string::npos);
   // The bunny's second key (a rotation in progress) still owns the lease.
-  auto done = worker.call("POST", "/v1/jobs/" + id + "/complete", R"({"lease":")" + token + R"(","result":"ok"})", 10000,
-                          bearer(bunny_key_2));
-  CHECK_EQ(done.response.status, 200);
+  relay::v1::blocking_client worker_key_2(with_key(bunny_key_2));
+  auto done = worker_key_2.complete(id, token, R"("ok")");
+  CHECK_MESSAGE(!done, done.message);  // 200
   CHECK_EQ(field(k.curl("", producer_key, "GET", "/v1/jobs/" + id).body, "state"), "succeeded");
 }
 
 TEST_CASE("api key rotation: a reload removes a key, which gets 401 from the next request on, even on an open "
           "connection; a bad keys file keeps the keys in use") {
   keyed_relay k("api_key");
-  test::sync_client conn(k.relay->api_port, "");
-  CHECK_EQ(conn.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_1)).response.status, 200);
-  CHECK_EQ(conn.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_2)).response.status, 200);
+  test::raw_client conn(k.relay->api_port, "");
+  CHECK_EQ(conn.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny_key_1)).response.status, 200);
+  CHECK_EQ(conn.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny_key_2)).response.status, 200);
 
   // The operator retires bunny-1; SIGHUP reloads at once.
   std::string rotated = keys_file({key_entry("producer", producer_key, "producer-1"),
@@ -245,11 +256,11 @@ TEST_CASE("api key rotation: a reload removes a key, which gets 401 from the nex
   CHECK(reloaded->find("\"api_keys\":2") != std::string::npos);
   CHECK(reloaded->find("\"api_keys_sha256\":\"" + digest_hex(rotated) + "\"") != std::string::npos);
 
-  auto old_key = conn.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_1));
+  auto old_key = conn.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny_key_1));
   REQUIRE_MESSAGE(!old_key.error, old_key.error.message);
   CHECK_EQ(old_key.response.status, 401);
-  test::sync_client conn2(k.relay->api_port, "");
-  CHECK_EQ(conn2.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_2)).response.status, 200);
+  test::raw_client conn2(k.relay->api_port, "");
+  CHECK_EQ(conn2.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny_key_2)).response.status, 200);
   CHECK_EQ(k.curl("", bunny_key_1, "POST", "/v1/queues/render/lease", "{}").status, 401);
   CHECK_EQ(k.curl("", bunny_key_2, "POST", "/v1/queues/render/lease", "{}").status, 200);
   CHECK(k.audit({"\"event\":\"api_key_refused\"", "\"reason\":\"unknown\""}).has_value());
@@ -300,16 +311,16 @@ TEST_CASE("mtls+api_key: the certificate and the key must both pass and name the
     CHECK(a->find("\"policy_principal\":\"producer\"") != std::string::npos);
   }
   SUBCASE("the project's client") {
-    test::sync_client worker(k.relay->api_port, "worker");
-    CHECK_EQ(worker.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny_key_1)).response.status, 200);
-    auto mismatch = worker.call("POST", "/v1/queues/render/lease", "{}", 10000, bearer(bunny2_key));
+    test::raw_client worker(k.relay->api_port, "worker");
+    CHECK_EQ(worker.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny_key_1)).response.status, 200);
+    auto mismatch = worker.call("POST", "/v1/queues/render/lease", "{}", bearer(bunny2_key));
     CHECK_EQ(mismatch.response.status, 401);
     CHECK_EQ(mismatch.response.www_authenticate, "Bearer realm=\"relay\", error=\"invalid_token\"");
-    test::sync_client worker_again(k.relay->api_port, "worker");
-    auto none = worker_again.call("GET", "/v1/queues", {}, 10000);
+    test::raw_client worker_again(k.relay->api_port, "worker");
+    auto none = worker_again.call("GET", "/v1/queues", {});
     CHECK_EQ(none.response.status, 401);
-    test::sync_client anonymous(k.relay->api_port, "");
-    auto refused = anonymous.call("GET", "/v1/queues", {}, 10000, bearer(producer_key));
+    test::raw_client anonymous(k.relay->api_port, "");
+    auto refused = anonymous.call("GET", "/v1/queues", {}, bearer(producer_key));
     CHECK_EQ(refused.error.what, relay::http::client_error::kind::tls);
     CHECK_EQ(refused.response.status, 0);
   }
@@ -321,14 +332,14 @@ TEST_CASE("mtls+api_key: the certificate and the key must both pass and name the
 // NAT or load balancer locked out every client with a good key.
 TEST_CASE("api key failures are rate limited per source address: bad keys get 429 with Retry-After, a good key still passes") {
   keyed_relay k("api_key", {"--set", "auth.max_failures=3", "--set", "auth.failure_window_ms=60000"});
-  test::sync_client own(k.relay->api_port, "");
+  test::raw_client own(k.relay->api_port, "");
   for (int i = 0; i < 3; ++i) {
-    auto r = own.call("GET", "/v1/queues", {}, 10000, bearer(wrong_key));
+    auto r = own.call("GET", "/v1/queues", {}, bearer(wrong_key));
     REQUIRE_MESSAGE(!r.error, r.error.message);
     CHECK_EQ(r.response.status, 401);
   }
   // The next bad key from this address waits out the window.
-  auto limited = own.call("GET", "/v1/queues", {}, 10000, bearer(wrong_key));
+  auto limited = own.call("GET", "/v1/queues", {}, bearer(wrong_key));
   REQUIRE_MESSAGE(!limited.error, limited.error.message);
   CHECK_EQ(limited.response.status, 429);
   CHECK_EQ(field(limited.response.body, "code"), "too_many_auth_failures");
@@ -339,7 +350,7 @@ TEST_CASE("api key failures are rate limited per source address: bad keys get 42
   CHECK_EQ(by_curl.status, 429);
   CHECK(k.headers.find("Retry-After: ") != std::string::npos);
   // A good key from the same address is served.
-  auto good = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", 10000, bearer(producer_key));
+  auto good = own.call("POST", "/v1/queues/render/jobs", R"({"payload":1})", bearer(producer_key));
   REQUIRE_MESSAGE(!good.error, good.error.message);
   CHECK_EQ(good.response.status, 201);
 

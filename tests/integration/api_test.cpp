@@ -68,14 +68,16 @@ TEST_CASE("a 1 MiB body is accepted and returned intact; one byte more is 413") 
   std::string id = submit(relay, "render", body);
 
   // The project's own client reads the lease answer: the payload comes back whole.
-  test::sync_client worker(relay.api_port, "worker");
-  auto l = worker.call("POST", "/v1/queues/render/lease", "{}");
-  REQUIRE_EQ(l.response.status, 200);
-  CHECK(l.response.body.find("\"" + filler + "\"") != std::string::npos);
-  std::string token = field(l.response.body, "lease");
-  auto c = worker.call("POST", "/v1/jobs/" + id + "/complete",
-                       R"({"lease":")" + token + R"(","result":")" + filler.substr(0, 1048000) + R"("})");
-  CHECK_EQ(c.response.status, 200);
+  relay::v1::blocking_client worker(test::v1_options(relay.api_port, "worker"));
+  relay::v1::lease_request one;
+  one.queue = "render";
+  auto l = worker.lease(one);
+  REQUIRE_MESSAGE(!l.err, l.err.message);
+  REQUIRE_EQ(l.value.jobs.size(), 1u);
+  CHECK_EQ(l.value.jobs[0].id, id);
+  CHECK(l.value.jobs[0].payload == "\"" + filler + "\"");
+  auto c = worker.complete(id, l.value.jobs[0].lease, "\"" + filler.substr(0, 1048000) + "\"");
+  CHECK_MESSAGE(!c, c.message);
 
   auto too_big = relay.curl("producer", "POST", "/v1/queues/render/jobs", body + " ");
   CHECK_EQ(too_big.status, 413);
@@ -227,18 +229,25 @@ TEST_CASE("the results batch answers each item on its own") {
 
 TEST_CASE("a parked lease is woken by a submit, oldest waiter first") {
   relay_process relay;
-  test::sync_client w1(relay.api_port, "worker");
-  test::sync_client w2(relay.api_port, "worker2");
+  test::test_loop loop;
+  relay::v1::client w1(&loop.loop, test::v1_options(relay.api_port, "worker"));
+  relay::v1::client w2(&loop.loop, test::v1_options(relay.api_port, "worker2"));
   // Both clients share one loop: park w1 then w2 on the same queue.
-  uv_loop_t* loop1 = &w1.loop;
+  uv_loop_t* loop1 = &loop.loop;
+  relay::v1::lease_request parked;
+  parked.queue = "render";
+  parked.wait_ms = 30000;
+  // The payload of the one job leased, or the error's kind and message.
+  auto got = [](const relay::v1::error& e, const relay::v1::lease_answer& a) {
+    if (e) return std::string(e.kind_name()) + ": " + e.message;
+    return a.jobs.size() == 1 ? a.jobs[0].payload : std::to_string(a.jobs.size()) + " jobs";
+  };
   std::string got1, got2;
   bool done1 = false, done2 = false;
-  w1.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                   [&](const relay::http::client_error&, relay::http::client_response& r) { got1 = r.body, done1 = true; });
+  w1.lease(parked, [&](const relay::v1::error& e, relay::v1::lease_answer& a) { got1 = got(e, a), done1 = true; });
   auto waiting = [&](int n) {
     for (int i = 0; i < 500; ++i) {
       uv_run(loop1, UV_RUN_NOWAIT);
-      uv_run(&w2.loop, UV_RUN_NOWAIT);
       // A queue with waiters only is no queue yet (issue 10), so the parked
       // count is read from the metrics.
       if (relay.ops_get("/metrics").body.find("relay_parked_requests{kind=\"lease\"} " + std::to_string(n) + "\n") !=
@@ -249,26 +258,30 @@ TEST_CASE("a parked lease is woken by a submit, oldest waiter first") {
     return false;
   };
   REQUIRE(waiting(1));
-  w2.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                   [&](const relay::http::client_error&, relay::http::client_response& r) { got2 = r.body, done2 = true; });
+  w2.lease(parked, [&](const relay::v1::error& e, relay::v1::lease_answer& a) { got2 = got(e, a), done2 = true; });
   REQUIRE(waiting(2));
 
-  test::sync_client producer(relay.api_port, "producer");
+  relay::v1::blocking_client producer(test::v1_options(relay.api_port, "producer"));
+  relay::v1::submit_request job;
+  job.queue = "render";
+  job.payload = R"("wake")";
   auto t0 = std::chrono::steady_clock::now();
-  auto s = producer.call("POST", "/v1/queues/render/jobs", R"({"payload":"wake"})");
-  REQUIRE_EQ(s.response.status, 201);
+  auto s = producer.submit(job);
+  REQUIRE_MESSAGE(!s.err, s.err.message);
+  REQUIRE(s.value.created);  // 201
   while (!done1 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) uv_run(loop1, UV_RUN_ONCE);
   auto woke_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   REQUIRE(done1);
-  CHECK(got1.find("\"wake\"") != std::string::npos);
+  CHECK_EQ(got1, R"("wake")");
   // Woken by the submit, not by its 30 s wait running out.
   CHECK_LT(woke_ms, 10000);
   MESSAGE("long-poll wake-up, submit sent to lease answer received: " << woke_ms << " ms");
   CHECK_FALSE(done2);
   // The second waiter gets the next job.
-  producer.call("POST", "/v1/queues/render/jobs", R"({"payload":"second"})");
-  while (!done2) uv_run(&w2.loop, UV_RUN_ONCE);
-  CHECK(got2.find("\"second\"") != std::string::npos);
+  job.payload = R"("second")";
+  producer.submit(job);
+  while (!done2) uv_run(loop1, UV_RUN_ONCE);
+  CHECK_EQ(got2, R"("second")");
 }
 
 TEST_CASE("a lease that waits in vain answers an empty list when its wait is over") {
@@ -284,18 +297,20 @@ TEST_CASE("a lease that waits in vain answers an empty list when its wait is ove
 TEST_CASE("GET with wait_ms returns when the job finishes") {
   relay_process relay;
   std::string id = submit(relay, "render", R"({"payload":1})");
-  test::sync_client reader(relay.api_port, "producer");
+  test::test_loop loop;
+  relay::v1::client reader(&loop.loop, test::v1_options(relay.api_port, "producer"));
   bool done = false;
-  std::string body;
-  reader.conn->request("GET", "/v1/jobs/" + id + "?wait_ms=20000", {},
-                       [&](const relay::http::client_error&, relay::http::client_response& r) { body = r.body, done = true; });
-  for (int i = 0; i < 20; ++i) uv_run(&reader.loop, UV_RUN_NOWAIT), std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  relay::v1::error err;
+  relay::v1::job_view job;
+  reader.get_job(id, 20000, [&](const relay::v1::error& e, relay::v1::job_view& v) { err = e, job = std::move(v), done = true; });
+  for (int i = 0; i < 20; ++i) uv_run(&loop.loop, UV_RUN_NOWAIT), std::this_thread::sleep_for(std::chrono::milliseconds(5));
   CHECK_FALSE(done);
   auto l = lease_one(relay, "render");
   relay.curl("worker", "POST", "/v1/jobs/" + id + "/complete", R"({"lease":")" + l.lease + R"(","result":"fin"})");
   auto t0 = std::chrono::steady_clock::now();
-  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) uv_run(&reader.loop, UV_RUN_ONCE);
+  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) uv_run(&loop.loop, UV_RUN_ONCE);
   REQUIRE(done);
-  CHECK_EQ(field(body, "state"), "succeeded");
-  CHECK_EQ(field(body, "result"), "fin");
+  REQUIRE_MESSAGE(!err, err.message);
+  CHECK_EQ(job.state, "succeeded");
+  CHECK_EQ(job.result, R"("fin")");
 }

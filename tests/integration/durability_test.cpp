@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <set>
 
@@ -44,20 +45,18 @@ class load {
   load(const relay_process& r, int cycle, int producers, int workers) : _cycle(cycle) {
     uv_loop_init(&_loop);
     auto make = [&](const std::string& who) {
-      relay::http::client_conn::options o;
-      o.host = "127.0.0.1";
-      o.port = r.api_port;
-      o.server_name = "localhost";
-      o.tls = test::client_tls(who);
-      o.connect_timeout_ms = 5000;
-      return relay::http::client_conn::create(&_loop, o);
+      auto o = test::v1_options(r.api_port, who);
+      o.connection.connect_timeout_ms = 5000;
+      o.request_timeout_ms = 5000;  // a long poll's: its wait plus this
+      return std::make_unique<relay::v1::client>(&_loop, std::move(o));
     };
     for (int i = 0; i < producers; ++i) _producers.push_back(make("producer"));
     for (int i = 0; i < workers; ++i) _workers.push_back(make("worker"));
   }
   ~load() {
-    for (auto* c : _producers) c->close();
-    for (auto* c : _workers) c->close();
+    // Callbacks of requests still out never run once their client is gone.
+    _producers.clear();
+    _workers.clear();
     uv_run(&_loop, UV_RUN_DEFAULT);
     uv_loop_close(&_loop);
   }
@@ -100,50 +99,58 @@ class load {
   }
 
  private:
+  // No answer at all (relay killed, connection lost, timed out): the
+  // client stops. An answer, even a refusal, lets it go on.
+  static bool answered(const relay::v1::error& e) { return e.what != relay::v1::error::kind::transport; }
+
   void produce(size_t i) {
     if (_stopping || submitted >= max_submits) return;
     std::string payload = "\"p-" + std::to_string(_cycle) + "-" + std::to_string(submitted++) + "\"";
+    relay::v1::submit_request r;
+    r.queue = "work";
+    r.payload = payload;
+    r.lease_ms = 1000;
     ++_outstanding;
-    _producers[i]->request("POST", "/v1/queues/work/jobs", R"({"payload":)" + payload + R"(,"lease_ms":1000})",
-                           [this, i, payload](const relay::http::client_error& e, relay::http::client_response& r) {
-                             --_outstanding;
-                             if (!e && r.status == 201) acked_submits[field(r.body, "id")] = payload;
-                             if (!e) produce(i);
-                           },
-                           5000);
+    _producers[i]->submit(r, [this, i, payload](const relay::v1::error& e, relay::v1::submitted& s) {
+      --_outstanding;
+      if (!e && s.created && s.ids.size() == 1) acked_submits[s.ids[0]] = payload;  // 201
+      if (answered(e)) produce(i);
+    });
   }
   void work(size_t i) {
     if (_stopping) return;
     if (_draining && _empty[i] >= 3) return;
+    relay::v1::lease_request r;
+    r.queue = "work";
+    r.max = _draining ? 16 : 4;
+    r.wait_ms = _draining ? 1500 : 100;
+    r.lease_ms = 1000;  // as every job's own (the drain waits longer than a lease lasts)
     ++_outstanding;
-    _workers[i]->request("POST", "/v1/queues/work/lease", _draining ? R"({"max":16,"wait_ms":1500})" : R"({"max":4,"wait_ms":100})",
-                         [this, i](const relay::http::client_error& e, relay::http::client_response& r) {
-                           --_outstanding;
-                           if (e) return;
-                           if (_draining) _empty[i] = r.body == R"({"jobs":[]})" ? _empty[i] + 1 : 0;
-                           complete_all(i, r.body, 0);
-                         },
-                         5000);
+    _workers[i]->lease(r, [this, i](const relay::v1::error& e, relay::v1::lease_answer& a) {
+      --_outstanding;
+      if (!answered(e)) return;
+      if (e) a.jobs.clear();  // refused: nothing leased
+      // {"jobs":[]}: an empty lease.
+      if (_draining) _empty[i] = !e && a.jobs.empty() && a.rejected.empty() ? _empty[i] + 1 : 0;
+      complete_all(i, std::make_shared<std::vector<relay::v1::leased_job>>(std::move(a.jobs)), 0);
+    });
   }
   // Completes the leased jobs one after another, then leases again.
-  void complete_all(size_t i, std::string body, size_t from) {
-    size_t at = body.find("{\"id\":\"", from);
-    if (at == std::string::npos || _stopping) {
+  void complete_all(size_t i, std::shared_ptr<std::vector<relay::v1::leased_job>> jobs, size_t from) {
+    if (from >= jobs->size() || _stopping) {
       work(i);
       return;
     }
-    std::string rest = body.substr(at);
-    std::string id = field(rest, "id"), lease = field(rest, "lease");
+    const auto& job = (*jobs)[from];
+    std::string id = job.id;
     std::string result = "{\"done\":\"" + id + "\",\"cycle\":" + std::to_string(_cycle) + "}";
     ++_outstanding;
-    _workers[i]->request("POST", "/v1/jobs/" + id + "/complete", R"({"lease":")" + lease + R"(","result":)" + result + "}",
-                         [this, i, id, result, body, at](const relay::http::client_error& e, relay::http::client_response& r) {
-                           --_outstanding;
-                           if (e) return;
-                           if (r.status == 200) acked_results[id] = result;
-                           complete_all(i, body, at + 1);
-                         },
-                         5000);
+    _workers[i]->complete(id, job.lease, result, [this, i, id, result, jobs, from](const relay::v1::error& e) {
+      --_outstanding;
+      if (!answered(e)) return;
+      if (!e) acked_results[id] = result;  // 200
+      complete_all(i, jobs, from + 1);
+    });
   }
 
   uv_loop_t _loop;
@@ -153,26 +160,27 @@ class load {
   bool _draining = false;
   std::vector<int> _empty;
   int _outstanding = 0;
-  std::vector<relay::http::client_conn*> _producers, _workers;
+  std::vector<std::unique_ptr<relay::v1::client>> _producers, _workers;
 };
 
 // GET every job in `ids` over one pipelined connection: id → body (or "" if
-// the status was not 200).
+// the job could not be read: not 200, or not a job).
 std::map<std::string, std::string> fetch_all(const relay_process& relay, const std::vector<std::string>& ids) {
   std::map<std::string, std::string> out;
-  test::sync_client c(relay.api_port, "admin");
+  test::test_loop loop;
+  relay::v1::client c(&loop.loop, test::v1_options(relay.api_port, "admin"));
   size_t next = 0, done = 0;
   std::function<void()> issue = [&] {
     if (next >= ids.size()) return;
     std::string id = ids[next++];
-    c.conn->request("GET", "/v1/jobs/" + id, {}, [&, id](const relay::http::client_error& e, relay::http::client_response& r) {
-      out[id] = !e && r.status == 200 ? r.body : std::string();
+    c.get_job(id, 0, [&, id](const relay::v1::error& e, relay::v1::job_view& v) {
+      out[id] = !e ? v.raw : std::string();
       ++done;
       issue();
-    }, 30000);
+    });
   };
   for (int i = 0; i < 64; ++i) issue();
-  while (done < ids.size()) uv_run(&c.loop, UV_RUN_ONCE);
+  while (done < ids.size()) uv_run(&loop.loop, UV_RUN_ONCE);
   return out;
 }
 
@@ -381,23 +389,32 @@ TEST_CASE("compaction keeps the journal near the size of the live data") {
     for (int i = 0; i < 3; ++i)
       keep.push_back(field(relay.curl("producer", "POST", "/v1/queues/keep/jobs", R"({"payload":"keep me"})").body, "id"));
     std::string big(400, 'x');
-    test::sync_client producer(relay.api_port, "producer");
-    test::sync_client worker(relay.api_port, "worker");
+    relay::v1::blocking_client producer(test::v1_options(relay.api_port, "producer"));
+    relay::v1::blocking_client worker(test::v1_options(relay.api_port, "worker"));
+    relay::v1::submit_request batch;
+    batch.queue = "render";
+    batch.batch = true;
+    batch.payload = "[";
+    for (int i = 0; i < 50; ++i) batch.payload += std::string(i ? "," : "") + "\"" + big + "\"";
+    batch.payload += "]";
+    relay::v1::lease_request fifty;
+    fifty.queue = "render";
+    fifty.max = 50;
     for (int round = 0; round < 40; ++round) {
-      std::string batch = "[";
-      for (int i = 0; i < 50; ++i) batch += std::string(i ? "," : "") + R"({"payload":")" + big + R"("})";
-      batch += "]";
-      REQUIRE_EQ(producer.call("POST", "/v1/queues/render/jobs", batch).response.status, 201);
-      auto l = worker.call("POST", "/v1/queues/render/lease", R"({"max":50})");
-      std::string body = l.response.body;
+      auto s = producer.submit(batch);
+      REQUIRE_MESSAGE(!s.err, s.err.message);
+      REQUIRE(s.value.created);  // 201
+      auto l = worker.lease(fifty);
+      REQUIRE_MESSAGE(!l.err, l.err.message);
+      // Many completes in one request: /v1/results has no typed call.
       std::string results = "[";
-      for (size_t at = body.find("{\"id\":\""); at != std::string::npos; at = body.find("{\"id\":\"", at + 1)) {
-        std::string rest = body.substr(at);
-        results += std::string(results.size() > 1 ? "," : "") + R"({"id":")" + field(rest, "id") + R"(","lease":")" +
-                   field(rest, "lease") + R"(","result":")" + big + R"("})";
+      for (const auto& j : l.value.jobs) {
+        results += std::string(results.size() > 1 ? "," : "") + R"({"id":")" + j.id + R"(","lease":")" + j.lease +
+                   R"(","result":")" + big + R"("})";
       }
       results += "]";
-      REQUIRE_EQ(worker.call("POST", "/v1/results", results).response.status, 200);
+      auto r = worker.call("POST", "/v1/results", results);
+      REQUIRE_MESSAGE(!r.err, r.err.message);  // 200
     }
     // 2,000 jobs of ~1 KB went through (~2 MB of records); once their
     // results expire, compaction brings the journal down to the live data.

@@ -108,14 +108,20 @@ TEST_CASE("lease max_bytes: a parked long poll woken later keeps its bound") {
   relay_process relay;
   // Parked first, on an empty queue; woken by the first of a batch of
   // three. Its bound is below one job, so it gets that one; the others wait.
-  test::sync_client worker(relay.api_port, "worker");
-  std::string got;
+  test::test_loop loop;
+  relay::v1::client worker(&loop.loop, test::v1_options(relay.api_port, "worker"));
+  relay::v1::lease_request bounded;
+  bounded.queue = "render";
+  bounded.max = 5;
+  bounded.max_bytes = 100;
+  bounded.wait_ms = 20000;
+  relay::v1::error err;
+  relay::v1::lease_answer got;
   bool done = false;
-  worker.conn->request("POST", "/v1/queues/render/lease", R"({"max":5,"max_bytes":100,"wait_ms":20000})",
-                       [&](const relay::http::client_error&, relay::http::client_response& r) { got = r.body, done = true; });
+  worker.lease(bounded, [&](const relay::v1::error& e, relay::v1::lease_answer& a) { err = e, got = std::move(a), done = true; });
   bool parked = false;
   for (int i = 0; i < 500 && !parked; ++i) {
-    uv_run(&worker.loop, UV_RUN_NOWAIT);
+    uv_run(&loop.loop, UV_RUN_NOWAIT);
     // A queue with waiters only is no queue (issue 10): read the metrics.
     parked = relay.ops_get("/metrics").body.find("relay_parked_requests{kind=\"lease\"} 1\n") != std::string::npos;
     if (!parked) std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -125,9 +131,11 @@ TEST_CASE("lease max_bytes: a parked long poll woken later keeps its bound") {
   auto b = relay.curl("producer", "POST", "/v1/queues/render/jobs", "[" + job + "," + job + "," + job + "]");
   REQUIRE_MESSAGE(b.status == 201, b.body);
   auto t0 = std::chrono::steady_clock::now();
-  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(15)) uv_run(&worker.loop, UV_RUN_ONCE);
+  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(15)) uv_run(&loop.loop, UV_RUN_ONCE);
   REQUIRE(done);
-  CHECK_EQ(jobs_in(got), 1u);
+  REQUIRE_MESSAGE(!err, err.message);
+  CHECK_EQ(got.jobs.size(), 1u);
+  CHECK(got.rejected.empty());
   auto rest = relay.curl("worker", "POST", "/v1/queues/render/lease", R"({"max":5})");
   CHECK_EQ(jobs_in(rest.body), 2u);
   CHECK_EQ(count(rest.body, "\"attempt\":1,"), 2u);

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <thread>
 
+#include "../support/raw_client.h"
 #include "../support/relay_fixture.h"
 
 using test::field;
@@ -23,7 +24,7 @@ TEST_CASE("a client without a certificate is refused in the handshake") {
                line->find("peer did not return a certificate") != std::string::npos;
   CHECK_MESSAGE(named, *line);
 
-  test::sync_client own(relay.api_port, "");
+  test::raw_client own(relay.api_port, "");
   auto o = own.call("GET", "/v1/queues");
   CHECK_EQ(o.error.what, relay::http::client_error::kind::tls);
   CHECK_EQ(o.response.status, 0);
@@ -52,7 +53,7 @@ TEST_CASE("certificates from another CA, expired or revoked are refused") {
 
 TEST_CASE("relay's own certificate is checked by name on the client side") {
   relay_process relay;
-  test::sync_client wrong(relay.api_port, "producer", "wrong.test");
+  test::raw_client wrong(relay.api_port, "producer", "wrong.test");
   auto r = wrong.call("GET", "/v1/queues");
   CHECK_EQ(r.error.what, relay::http::client_error::kind::tls);
   // The message is for people; these say it names the reason, in either
@@ -105,10 +106,10 @@ TEST_CASE("each permission is enforced, and denials are audited") {
   }
   SUBCASE("relay takes the principal from the certificate's URI SAN") {
     relay.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload":1})");
-    test::sync_client own(relay.api_port, "worker");
+    test::raw_client own(relay.api_port, "worker");
     auto r = own.call("POST", "/v1/queues/work/lease", "{}");
     CHECK_EQ(r.response.status, 200);
-    CHECK_EQ(own.conn->server_identity().dns_san, "localhost");
+    CHECK_EQ(own.conn().server_identity().dns_san, "localhost");
     CHECK_EQ(relay.curl("worker", "POST", "/v1/queues/billing/lease", "{}").status, 403);
     auto line = relay.proc->wait_for_line("\"queue\":\"billing\"");
     REQUIRE(line.has_value());

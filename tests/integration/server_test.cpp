@@ -101,21 +101,28 @@ TEST_CASE("the ops listener serves health, readiness and metrics, and nothing el
 
 TEST_CASE("SIGTERM drains: parked long polls are answered, then relay exits 0") {
   relay_process relay;
-  test::sync_client worker(relay.api_port, "worker");
+  test::test_loop loop;
+  relay::v1::client worker(&loop.loop, test::v1_options(relay.api_port, "worker"));
   bool done = false;
-  relay::http::client_response got;
-  worker.conn->request("POST", "/v1/queues/render/lease", R"({"wait_ms":30000})",
-                       [&](const relay::http::client_error&, relay::http::client_response& r) { got = std::move(r), done = true; });
+  relay::v1::error err;
+  relay::v1::lease_answer got;
+  relay::v1::lease_request parked;
+  parked.queue = "render";
+  parked.wait_ms = 30000;
+  worker.lease(parked, [&](const relay::v1::error& e, relay::v1::lease_answer& a) { err = e, got = std::move(a), done = true; });
   for (int i = 0; i < 500 && relay.curl("admin", "GET", "/v1/queues/render").status != 200; ++i) {
-    uv_run(&worker.loop, UV_RUN_NOWAIT);
+    uv_run(&loop.loop, UV_RUN_NOWAIT);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   relay.proc->signal(SIGTERM);
   auto t0 = std::chrono::steady_clock::now();
-  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) uv_run(&worker.loop, UV_RUN_ONCE);
+  while (!done && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10)) uv_run(&loop.loop, UV_RUN_ONCE);
   REQUIRE(done);
-  CHECK_EQ(got.status, 200);
-  CHECK_EQ(got.body, R"({"jobs":[]})");
+  CHECK_MESSAGE(!err, err.message);  // 200
+  // {"jobs":[]}: nothing leased, nothing refused.
+  CHECK(got.jobs.empty());
+  CHECK(got.rejected.empty());
+  CHECK_EQ(got.bytes, std::string_view(R"({"jobs":[]})").size());
   CHECK_EQ(relay.proc->wait(10000), 0);
   CHECK(relay.proc->wait_for_line("\"event\":\"draining\"").has_value());
   CHECK(relay.proc->wait_for_line("\"event\":\"stopped\"").has_value());

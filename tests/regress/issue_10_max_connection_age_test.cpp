@@ -75,6 +75,8 @@ TEST_CASE("limits.max_connection_age_ms retires connections between requests, ne
 // The project's client (bunny, relayctl) pipelines: a request sent behind
 // the answer that retires a connection was never processed (relay discards
 // it), and used to fail with "server closed the connection".
+// http::client_conn itself is under test (its re-send of pipelined
+// requests), so this test drives it directly, not through relay::v1.
 TEST_CASE("the project's client sends again what it pipelined behind an answer that retires the connection") {
   relay_process relay({"--set", "limits.max_connection_age_ms=1000"});
   uv_loop_t loop;

@@ -1,7 +1,7 @@
 // A real relay process on ephemeral loopback ports, with a PKI made by
 // tests/support/pki.sh (the openssl CLI), and three ways to talk to it:
-// the real curl, the project's own client (client_conn), and a raw TLS
-// pipe for sending bytes no well-behaved client would send.
+// the real curl, the project's own v1 client (relay/v1_client.h), and a
+// raw TLS pipe for sending bytes no well-behaved client would send.
 #pragma once
 
 #include <arpa/inet.h>
@@ -18,6 +18,7 @@
 #include "process.h"
 #include "relay/http_client.h"
 #include "relay/tls.h"
+#include "relay/v1_client.h"
 #include "tmpdir.h"
 
 namespace test {
@@ -155,48 +156,34 @@ inline std::shared_ptr<const relay::tls::context> client_tls(const std::string& 
   return ctx;
 }
 
-// The project's own client on a private loop, used synchronously.
-class sync_client {
+// Options for the project's v1 client (relay/v1_client.h) to the relay
+// under test, presenting `who`.crt/.key from the PKI (none when `who` is
+// empty). For relay::v1::blocking_client, or relay::v1::client on a
+// test_loop.
+inline relay::v1::client::options v1_options(uint16_t port, const std::string& who,
+                                             const std::string& server_name = "localhost") {
+  relay::v1::client::options o;
+  o.connection.host = "127.0.0.1";
+  o.connection.port = port;
+  o.connection.server_name = server_name;
+  o.connection.tls = client_tls(who);
+  return o;
+}
+
+// A libuv loop the test runs itself, for asynchronous v1 clients whose
+// calls are raced against something else (a long poll woken by a submit, a
+// drain). Declare it before the clients on it: they go first, then the loop
+// runs until their connections have closed.
+class test_loop {
  public:
-  sync_client(uint16_t port, const std::string& who, const std::string& server_name = "localhost") {
-    uv_loop_init(&loop);
-    relay::http::client_conn::options o;
-    o.host = "127.0.0.1";
-    o.port = port;
-    o.server_name = server_name;
-    o.tls = client_tls(who);
-    conn = relay::http::client_conn::create(&loop, o);
-  }
-  sync_client(const sync_client&) = delete;
-  sync_client& operator=(const sync_client&) = delete;
-  ~sync_client() {
-    conn->close();
+  test_loop() { uv_loop_init(&loop); }
+  test_loop(const test_loop&) = delete;
+  test_loop& operator=(const test_loop&) = delete;
+  ~test_loop() {
     uv_run(&loop, UV_RUN_DEFAULT);
     CHECK_EQ(uv_loop_close(&loop), 0);
   }
-
-  struct result {
-    relay::http::client_error error;
-    relay::http::client_response response;
-  };
-  // `extra_headers`: whole lines ending in CRLF (an Authorization header).
-  result call(const std::string& method, const std::string& path, const std::string& body = {},
-              uint32_t timeout_ms = 30000, const std::string& extra_headers = {}) {
-    result r;
-    bool done = false;
-    conn->request(method, path, body,
-                  [&](const relay::http::client_error& e, relay::http::client_response& resp) {
-                    r.error = e;
-                    r.response = std::move(resp);
-                    done = true;
-                  },
-                  timeout_ms, extra_headers);
-    while (!done) uv_run(&loop, UV_RUN_ONCE);
-    return r;
-  }
-
   uv_loop_t loop;
-  relay::http::client_conn* conn;
 };
 
 // A blocking TLS connection for sending exactly the bytes a test wants.
