@@ -50,7 +50,7 @@ struct client_error {
     timeout,    // connect_timeout_ms or the request's timeout_ms passed
     protocol,   // the server's bytes are not a valid HTTP/1.1 answer (or an unasked one)
     too_large,  // the answer exceeds max_response_bytes
-    refused,    // the request itself is malformed (CR/LF in a header line or target); nothing was sent
+    refused,    // the request itself is malformed (see request()); nothing was sent
     closed,     // close() was called by the owner
   };
   kind what = kind::none;
@@ -115,7 +115,7 @@ class client_conn final : private net::stream_handler {
     uint64_t deadline = 0;  // uv_now() ms; 0: none
     bool sent = false;
   };
-  struct refusal {
+  struct deferred_answer {
     callback cb;
     client_error error;
   };
@@ -141,8 +141,9 @@ class client_conn final : private net::stream_handler {
   void fail_all(const client_error& error);
   // Closes the transport and fails every outstanding request with `error`.
   void drop(const client_error& error);
-  // Answers the requests request() refused.
-  void answer_refused();
+  // Answers the requests that failed before a connection was tried
+  // (refused, or the resolver would not start).
+  void answer_deferred();
   void arm_timer();
   void reset_transport();
 
@@ -164,9 +165,9 @@ class client_conn final : private net::stream_handler {
   tls::identity _server;
   response_parser _parser;
   std::deque<pending> _queue;
-  // Refused by request(), answered from the timer so that no callback runs
-  // on the caller's stack.
-  std::deque<refusal> _refused;
+  // Failed inside request(), answered from the timer so that no callback
+  // runs on the caller's stack.
+  std::deque<deferred_answer> _deferred;
   bool _closing = false;
 };
 
