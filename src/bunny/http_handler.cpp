@@ -88,8 +88,6 @@ class pool {
     _timer = nullptr;
   }
 
-  size_t idle() const { return _idle.size(); }
-
  private:
   struct idle_conn {
     http::client_conn* conn;
