@@ -8,9 +8,12 @@
 // owner's decision. An answer with Connection: close, or one whose body ends
 // with the stream (HTTP/1.0 services), is not a failure: the server
 // processed nothing after it, so requests pipelined behind it are sent again
-// on a new connection. Interim 1xx answers (100 Continue, 103 Early Hints)
-// are skipped; the request waits for its final answer. The host name is
-// resolved again on every connect.
+// on a new connection. Over TLS such a body counts only if the server ended
+// the stream with close_notify; a bare FIN or reset may be a truncation by
+// anyone on the path, so the request fails with kind `lost`. Interim 1xx
+// answers (100 Continue, 102, 103 Early Hints) are skipped and the request
+// waits for its final answer; a 101 is a protocol error, since the client
+// never asks to upgrade. The host name is resolved again on every connect.
 //
 // Callbacks: each request's callback runs exactly once. It runs from a
 // libuv callback of this connection (a read, its timer, a stream end), or
@@ -87,7 +90,11 @@ class client_conn final : private net::stream_handler {
   // no connection opened for it) when `method` is not an HTTP token, when
   // `target` holds a byte outside visible ASCII (0x21-0x7E; so no space,
   // CR, LF or NUL), or when `extra_headers` holds a line that is not a
-  // token name, a colon and a value free of CR, LF and NUL, ended by CRLF.
+  // token name, a colon and a value of visible characters, spaces, tabs and
+  // bytes >= 0x80 (so no CR, LF, NUL or other control byte), ended by CRLF,
+  // or a line that sets Host, Content-Length or Transfer-Encoding (the
+  // connection writes those itself; a second copy would make the framing
+  // ambiguous).
   // Callers pass job ids and the like into these: the check stops a value
   // that slipped past their own validation from ending the request early
   // and smuggling a second one.
