@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <csignal>
 #include <string>
 
 #include "../support/bunny_fixture.h"
@@ -36,6 +37,10 @@ void run_jobs(const test::relay_process& relay, const std::string& address, int 
     CHECK_MESSAGE(test::field(job, "state") == "succeeded", job);
     CHECK_MESSAGE(job.find(R"("result":{"echo":{"n":)" + std::to_string(i) + "}}") != std::string::npos, job);
   }
+  // Idle connections kept for later jobs must not keep bunny from exiting
+  // (its loop ends only when every handle is closed) nor leak.
+  bunny.proc->signal(SIGTERM);
+  CHECK_EQ(bunny.proc->wait(10000), 0);
 }
 
 }  // namespace
