@@ -8,9 +8,12 @@
 // owner's decision. An answer with Connection: close, or one whose body ends
 // with the stream (HTTP/1.0 services), is not a failure: the server
 // processed nothing after it, so requests pipelined behind it are sent again
-// on a new connection. Interim 1xx answers (100 Continue, 103 Early Hints)
-// are skipped; the request waits for its final answer. The host name is
-// resolved again on every connect.
+// on a new connection. Over TLS such a body counts only if the server ended
+// the stream with close_notify; a bare FIN or reset may be a truncation by
+// anyone on the path, so the request fails with kind `lost`. Interim 1xx
+// answers (100 Continue, 102, 103 Early Hints) are skipped and the request
+// waits for its final answer; a 101 is a protocol error, since the client
+// never asks to upgrade. The host name is resolved again on every connect.
 //
 // Callbacks: each request's callback runs exactly once. It runs from a
 // libuv callback of this connection (a read, its timer, a stream end), or
@@ -50,7 +53,7 @@ struct client_error {
     timeout,    // connect_timeout_ms or the request's timeout_ms passed
     protocol,   // the server's bytes are not a valid HTTP/1.1 answer (or an unasked one)
     too_large,  // the answer exceeds max_response_bytes
-    refused,    // the request itself is malformed (CR/LF in a header line or target); nothing was sent
+    refused,    // the request itself is malformed (see request()); nothing was sent
     closed,     // close() was called by the owner
   };
   kind what = kind::none;
@@ -87,7 +90,11 @@ class client_conn final : private net::stream_handler {
   // no connection opened for it) when `method` is not an HTTP token, when
   // `target` holds a byte outside visible ASCII (0x21-0x7E; so no space,
   // CR, LF or NUL), or when `extra_headers` holds a line that is not a
-  // token name, a colon and a value free of CR, LF and NUL, ended by CRLF.
+  // token name, a colon and a value of visible characters, spaces, tabs and
+  // bytes >= 0x80 (so no CR, LF, NUL or other control byte), ended by CRLF,
+  // or a line that sets Host, Content-Length or Transfer-Encoding (the
+  // connection writes those itself; a second copy would make the framing
+  // ambiguous).
   // Callers pass job ids and the like into these: the check stops a value
   // that slipped past their own validation from ending the request early
   // and smuggling a second one.
@@ -115,7 +122,7 @@ class client_conn final : private net::stream_handler {
     uint64_t deadline = 0;  // uv_now() ms; 0: none
     bool sent = false;
   };
-  struct refusal {
+  struct deferred_answer {
     callback cb;
     client_error error;
   };
@@ -141,8 +148,9 @@ class client_conn final : private net::stream_handler {
   void fail_all(const client_error& error);
   // Closes the transport and fails every outstanding request with `error`.
   void drop(const client_error& error);
-  // Answers the requests request() refused.
-  void answer_refused();
+  // Answers the requests that failed before a connection was tried
+  // (refused, or the resolver would not start).
+  void answer_deferred();
   void arm_timer();
   void reset_transport();
 
@@ -165,9 +173,9 @@ class client_conn final : private net::stream_handler {
   response_parser _parser;
   std::deque<pending> _queue;
   size_t _answerable = 0;  // requests the bytes being parsed may answer
-  // Refused by request(), answered from the timer so that no callback runs
-  // on the caller's stack.
-  std::deque<refusal> _refused;
+  // Failed inside request(), answered from the timer so that no callback
+  // runs on the caller's stack.
+  std::deque<deferred_answer> _deferred;
   bool _closing = false;
 };
 

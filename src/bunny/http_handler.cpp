@@ -88,8 +88,6 @@ class pool {
     _timer = nullptr;
   }
 
-  size_t idle() const { return _idle.size(); }
-
  private:
   struct idle_conn {
     http::client_conn* conn;
@@ -177,8 +175,9 @@ class http_run final : public handler_run {
       else _outcome.error = "http handler's answer is not a JSON result (" + why + ")";
     }
     // Any complete answer, 2xx or not, leaves the connection in a known
-    // state; a failure leaves it closed or in doubt.
-    _reusable = !error;
+    // state, and so does a refused request (nothing was sent); any other
+    // failure leaves it closed or in doubt.
+    _reusable = !error || error.what == http::client_error::kind::refused;
     uv_timer_start(&_defer, on_defer, 0, 0);
   }
 

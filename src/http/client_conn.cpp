@@ -110,7 +110,7 @@ void client_conn::request(std::string_view method, std::string_view target, std:
     return;
   }
   if (std::string why = check_request(method, target, extra_headers); !why.empty()) {
-    _refused.push_back({std::move(cb), client_error{kind::refused, "request refused, nothing sent: " + why}});
+    _deferred.push_back({std::move(cb), client_error{kind::refused, "request refused, nothing sent: " + why}});
     arm_timer();
     return;
   }
@@ -135,10 +135,10 @@ void client_conn::request(std::string_view method, std::string_view target, std:
   arm_timer();
 }
 
-void client_conn::answer_refused() {
-  std::deque<refusal> refused;
-  refused.swap(_refused);
-  for (auto& r : refused) {
+void client_conn::answer_deferred() {
+  std::deque<deferred_answer> answers;
+  answers.swap(_deferred);
+  for (auto& r : answers) {
     client_response none;
     r.cb(r.error, none);
   }
@@ -159,7 +159,12 @@ void client_conn::start_connect() {
     delete _resolve;
     _resolve = nullptr;
     _state = state::idle;
-    fail_all({kind::connect, "resolve " + _options.host + ": " + uv_strerror(rc)});
+    _connect_deadline = 0;
+    // Called from request() too: the answers go out from the timer.
+    client_error error{kind::connect, "resolve " + _options.host + ": " + uv_strerror(rc)};
+    for (auto& p : _queue) _deferred.push_back({std::move(p.cb), error});
+    _queue.clear();
+    arm_timer();
   }
 }
 
@@ -356,7 +361,7 @@ void client_conn::reset_transport() {
 
 void client_conn::arm_timer() {
   if (_closing) return;
-  if (!_refused.empty()) {
+  if (!_deferred.empty()) {
     uv_timer_start(&_timer, on_timer, 0, 0);
     return;
   }
@@ -373,9 +378,9 @@ void client_conn::arm_timer() {
 
 void client_conn::on_timer(uv_timer_t* t) {
   auto* c = static_cast<client_conn*>(t->data);
-  if (!c->_refused.empty()) {
-    c->answer_refused();
-    // A refused request's callback may have closed the connection.
+  if (!c->_deferred.empty()) {
+    c->answer_deferred();
+    // A callback may have closed the connection.
     if (c->_closing) return;
   }
   uint64_t now = uv_now(c->_loop);
@@ -408,9 +413,9 @@ void client_conn::close() {
   uv_timer_stop(&_timer);
   uv_close(reinterpret_cast<uv_handle_t*>(&_timer), on_timer_closed);
   reset_transport();
-  // The timer that would have answered them is closing: refused requests
-  // get their answer now, like everything else outstanding.
-  answer_refused();
+  // The timer that would have answered them is closing: requests refused
+  // or failed early get their answer now, like everything else outstanding.
+  answer_deferred();
   fail_all({kind::closed, "the connection was closed"});
 }
 

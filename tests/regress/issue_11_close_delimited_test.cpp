@@ -3,12 +3,17 @@
 // as Python's http.server send. The client must complete it at EOF rather
 // than fail it, must not reuse the connection after it (requests behind it
 // go again on a new one), and must still fail an answer that EOF cuts short
-// inside a Content-Length or chunked body (kind lost). End to end: bunny's
-// http handler against such a service.
+// inside a Content-Length or chunked body (kind lost). Over TLS such a body
+// ends only with the server's close_notify: a bare FIN may be a truncation
+// by anyone on the path (RFC 8446, 6.1). End to end: bunny's http handler
+// against such a service.
 #include <doctest/doctest.h>
 #include <uv.h>
 
+#include <atomic>
+#include <chrono>
 #include <string>
+#include <thread>
 
 #include "../support/bunny_fixture.h"
 #include "../support/raw_http_server.h"
@@ -62,7 +67,121 @@ struct client {
   client_conn* conn;
 };
 
+// Serves one TLS connection on a thread with relay's own TLS session:
+// reads one request, answers `answer`, then ends the stream with or without
+// close_notify (always with a FIN).
+class tls_once_server {
+ public:
+  tls_once_server(std::string answer, bool close_notify) {
+    const std::string& p = test::pki();
+    relay::tls::server_options o;
+    o.cert_file = p + "/server.crt";
+    o.key_file = p + "/server.key";
+    o.client_ca_file = p + "/ca.crt";
+    std::string error;
+    _ctx = relay::tls::context::make_server(o, error);
+    REQUIRE_MESSAGE(_ctx != nullptr, error);
+    _listen = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE_EQ(bind(_listen, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    REQUIRE_EQ(listen(_listen, 1), 0);
+    socklen_t len = sizeof a;
+    getsockname(_listen, reinterpret_cast<sockaddr*>(&a), &len);
+    port = ntohs(a.sin_port);
+    _thread = std::thread([this, answer = std::move(answer), close_notify] { serve(answer, close_notify); });
+  }
+  ~tls_once_server() {
+    _thread.join();
+    ::close(_listen);
+  }
+  uint16_t port = 0;
+  std::atomic<bool> answered{false};
+
+ private:
+  void serve(const std::string& answer, bool close_notify) {
+    pollfd lp{_listen, POLLIN, 0};
+    if (poll(&lp, 1, 5000) <= 0) return;
+    int fd = accept4(_listen, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) return;
+    relay::tls::session s(_ctx);
+    auto flush = [&] {
+      std::string out;
+      s.take_output(out);
+      for (size_t off = 0; off < out.size();) {
+        ssize_t n = ::send(fd, out.data() + off, out.size() - off, MSG_NOSIGNAL);
+        if (n <= 0) return;
+        off += static_cast<size_t>(n);
+      }
+    };
+    std::string plain;
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    // The client sends one request with Content-Length: 1.
+    while (std::chrono::steady_clock::now() < until) {
+      size_t head = plain.find("\r\n\r\n");
+      if (head != std::string::npos && plain.size() >= head + 5) break;
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      char buf[16384];
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      s.feed(buf, static_cast<size_t>(n));
+      if (s.read(plain) == relay::tls::session::status::error) break;
+      flush();
+    }
+    s.write(answer);
+    if (close_notify) s.shutdown();
+    flush();
+    answered = true;
+    ::shutdown(fd, SHUT_WR);
+    // Wait for the client to close too, so that our close sends no reset
+    // that could overtake what we sent.
+    for (int i = 0; i < 100; ++i) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      char buf[4096];
+      if (::recv(fd, buf, sizeof buf, 0) <= 0) break;
+    }
+    ::close(fd);
+  }
+
+  std::shared_ptr<const relay::tls::context> _ctx;
+  int _listen = -1;
+  std::thread _thread;
+};
+
 }  // namespace
+
+TEST_CASE("over TLS, an answer ended by the close counts only when the server sent close_notify") {
+  bool close_notify = false;
+  SUBCASE("with close_notify: complete") { close_notify = true; }
+  SUBCASE("without: perhaps truncated, so lost") { close_notify = false; }
+  tls_once_server server("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"whole\":true}", close_notify);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  client_conn::options o;
+  o.host = "127.0.0.1";
+  o.port = server.port;
+  o.server_name = "localhost";
+  o.tls = test::client_tls("worker");
+  client_conn* c = client_conn::create(&loop, o);
+  outcome got;
+  c->request("POST", "/run", "1", record(got), 10000);
+  REQUIRE(test::run_until(&loop, [&] { return got.done; }));
+  CHECK(server.answered);
+  if (close_notify) {
+    CHECK_MESSAGE(!got.error, got.error.message);
+    CHECK_EQ(got.response.status, 200);
+    CHECK_EQ(got.response.body, R"({"whole":true})");
+  } else {
+    CHECK_EQ(got.error.what, client_error::kind::lost);
+    CHECK_EQ(got.response.status, 0);
+  }
+  c->close();
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK_EQ(uv_loop_close(&loop), 0);
+}
 
 TEST_CASE("an HTTP/1.0 answer ended by the close is delivered, and the next request gets a new connection") {
   raw_http_server server(http10_echo);

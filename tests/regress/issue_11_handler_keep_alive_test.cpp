@@ -5,6 +5,8 @@
 // failed or timed out.
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <csignal>
 #include <string>
 
 #include "../support/bunny_fixture.h"
@@ -35,6 +37,10 @@ void run_jobs(const test::relay_process& relay, const std::string& address, int 
     CHECK_MESSAGE(test::field(job, "state") == "succeeded", job);
     CHECK_MESSAGE(job.find(R"("result":{"echo":{"n":)" + std::to_string(i) + "}}") != std::string::npos, job);
   }
+  // Idle connections kept for later jobs must not keep bunny from exiting
+  // (its loop ends only when every handle is closed) nor leak.
+  bunny.proc->signal(SIGTERM);
+  CHECK_EQ(bunny.proc->wait(10000), 0);
 }
 
 }  // namespace
@@ -55,21 +61,32 @@ TEST_CASE("an answer with Connection: close is not reused") {
   CHECK_EQ(service.connections(), 3u);
 }
 
-TEST_CASE("a connection whose request failed is not reused") {
+TEST_CASE("a connection whose request failed or timed out is not reused") {
   test::relay_process relay;
-  int calls = 0;
-  // The first answer is garbage (a protocol error: the run fails); the
-  // connection it came on must not carry the next job.
-  raw_http_server service([&calls](const std::string& r) {
-    if (calls++ == 0) return raw_http_server::answer{{"HTTP/1.1 2OO OK\r\n\r\n"}, 0, false};
+  // The first request gets a broken answer, or none before the handler's
+  // timeout; the connection it went on must not carry the next job.
+  raw_http_server::answer first;
+  std::string expect_error;
+  SUBCASE("a protocol error") {
+    first = {{"HTTP/1.1 2OO OK\r\n\r\n"}, 0, false};
+    expect_error = "http handler: malformed response";
+  }
+  SUBCASE("a timeout") {
+    first = {{}, 0, false};
+    expect_error = "http handler: timed out";
+  }
+  std::atomic<int> calls{0};
+  raw_http_server service([&](const std::string& r) {
+    if (calls++ == 0) return first;
     return keep_alive_echo(r, false);
   });
   test::bunny_process bunny(relay, {.queues = R"(["render"])",
-                                    .handler = R"({"http": "http://)" + service.address() + R"(/run", "timeout_ms": 10000})"});
+                                    .handler = R"({"http": "http://)" + service.address() + R"(/run", "timeout_ms": 1000})"});
   auto bad = relay.curl("producer", "POST", "/v1/queues/render/jobs", R"({"payload":0,"max_attempts":1})");
   REQUIRE_MESSAGE(bad.status == 201, bad.body);
   std::string failed = test::wait_job(relay, test::field(bad.body, "id"));
   CHECK_MESSAGE(test::field(failed, "state") == "dead", failed);
+  CHECK_MESSAGE(test::field(failed, "error").rfind(expect_error, 0) == 0, failed);
   for (int i = 1; i <= 2; ++i) {
     auto r = relay.curl("producer", "POST", "/v1/queues/render/jobs",
                         R"({"payload":)" + std::to_string(i) + R"(,"max_attempts":1})");

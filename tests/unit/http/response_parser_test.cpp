@@ -90,6 +90,84 @@ TEST_CASE("an interim response alone is not a response") {
   CHECK_FALSE(p.started());
 }
 
+TEST_CASE("102 Processing and a 1xx with a body-less Content-Length are interim too, in any read sizes") {
+  std::string in =
+      "HTTP/1.1 102 Processing\r\n\r\n"
+      "HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n"
+      "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+      "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+      "HTTP/1.1 100 Continue\r\n\r\n"
+      "HTTP/1.1 202 Accepted\r\nContent-Length: 1\r\n\r\n1";
+  for (size_t step : {size_t{0}, size_t{1}, size_t{5}}) {
+    CAPTURE(step);
+    response_parser p(1024);
+    collected c = feed(p, in, step);
+    CHECK_FALSE(c.failed);
+    REQUIRE_EQ(c.responses.size(), 2u);
+    CHECK_EQ(c.responses[0].status, 200);
+    CHECK_EQ(c.responses[0].body, "{}");
+    CHECK_EQ(c.responses[1].status, 202);
+    CHECK_EQ(c.responses[1].body, "1");
+  }
+}
+
+TEST_CASE("the end of the stream right after an interim response completes nothing") {
+  response_parser p(1024);
+  collected c = feed(p, "HTTP/1.1 100 Continue\r\n\r\n");
+  CHECK(c.responses.empty());
+  // The final answer never came: for the connection that is "lost", not a
+  // response; the parser has nothing under way to complete.
+  CHECK(p.finish() == event::need_more);
+  CHECK(p.error_kind() == response_parser::failure::none);
+}
+
+TEST_CASE("an HTTP/1.0 answer without Content-Length ends with the stream") {
+  response_parser p(1024);
+  collected c = feed(p, "HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6\r\nContent-Type: application/json\r\n\r\n{\"a\":", 3);
+  CHECK_FALSE(c.failed);
+  CHECK(c.responses.empty());
+  feed(p, "1}");
+  REQUIRE(p.finish() == event::response_complete);
+  CHECK_EQ(p.current().status, 200);
+  CHECK_EQ(p.current().body, "{\"a\":1}");
+  CHECK_FALSE(p.keep_alive());
+}
+
+TEST_CASE("errors say what kind they are") {
+  SUBCASE("malformed") {
+    response_parser p(1024);
+    CHECK(feed(p, "HTTP/1.1 2OO OK\r\n\r\n").failed);
+    CHECK(p.error_kind() == response_parser::failure::malformed);
+  }
+  SUBCASE("101") {
+    response_parser p(1024);
+    CHECK(feed(p, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n").failed);
+    CHECK(p.error_kind() == response_parser::failure::malformed);
+  }
+  SUBCASE("too large, announced") {
+    response_parser p(4);
+    CHECK(feed(p, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n").failed);
+    CHECK(p.error_kind() == response_parser::failure::too_large);
+  }
+  SUBCASE("too large, close-delimited") {
+    response_parser p(4);
+    CHECK(feed(p, "HTTP/1.0 200 OK\r\n\r\n12345").failed);
+    CHECK(p.error_kind() == response_parser::failure::too_large);
+  }
+  SUBCASE("cut short") {
+    response_parser p(1024);
+    feed(p, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
+    CHECK(p.finish() == event::error);
+    CHECK(p.error_kind() == response_parser::failure::cut_short);
+  }
+  SUBCASE("reset() forgets it") {
+    response_parser p(1024);
+    CHECK(feed(p, "nonsense\r\n\r\n").failed);
+    p.reset();
+    CHECK(p.error_kind() == response_parser::failure::none);
+  }
+}
+
 TEST_CASE("a body without Content-Length ends with the stream and completes on finish") {
   response_parser p(1024);
   collected c = feed(p, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the", 4);
