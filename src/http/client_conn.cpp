@@ -274,6 +274,12 @@ void client_conn::parse(const std::string& data) {
       return;
     }
     if (!deliver()) return;
+    if (off < data.size() && _answerable == 0) {
+      // More bytes behind the last answer asked for (a local service that
+      // wrote extra after its answer): never the next request's answer.
+      drop({kind::protocol, "protocol error: bytes arrived that no request asked for"});
+      return;
+    }
   }
 }
 
