@@ -41,9 +41,12 @@ class exec_run final : public handler_run {
   }
 
   void cancel(std::string_view why) override {
-    if (_finished) return;
+    if (_finished || _cancelled) return;
     _cancelled = true;
     _why = why;
+    // Already on its way out after a timeout: the SIGKILL due is not pushed
+    // back (a lost lease, the drain's end and the stop each cancel).
+    if (_timed_out) return;
     signal_group(SIGTERM);
     uv_timer_start(&_timer, on_kill_timer, _h.options.kill_grace_ms, 0);
   }

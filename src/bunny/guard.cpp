@@ -75,13 +75,13 @@ std::vector<pid_t> children() {
   return out;
 }
 
-// bunny is gone: nothing the handler started may go on. Descendants that
-// left the process group (setsid, setpgid) are not reached by a group
-// kill, but as a subreaper the guard is the parent of each of them once
-// the process between them has died; so kill the children, wait for them,
-// and repeat with the ones they leave behind. Bounded, in case something
-// forks faster than it is killed; the group kill below still follows.
-[[noreturn]] void kill_everything() {
+// Kills everything the handler started. Descendants that left the process
+// group (setsid, setpgid) are not reached by a group kill, but as a
+// subreaper the guard is the parent of each of them once the process
+// between them has died; so kill the children, wait for them, and repeat
+// with the ones they leave behind. Bounded, in case something forks faster
+// than it is killed.
+void kill_descendants() {
   for (int round = 0; round < 64; ++round) {
     std::vector<pid_t> kids = children();
     if (kids.empty()) break;
@@ -91,6 +91,11 @@ std::vector<pid_t> children() {
       }
     }
   }
+}
+
+// bunny is gone: nothing the handler started may go on, the guard included.
+[[noreturn]] void kill_everything() {
+  kill_descendants();
   // The group: what is left of the handler's, and the guard itself.
   ::kill(0, SIGKILL);
   ::_exit(128 + SIGKILL);
@@ -176,7 +181,14 @@ int run_guard(int argc, char** argv) {
     pid_t pid;
     // Reap everything that ended: adopted descendants are the guard's to reap.
     while ((pid = ::waitpid(-1, &status, WNOHANG)) > 0) {
-      if (pid == handler) exit_like(status);
+      if (pid == handler) {
+        // The job ends with its handler: what the handler started and left
+        // running (a background process) would otherwise go on unwatched,
+        // past the job and past bunny. Its orphans are the guard's children
+        // by now.
+        kill_descendants();
+        exit_like(status);
+      }
     }
   }
 }

@@ -1,6 +1,7 @@
 // Issue 11, the attack review of the fixed bunny (a hostile relay and a
 // misbehaving local service): a newer attempt that lost its lease while it
-// waited was started anyway; one job's stale bytes on a pooled connection
+// waited was started anyway; what a handler left running behind it outlived
+// the job and bunny; one job's stale bytes on a pooled connection
 // became the next job's answer; the same lease sent twice restarted the
 // running attempt; one deep payload made a whole lease answer unreadable
 // and burnt the attempts of the jobs beside it. Plus the drain of a
@@ -26,6 +27,14 @@ using test::request_kind;
 using namespace std::chrono_literals;
 
 std::string tail(const std::string& log, size_t n = 4000) { return log.size() > n ? log.substr(log.size() - n) : log; }
+
+// Running, not a zombie (this sandbox's PID 1 may not reap).
+bool alive(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos && line.find('X') == std::string::npos;
+  return false;
+}
 
 
 bool sanitizer_report(const std::string& log) {
@@ -173,8 +182,27 @@ TEST_CASE("regress issue 11 (attack review): stale bytes on a pooled connection 
   CHECK(!sanitizer_report(r.bunny->proc->log()));
 }
 
-// FINDING: a handler's descendant that outlives the handler (a background
-// process) is neither killed when the job ends nor when bunny is SIGKILLed.
+// A handler's descendant that outlived the handler (a background process)
+// was killed neither when the job ended nor when bunny was SIGKILLed.
+TEST_CASE("regress issue 11 (attack review): what a handler leaves behind dies with bunny") {
+  test::tmpdir d;
+  std::string pidfile = d / "child.pid";
+  std::string handler = R"({"exec": [")" + test::handler_path("leaves_child.sh") + R"(", ")" + pidfile + R"("], "timeout_ms": 10000})";
+  rig r(handler);
+  fake_job job;
+  r.relay.push_lease({job});
+  REQUIRE(hostile_relay::wait_until([&] { return r.relay.count(request_kind::complete) >= 1; }, 8000));
+  pid_t child = static_cast<pid_t>(std::atol(test::read_file(pidfile).c_str()));
+  REQUIRE(child > 0);
+  CHECK_MESSAGE(!alive(child), "the handler's child " << child << " still runs after its job completed");
+  r.bunny->proc->signal(SIGKILL);
+  r.bunny->proc->wait(5000);
+  std::this_thread::sleep_for(1000ms);
+  bool survived = alive(child);
+  CHECK_MESSAGE(!survived, "the handler's child " << child << " survived bunny's SIGKILL");
+  if (survived) ::kill(child, SIGKILL);  // clean up what this test started
+}
+
 TEST_CASE("regress issue 11 (attack review): the same id under the same lease twice") {
   test::tmpdir d;
   std::string runs = d / "runs.log";
