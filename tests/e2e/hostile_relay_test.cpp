@@ -34,6 +34,8 @@ using test::action;
 using test::fake_job;
 using test::hostile_relay;
 using test::request_kind;
+using test::sanitizer_report;
+using test::quick_bunny_args;
 
 // ---- What the handler recorded ----
 
@@ -131,7 +133,6 @@ void check_no_overlap(const std::vector<handler_run>& runs, int tolerance_ms = 3
 
 // ---- bunny ----
 
-std::string tail(const std::string& log, size_t n = 4000) { return log.size() > n ? log.substr(log.size() - n) : log; }
 
 // Running, not exited (a zombie counts as exited).
 bool alive(pid_t pid) {
@@ -156,22 +157,18 @@ long metric(const std::string& text, const std::string& name) {
   return total;
 }
 
-bool sanitizer_report(const std::string& log) {
-  return log.find("AddressSanitizer") != std::string::npos || log.find("LeakSanitizer") != std::string::npos ||
-         log.find("runtime error:") != std::string::npos;
-}
 
 // The end every case shares: bunny is still up, has reported nothing to
 // the sanitizers, and exits 0 within `bound_ms` of SIGTERM (nothing it
 // still runs may keep it from leaving).
 void expect_alive_then_clean_exit(test::bunny_process& b, int bound_ms = 6000) {
-  CHECK_MESSAGE(alive(b.proc->pid()), "bunny is gone: " << tail(b.proc->log()));
+  CHECK_MESSAGE(alive(b.proc->pid()), "bunny is gone: " << test::log_tail(b.proc->log()));
   b.proc->signal(SIGTERM);
   int rc = b.proc->wait(bound_ms);
   CHECK_MESSAGE(rc == 0, "bunny after SIGTERM: " << (rc == -1 ? std::string("still running after ") + std::to_string(bound_ms) + " ms"
                                                                 : "exit status " + std::to_string(rc))
-                                                 << "\n" << tail(b.proc->log()));
-  CHECK_MESSAGE(!sanitizer_report(b.proc->log()), tail(b.proc->log(), 12000));
+                                                 << "\n" << test::log_tail(b.proc->log()));
+  CHECK_MESSAGE(!sanitizer_report(b.proc->log()), test::log_tail(b.proc->log(), 12000));
 }
 
 // Whether bunny logged a warning about `job` whose event says an attempt
@@ -186,31 +183,18 @@ bool logged_attempt_stopped(const std::string& log, const std::string& job) {
   return false;
 }
 
-// Short timeouts so that every case stays well under a few seconds; a
-// drain shorter than the fixture's so that a bunny that cannot drain is
-// told apart from one that exits.
-std::vector<std::string> quick_args(std::vector<std::string> more = {}) {
-  std::vector<std::string> args{"--set", "poll.wait_ms=1000",          "--set", "poll.backoff_max_ms=100",
-                                "--set", "poll.request_timeout_ms=3000", "--set", "drain_timeout_ms=3000",
-                                "--set", "handler.kill_grace_ms=500"};
-  args.insert(args.end(), more.begin(), more.end());
-  return args;
-}
 
 std::string record_handler(const std::string& runs_file) {
   return R"({"exec": [")" + test::handler_path("record.sh") + R"(", ")" + runs_file + R"("], "timeout_ms": 30000})";
 }
 
 // A hostile relay and a bunny leasing from it with record.sh as handler.
-struct rig {
-  explicit rig(std::vector<std::string> more_args = {}, int concurrency = 2, std::string handler = {}) {
-    test::bunny_options o;
-    o.concurrency = concurrency;
-    o.handler = handler.empty() ? record_handler(runs_file) : std::move(handler);
-    o.extra_args = quick_args(std::move(more_args));
-    bunny = std::make_unique<test::bunny_process>(relay.port, o);
-    REQUIRE_MESSAGE(relay.wait_for(request_kind::lease, 1, 10000), "bunny never polled: " << bunny->proc->log());
-  }
+// The hostile rig with record.sh as handler, and what it recorded.
+struct rig : test::hostile_rig {
+  explicit rig(std::vector<std::string> more_args = {}, int concurrency = 2, std::string handler = {})
+      : test::hostile_rig(
+            [&handler](const std::string& runs) { return handler.empty() ? record_handler(runs) : handler; },
+            std::move(more_args), concurrency) {}
   std::vector<handler_run> runs() const { return read_runs(runs_file); }
   bool ran(const std::string& id) const {
     for (const auto& r : runs())
@@ -229,18 +213,6 @@ struct rig {
         timeout_ms);
     return found;
   }
-  // Waits until every lease answer pushed so far has been taken and bunny
-  // has asked again (so it has read them all).
-  bool wait_answers_taken(int timeout_ms = 10000) const {
-    size_t before = 0;
-    bool taken = hostile_relay::wait_until(
-        [&] {
-          before = relay.count(request_kind::lease);
-          return relay.leases_queued() == 0;
-        },
-        timeout_ms);
-    return taken && relay.wait_for(request_kind::lease, before + 1, timeout_ms);
-  }
   // A well-behaved relay again: a proper job runs and its /complete comes
   // with its own lease.
   void expect_recovery() {
@@ -249,7 +221,7 @@ struct rig {
     relay.push_lease({good});
     auto done = wait_complete(good);
     CHECK_MESSAGE(done.has_value(), "no /complete for a proper job after the relay behaved again: "
-                                        << tail(bunny->proc->log()) << describe(runs()));
+                                        << test::log_tail(bunny->proc->log()) << describe(runs()));
     if (done) CHECK(done->body.find("\"attempt\":1") != std::string::npos);
   }
   // No heartbeat, complete or fail was sent at all (only bad jobs were
@@ -263,10 +235,6 @@ struct rig {
     CHECK_MESSAGE(n == 0, "bunny sent " << n << " requests about jobs it should not have run:" << sent);
   }
 
-  test::tmpdir scratch;
-  std::string runs_file = scratch / "runs.log";
-  hostile_relay relay;
-  std::unique_ptr<test::bunny_process> bunny;
 };
 
 // FIX-EXPECTED: bunny_lease_answers_rejected_total is the counter the
@@ -305,7 +273,7 @@ TEST_CASE("hostile relay: one answer naming the same job id twice never runs two
   std::this_thread::sleep_for(std::chrono::milliseconds(1200));
   size_t beats = r.relay.count(request_kind::heartbeat);
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-  CHECK_MESSAGE(r.relay.count(request_kind::heartbeat) == beats, "heartbeats go on for attempts that ended: " << tail(r.bunny->proc->log()));
+  CHECK_MESSAGE(r.relay.count(request_kind::heartbeat) == beats, "heartbeats go on for attempts that ended: " << test::log_tail(r.bunny->proc->log()));
   r.expect_recovery();
   expect_alive_then_clean_exit(*r.bunny);
 }
@@ -315,7 +283,7 @@ TEST_CASE("hostile relay: the same id leased again under a new lease stops the o
   fake_job first;
   first.payload = "[20,1]";  // attempt 1 runs 20 s, attempt 2 one second
   r.relay.push_lease({first});
-  REQUIRE_MESSAGE(hostile_relay::wait_until([&] { return r.ran(first.id); }, 8000), tail(r.bunny->proc->log()));
+  REQUIRE_MESSAGE(hostile_relay::wait_until([&] { return r.ran(first.id); }, 8000), test::log_tail(r.bunny->proc->log()));
   fake_job again = first;
   again.lease = test::random_lease();
   again.attempt = "2";
@@ -324,7 +292,7 @@ TEST_CASE("hostile relay: the same id leased again under a new lease stops the o
   auto second_given = std::chrono::steady_clock::now();
 
   auto done = r.wait_complete(again);
-  CHECK_MESSAGE(done.has_value(), "attempt 2 never completed: " << tail(r.bunny->proc->log()) << describe(r.runs()));
+  CHECK_MESSAGE(done.has_value(), "attempt 2 never completed: " << test::log_tail(r.bunny->proc->log()) << describe(r.runs()));
   // The older attempt was stopped, not left running beside the new one.
   bool first_ended = hostile_relay::wait_until([&] {
     for (const auto& h : r.runs())
@@ -344,7 +312,7 @@ TEST_CASE("hostile relay: the same id leased again under a new lease stops the o
                                                          << " ms after attempt 2 was leased");
   // At most one /complete, and it is attempt 2's.
   for (const auto& q : r.relay.requests(request_kind::complete)) CHECK_EQ(q.lease(), again.lease);
-  CHECK_MESSAGE(logged_attempt_stopped(r.bunny->proc->log(), first.id), tail(r.bunny->proc->log()));
+  CHECK_MESSAGE(logged_attempt_stopped(r.bunny->proc->log(), first.id), test::log_tail(r.bunny->proc->log()));
   // Nothing is left counted as running (no slot orphaned).
   CHECK_MESSAGE(hostile_relay::wait_until([&] { return metric(r.bunny->metrics(), "bunny_jobs_running") == 0; }, 3000),
                 r.bunny->metrics());
@@ -536,7 +504,7 @@ TEST_CASE("hostile relay: a bad token in any field of a lease answer: the job is
     fake_job good;
     r.relay.push_lease({good});
     auto done = r.wait_complete(good);
-    CHECK_MESSAGE(done.has_value(), tail(r.bunny->proc->log()));
+    CHECK_MESSAGE(done.has_value(), test::log_tail(r.bunny->proc->log()));
     auto calls = local.requests();
     REQUIRE_EQ(calls.size(), 1u);
     CHECK(calls[0].headers.find("X-Job-Id: " + good.id + "\r\n") != std::string::npos);
@@ -573,7 +541,7 @@ TEST_CASE("hostile relay: a stalled lease answer times out and bunny polls again
     }
   });
   size_t conns = r.relay.connections();
-  CHECK_MESSAGE(hostile_relay::wait_until([&] { return n.load() >= 3; }, 10000), tail(r.bunny->proc->log()));
+  CHECK_MESSAGE(hostile_relay::wait_until([&] { return n.load() >= 3; }, 10000), test::log_tail(r.bunny->proc->log()));
   CHECK_GE(r.relay.connections(), conns + 2);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   CHECK_FALSE_MESSAGE(r.ran(late.id), "a job from an answer that came after the request timed out ran");
@@ -677,7 +645,7 @@ TEST_CASE("hostile relay: a 1xx before the final answer is skipped, not taken as
   fake_job j;
   r.relay.push_lease(action::informational_first(test::lease_action({j})));
   auto done = r.wait_complete(j);
-  CHECK_MESSAGE(done.has_value(), "the job behind a 100 Continue never completed: " << tail(r.bunny->proc->log()));
+  CHECK_MESSAGE(done.has_value(), "the job behind a 100 Continue never completed: " << test::log_tail(r.bunny->proc->log()));
   // A 1xx before the answer to a /complete: delivered once, not retried.
   r.relay.set_script(request_kind::complete, [](const test::recorded_request&, size_t) {
     return action::informational_first(action::answer(200, "{}"), "HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n");
@@ -714,10 +682,10 @@ TEST_CASE("hostile relay: memory stays bounded through many bad answers") {
     return test::lease_action({j});
   });
   REQUIRE_MESSAGE(r.relay.wait_for(request_kind::lease, 100, 30000),
-                  r.relay.count(request_kind::lease) << " lease requests; " << tail(r.bunny->proc->log())
+                  r.relay.count(request_kind::lease) << " lease requests; " << test::log_tail(r.bunny->proc->log())
                                                      << describe(r.runs()));
   long before = rss_kib(r.bunny->proc->pid());
-  REQUIRE_MESSAGE(r.relay.wait_for(request_kind::lease, 400, 60000), tail(r.bunny->proc->log()));
+  REQUIRE_MESSAGE(r.relay.wait_for(request_kind::lease, 400, 60000), test::log_tail(r.bunny->proc->log()));
   long after = rss_kib(r.bunny->proc->pid());
   CHECK_MESSAGE(after - before < 16 * 1024, "RSS grew from " << before << " KiB to " << after << " KiB over 300 bad answers");
   CHECK(r.runs().empty());
@@ -806,7 +774,7 @@ TEST_CASE("real relay: a link cut longer than the lease, then the same job lease
     REQUIRE(proxy.wait_for_line("\"event\":\"link_restored\"").has_value());
 
     auto job = test::wait_job(relay, id, 15);
-    CHECK_MESSAGE(test::field(job, "state") == "succeeded", job << "\n" << tail(bunny.proc->log()) << describe(read_runs(runs_file)));
+    CHECK_MESSAGE(test::field(job, "state") == "succeeded", job << "\n" << test::log_tail(bunny.proc->log()) << describe(read_runs(runs_file)));
     // attempt 2's result, from attempt 2's run.
     CHECK_MESSAGE(job.find("\"attempt\":2") != std::string::npos, job);
     auto runs = read_runs(runs_file);
@@ -826,7 +794,7 @@ TEST_CASE("real relay: a link cut longer than the lease, then the same job lease
       bool first_stopped = false;
       for (const auto& h : runs) first_stopped = first_stopped || (h.attempt == "1" && h.how == "term");
       CHECK_MESSAGE(first_stopped, "attempt 1 was not stopped:" << describe(runs));
-      CHECK_MESSAGE(logged_attempt_stopped(bunny.proc->log(), id), tail(bunny.proc->log()));
+      CHECK_MESSAGE(logged_attempt_stopped(bunny.proc->log(), id), test::log_tail(bunny.proc->log()));
     }
     CHECK_EQ(metric(bunny.metrics(), "bunny_jobs_running"), 0);
     expect_alive_then_clean_exit(bunny);

@@ -24,9 +24,8 @@ using test::action;
 using test::fake_job;
 using test::hostile_relay;
 using test::request_kind;
+using test::sanitizer_report;
 using namespace std::chrono_literals;
-
-std::string tail(const std::string& log, size_t n = 4000) { return log.size() > n ? log.substr(log.size() - n) : log; }
 
 // Running, not a zombie (this sandbox's PID 1 may not reap).
 bool alive(pid_t pid) {
@@ -37,47 +36,12 @@ bool alive(pid_t pid) {
 }
 
 
-bool sanitizer_report(const std::string& log) {
-  return log.find("AddressSanitizer") != std::string::npos || log.find("LeakSanitizer") != std::string::npos ||
-         log.find("runtime error:") != std::string::npos;
-}
-
-std::vector<std::string> quick_args(std::vector<std::string> more = {}) {
-  std::vector<std::string> args{"--set", "poll.wait_ms=1000",          "--set", "poll.backoff_max_ms=100",
-                                "--set", "poll.request_timeout_ms=3000", "--set", "drain_timeout_ms=3000",
-                                "--set", "handler.kill_grace_ms=500"};
-  args.insert(args.end(), more.begin(), more.end());
-  return args;
-}
 
 std::string stubborn_handler(const std::string& runs) {
   return R"({"exec": [")" + test::handler_path("stubborn.sh") + R"(", ")" + runs + R"("], "timeout_ms": 60000})";
 }
 
-struct rig {
-  rig(std::string handler, std::vector<std::string> more_args = {}, int concurrency = 2) {
-    test::bunny_options o;
-    o.concurrency = concurrency;
-    o.handler = std::move(handler);
-    o.extra_args = quick_args(std::move(more_args));
-    bunny = std::make_unique<test::bunny_process>(relay.port, o);
-    REQUIRE_MESSAGE(relay.wait_for(request_kind::lease, 1, 10000), "bunny never polled: " << bunny->proc->log());
-  }
-  bool wait_answers_taken(int timeout_ms = 10000) const {
-    size_t before = 0;
-    bool taken = hostile_relay::wait_until(
-        [&] {
-          before = relay.count(request_kind::lease);
-          return relay.leases_queued() == 0;
-        },
-        timeout_ms);
-    return taken && relay.wait_for(request_kind::lease, before + 1, timeout_ms);
-  }
-  test::tmpdir scratch;
-  std::string runs_file = scratch / "runs.log";
-  hostile_relay relay;
-  std::unique_ptr<test::bunny_process> bunny;
-};
+using rig = test::hostile_rig;
 
 }  // namespace
 
@@ -113,7 +77,7 @@ TEST_CASE("regress issue 11 (attack review): a waiting attempt whose lease is lo
   std::this_thread::sleep_for(5000ms);
   std::string log = test::read_file(runs);
   CHECK_MESSAGE(log.find("start " + first.id + " 2") == std::string::npos,
-                "attempt 2 ran although relay had answered 409 lease_lost for its lease:\n" << log << "\n" << tail(r.bunny->proc->log()));
+                "attempt 2 ran although relay had answered 409 lease_lost for its lease:\n" << log << "\n" << test::log_tail(r.bunny->proc->log()));
   r.bunny->proc->signal(SIGTERM);
   CHECK_EQ(r.bunny->proc->wait(15000), 0);
   CHECK(!sanitizer_report(r.bunny->proc->log()));
@@ -148,7 +112,7 @@ TEST_CASE("regress issue 11 (attack review): SIGTERM while a superseded attempt 
   CHECK_MESSAGE(log.find("start " + first.id + " 2") == std::string::npos,
                 "attempt 2 was started after SIGTERM:\n" << log);
   CHECK(!sanitizer_report(r.bunny->proc->log()));
-  MESSAGE(tail(r.bunny->proc->log(), 3000));
+  MESSAGE(test::log_tail(r.bunny->proc->log(), 3000));
 }
 
 // FINDING: a pooled keep-alive connection to the local service holding the
@@ -223,7 +187,6 @@ TEST_CASE("regress issue 11 (attack review): the same id under the same lease tw
   CHECK(!sanitizer_report(r.bunny->proc->log()));
 }
 
-
 TEST_CASE("regress issue 11 (attack review): one producer's deeply nested payload strands the other jobs leased with it") {
   test::relay_process relay;
   std::string deep = std::string(1022, '[') + "1" + std::string(1022, ']');
@@ -237,15 +200,15 @@ TEST_CASE("regress issue 11 (attack review): one producer's deeply nested payloa
   }
   test::bunny_options o;
   o.concurrency = 4;
-  o.extra_args = quick_args();
+  o.extra_args = test::quick_bunny_args();
   test::bunny_process bunny(relay, o);
   std::this_thread::sleep_for(6000ms);
   std::string log = bunny.proc->log();
   bool rejected = log.find("bad_lease_answer") != std::string::npos;
   bool good_done = log.find("result_delivered") != std::string::npos;
   MESSAGE("good job (" << id_good << ") delivered: " << good_done << "; answers rejected: " << rejected);
-  CHECK_MESSAGE(good_done, "the well-formed job leased beside the deep one never ran:\n" << tail(log));
-  MESSAGE(tail(log, 6000));
+  CHECK_MESSAGE(good_done, "the well-formed job leased beside the deep one never ran:\n" << test::log_tail(log));
+  MESSAGE(test::log_tail(log, 6000));
   // The good job must run at its first attempt: none of its attempts may be
   // burnt by being leased beside another producer's payload.
   CHECK_MESSAGE(log.find("\"job\":\"0000000000000002\",\"queue\":\"render\",\"attempt\":1") != std::string::npos,

@@ -26,19 +26,8 @@ using relay::http::client_error;
 using relay::http::client_response;
 using test::raw_http_server;
 
-struct outcome {
-  bool done = false;
-  client_error error;
-  client_response response;
-};
-
-client_conn::callback record(outcome& o) {
-  return [&o](const client_error& e, client_response& r) {
-    o.done = true;
-    o.error = e;
-    o.response = std::move(r);
-  };
-}
+using outcome = test::client_outcome;
+using test::record;
 
 std::string body_of(const std::string& request) { return request.substr(request.find("\r\n\r\n") + 4); }
 

@@ -41,7 +41,9 @@
 #include <vector>
 
 #include "relay/tls.h"
+#include "bunny_fixture.h"
 #include "relay_fixture.h"
+#include "tmpdir.h"
 
 namespace test {
 
@@ -580,6 +582,68 @@ class hostile_relay {
   std::vector<int> _conn_fds;
   std::list<std::thread> _conn_threads;
   std::thread _acceptor;
+};
+
+// ---- bunny against the hostile relay ----
+
+inline std::string log_tail(const std::string& log, size_t n = 4000) {
+  return log.size() > n ? log.substr(log.size() - n) : log;
+}
+
+inline bool sanitizer_report(const std::string& log) {
+  return log.find("AddressSanitizer") != std::string::npos || log.find("LeakSanitizer") != std::string::npos ||
+         log.find("runtime error:") != std::string::npos;
+}
+
+// Short timeouts so that every case stays well under a few seconds; a
+// drain shorter than the fixture's so that a bunny that cannot drain is
+// told apart from one that exits.
+inline std::vector<std::string> quick_bunny_args(std::vector<std::string> more = {}) {
+  std::vector<std::string> args{"--set", "poll.wait_ms=1000",          "--set", "poll.backoff_max_ms=100",
+                                "--set", "poll.request_timeout_ms=3000", "--set", "drain_timeout_ms=3000",
+                                "--set", "handler.kill_grace_ms=500"};
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+// A hostile relay and the real bunny leasing from it with `handler`.
+struct hostile_rig {
+  hostile_rig(std::string handler, std::vector<std::string> more_args = {}, int concurrency = 2) {
+    start(std::move(handler), std::move(more_args), concurrency);
+  }
+  // `make_handler` is given runs_file, a scratch file for the handler to
+  // write to.
+  hostile_rig(const std::function<std::string(const std::string&)>& make_handler, std::vector<std::string> more_args,
+              int concurrency) {
+    start(make_handler(runs_file), std::move(more_args), concurrency);
+  }
+  // Waits until every lease answer pushed so far has been taken and bunny
+  // has asked again (so it has read them all).
+  bool wait_answers_taken(int timeout_ms = 10000) const {
+    size_t before = 0;
+    bool taken = hostile_relay::wait_until(
+        [&] {
+          before = relay.count(request_kind::lease);
+          return relay.leases_queued() == 0;
+        },
+        timeout_ms);
+    return taken && relay.wait_for(request_kind::lease, before + 1, timeout_ms);
+  }
+
+  tmpdir scratch;
+  std::string runs_file = scratch / "runs.log";
+  hostile_relay relay;
+  std::unique_ptr<bunny_process> bunny;
+
+ private:
+  void start(std::string handler, std::vector<std::string> more_args, int concurrency) {
+    bunny_options o;
+    o.concurrency = concurrency;
+    o.handler = std::move(handler);
+    o.extra_args = quick_bunny_args(std::move(more_args));
+    bunny = std::make_unique<bunny_process>(relay.port, o);
+    REQUIRE_MESSAGE(relay.wait_for(request_kind::lease, 1, 10000), "bunny never polled: " << bunny->proc->log());
+  }
 };
 
 }  // namespace test

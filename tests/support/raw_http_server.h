@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "relay/http_client.h"
+
 namespace test {
 
 class raw_http_server {
@@ -168,6 +170,22 @@ class raw_http_server {
   std::vector<std::string> _seen;
   std::vector<conn> _conns;  // the server thread's only
 };
+
+// What one request of the project's client got: recorded by the callback
+// record() makes.
+struct client_outcome {
+  bool done = false;
+  relay::http::client_error error;
+  relay::http::client_response response;
+};
+
+inline relay::http::client_conn::callback record(client_outcome& o) {
+  return [&o](const relay::http::client_error& e, relay::http::client_response& r) {
+    o.done = true;
+    o.error = e;
+    o.response = std::move(r);
+  };
+}
 
 // Runs `loop` until `done` or `timeout_ms` passes; whether `done`.
 template <typename Done>
