@@ -128,6 +128,23 @@ class exec_run final : public handler_run {
     }
   }
 
+  // The hard end of a run. A group SIGKILL would end the guard before it
+  // could reach what the handler moved out of the group (setsid), so the
+  // guard is asked instead: it kills every descendant, then the group and
+  // itself. A guard that has not ended kill_grace_ms later (stopped by the
+  // handler, say) gets the group SIGKILL after all.
+  void hard_kill() {
+    if (!_running || _exited) return;
+    if (_hard_kill_asked) {
+      signal_group(SIGKILL);
+      return;
+    }
+    _hard_kill_asked = true;
+    ::kill(_proc.pid, SIGCONT);
+    ::kill(_proc.pid, guard_kill_signal);
+    uv_timer_start(&_timer, on_kill_timer, _h.options.kill_grace_ms, 0);
+  }
+
   void close_stdin() {
     if (_stdin_closed) return;
     _stdin_closed = true;
@@ -151,7 +168,7 @@ class exec_run final : public handler_run {
       if (r->_stdout.size() + static_cast<size_t>(n) > r->_h.options.max_output_bytes) {
         if (!r->_overflow) {
           r->_overflow = true;
-          r->signal_group(SIGKILL);
+          r->hard_kill();
         }
         return;
       }
@@ -202,6 +219,10 @@ class exec_run final : public handler_run {
     r->_exited = true;
     r->_status = status;
     r->_signal = sig;
+    // What is left of the guard's group when the guard did not end it (a
+    // handler that killed its guard); none, when the guard ended as it
+    // should. The group id stays taken while it has members.
+    ::kill(-p->pid, SIGKILL);
     // A grandchild may keep stdout open; do not wait for it forever.
     uv_timer_start(&r->_timer, on_pipe_timeout, pipe_drain_ms, 0);
     r->maybe_finish();
@@ -220,7 +241,7 @@ class exec_run final : public handler_run {
       on_pipe_timeout(t);
       return;
     }
-    r->signal_group(SIGKILL);
+    r->hard_kill();
   }
 
   static void on_pipe_timeout(uv_timer_t* t) {
@@ -291,6 +312,7 @@ class exec_run final : public handler_run {
   int _handles = 0;
   bool _running = false, _exited = false, _out_eof = false, _err_eof = false, _report_eof = false;
   bool _stdin_closed = false, _timed_out = false, _cancelled = false, _overflow = false, _finished = false;
+  bool _hard_kill_asked = false;
   int64_t _status = 0;
   int _signal = 0;
   char _report_bytes[sizeof(int) + 1];  // one more: a longer report is malformed, not an errno

@@ -15,9 +15,11 @@
 
 #include <cerrno>
 #include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <vector>
 
 namespace relay::bunny {
@@ -33,7 +35,18 @@ constexpr int parent_death_signal = SIGHUP;
 // send to the handler's process group; the guard receives its own copy,
 // and must outlive them as long as the handler does so that bunny sees the
 // handler's real status (a handler may trap SIGTERM and exit 0).
-constexpr int taken_signals[] = {SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM};
+constexpr int taken_signals[] = {SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, guard_kill_signal};
+
+// How long killing the descendants may take: each round reaches one more
+// level of the tree (a killed process's children become the guard's), so a
+// deep chain needs many rounds; a time bound, not a count, ends it.
+constexpr int64_t kill_deadline_ms = 5000;
+
+int64_t monotonic_ms() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
 
 // Tells bunny why the handler could not be started and ends the guard.
 [[noreturn]] void report_and_exit(int error) {
@@ -79,10 +92,11 @@ std::vector<pid_t> children() {
 // group (setsid, setpgid) are not reached by a group kill, but as a
 // subreaper the guard is the parent of each of them once the process
 // between them has died; so kill the children, wait for them, and repeat
-// with the ones they leave behind. Bounded, in case something forks faster
-// than it is killed.
+// with the ones they leave behind, until none is left (or the deadline, in
+// case something forks faster than it is killed).
 void kill_descendants() {
-  for (int round = 0; round < 64; ++round) {
+  const int64_t deadline = monotonic_ms() + kill_deadline_ms;
+  while (monotonic_ms() < deadline) {
     std::vector<pid_t> kids = children();
     if (kids.empty()) break;
     for (pid_t k : kids) ::kill(k, SIGKILL);
@@ -151,6 +165,7 @@ int run_guard(int argc, char** argv) {
   if (::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0) report_and_exit(errno);
   close_inherited_fds();
 
+  const pid_t guard = ::getpid();
   pid_t handler = ::fork();
   if (handler < 0) report_and_exit(errno);
   if (handler == 0) {
@@ -160,6 +175,10 @@ int run_guard(int argc, char** argv) {
     // tells bunny the handler started; if the exec fails, its errno is sent.
     ::sigprocmask(SIG_SETMASK, &original, nullptr);
     ::fcntl(guard_report_fd, F_SETFD, FD_CLOEXEC);
+    // A handler that kills its guard must not run on unwatched: it dies
+    // with the guard (checked after the request: the guard may be gone).
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) report_and_exit(errno);
+    if (::getppid() != guard) ::_exit(128 + SIGKILL);
     ::execvp(argv[4], argv + 4);
     report_and_exit(errno);
   }
@@ -176,6 +195,7 @@ int run_guard(int argc, char** argv) {
     // Checked on every wake-up, not only for the parent-death signal: a
     // group signal and bunny's death may arrive together and be merged.
     if (::getppid() != static_cast<pid_t>(bunny)) kill_everything();
+    if (sig == guard_kill_signal && info.si_pid == static_cast<pid_t>(bunny)) kill_everything();
     if (sig != SIGCHLD) continue;  // the group's copy went to the handler too
     int status = 0;
     pid_t pid;

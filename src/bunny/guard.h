@@ -20,8 +20,15 @@
 //     (bunny builds that environment; the guard passes it on as it is);
 //   - exits as the handler did: the same status, or killed by the same
 //     signal, so bunny's timeout and kill accounting is unchanged;
-//   - when bunny dies, SIGKILLs the descendants that left the group and then
-//     the whole group, itself included.
+//   - when the handler exits, SIGKILLs what it left running (the guard is
+//     the parent of its orphans);
+//   - when bunny dies, or asks with guard_kill_signal (bunny's hard kill on
+//     a timeout, cancel or output overflow: a group SIGKILL would end the
+//     guard before it could reach descendants that left the group), SIGKILLs
+//     the descendants that left the group and then the whole group, itself
+//     included;
+//   - gives the handler a parent-death signal too, so a handler that kills
+//     its guard dies with it (bunny then SIGKILLs what is left of the group).
 //
 // fd 3 is a pipe to bunny that reports whether the handler started: the
 // guard closes it when the handler's exec succeeded (end of file, nothing
@@ -34,6 +41,10 @@ namespace relay::bunny {
 // The first argument that selects guard mode; main() checks for it before
 // anything else runs.
 inline constexpr const char* guard_flag = "--handler-guard";
+
+// Sent by bunny to the guard alone: end the handler and everything it
+// started, now. Only taken from the guard's parent (bunny).
+inline constexpr int guard_kill_signal = 34 + 2;  // SIGRTMIN + 2 under glibc; not a signal anything else sends
 
 // The fd of the start report pipe in the guard (see above).
 inline constexpr int guard_report_fd = 3;

@@ -52,8 +52,8 @@ class pool {
   // The most recently returned open connection, else a new one; `reused`
   // says which. Most recent first, so that when fewer runs go on at once
   // the connections no longer needed are the ones that age out.
-  http::client_conn* take(bool& reused) {
-    while (!_idle.empty()) {
+  http::client_conn* take(bool& reused, bool fresh = false) {
+    while (!fresh && !_idle.empty()) {
       http::client_conn* c = _idle.back().conn;
       _idle.pop_back();
       if (c->connected() && c->outstanding() == 0) {
@@ -131,19 +131,19 @@ struct http_handler final : handler {
 
 class http_run final : public handler_run {
  public:
-  http_run(http_handler& h, const job_input& job, done_fn done) : _pool(h.connections), _done(std::move(done)) {
+  http_run(http_handler& h, const job_input& job, done_fn done)
+      : _pool(h.connections),
+        _done(std::move(done)),
+        _path(h.options.path),
+        _payload(job.payload),
+        _headers("X-Job-Id: " + job.id + "\r\nX-Job-Queue: " + job.queue + "\r\nX-Job-Attempt: " +
+                 std::to_string(job.attempt) + "\r\n"),
+        _timeout_ms(static_cast<uint32_t>(h.options.timeout_ms)) {
     // The outcome is handed over from a timer callback so that it never
     // arrives inside start() or cancel().
     uv_timer_init(h.loop, &_defer);
     _defer.data = this;
-    bool reused = false;
-    _conn = _pool->take(reused);
-    std::string headers = "X-Job-Id: " + job.id + "\r\nX-Job-Queue: " + job.queue +
-                          "\r\nX-Job-Attempt: " + std::to_string(job.attempt) + "\r\n";
-    // A failure (a refused header included) arrives from the loop.
-    _conn->request("POST", h.options.path, job.payload,
-                   [this](const http::client_error& error, http::client_response& r) { answered(error, r); },
-                   static_cast<uint32_t>(h.options.timeout_ms), headers);
+    send(false);
   }
 
   void cancel(std::string_view why) override {
@@ -157,8 +157,24 @@ class http_run final : public handler_run {
   }
 
  private:
+  // A failure (a refused header included) arrives from the loop.
+  void send(bool fresh) {
+    _conn = _pool->take(_reused, fresh);
+    _conn->request("POST", _path, _payload,
+                   [this](const http::client_error& error, http::client_response& r) { answered(error, r); },
+                   _timeout_ms, _headers);
+  }
+
   void answered(const http::client_error& error, http::client_response& r) {
     if (_answered) return;
+    if (error.what == http::client_error::kind::lost && _reused && !_outcome.cancelled) {
+      // A kept-alive connection the service closed as this request went
+      // out (its idle timeout racing ours) is not the service failing the
+      // job: once more, on a new connection. Never twice.
+      _conn->close();
+      send(true);
+      return;
+    }
     _answered = true;
     if (_outcome.cancelled) {
       // keep the cancellation reason
@@ -195,8 +211,11 @@ class http_run final : public handler_run {
 
   std::shared_ptr<pool> _pool;
   done_fn _done;
+  const std::string _path, _payload, _headers;
+  const uint32_t _timeout_ms;
   http::client_conn* _conn = nullptr;
   uv_timer_t _defer{};
+  bool _reused = false;  // _conn came from the pool (a fresh one is never retried)
   bool _answered = false;
   bool _reusable = false;
   outcome _outcome;

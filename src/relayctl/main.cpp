@@ -209,13 +209,42 @@ std::string read_input(const options& o, const std::string& arg, std::string& er
   return arg;
 }
 
-// Top-level JSON values of an array, as raw text.
+// What relay sends reaches the terminal without control characters: a
+// terminal is not the place for its escape sequences. C0, DEL and the C1
+// controls (U+0080-U+009F, which some terminals act on) become '?'; other
+// UTF-8 is kept, so results in any language still read.
+std::string printable(std::string s) {
+  for (size_t i = 0; i < s.size(); ++i) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      s[i] = '?';
+    } else if (c == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+               static_cast<unsigned char>(s[i + 1]) <= 0x9f) {
+      s[i] = s[i + 1] = '?';
+      ++i;
+    }
+  }
+  return s;
+}
+
+// A field of one of relay's answers, as text for the terminal: a string's
+// value, or any other value as minified JSON.
 std::string field_str(simdjson::dom::element e, const char* key) {
   std::string_view s;
-  if (!e[key].get_string().get(s)) return std::string(s);
+  if (!e[key].get_string().get(s)) return printable(std::string(s));
   simdjson::dom::element v;
-  if (!e[key].get(v)) return simdjson::minify(v);
+  if (!e[key].get(v)) return printable(simdjson::minify(v));
   return {};
+}
+
+// One of relay's answers for --json: re-serialised (minified, strings
+// escaped), so that nothing but JSON text reaches the terminal.
+bool print_json(const std::string& text) {
+  simdjson::dom::parser parser;
+  simdjson::dom::element root;
+  if (parser.parse(text).get(root)) return false;
+  std::printf("%s\n", simdjson::minify(root).c_str());
+  return true;
 }
 
 class tool {
@@ -281,7 +310,7 @@ class tool {
     auto a = _client->submit(r);
     if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", a.value.raw.c_str());
+      print_json(a.value.raw);
     } else if (_o.batch) {
       for (const auto& id : a.value.ids) std::printf("%s\n", id.c_str());
     } else {
@@ -292,16 +321,16 @@ class tool {
 
   void print_job(const relay::v1::job_view& j) {
     if (_o.json) {
-      std::printf("%s\n", j.raw.c_str());
+      print_json(j.raw);
       return;
     }
     simdjson::dom::element root;
     std::string max_attempts = "?";
     if (parse_answer(j.raw, root)) max_attempts = field_str(root, "max_attempts");
-    std::printf("job %s in %s: %s (attempt %u of %s)\n", j.id.c_str(), j.queue.c_str(), j.state.c_str(), j.attempts,
-                max_attempts.c_str());
-    if (!j.result.empty() && j.result != "null") std::printf("  result: %s\n", j.result.c_str());
-    if (!j.error.empty() && j.error != "null") std::printf("  error: %s\n", j.error.c_str());
+    std::printf("job %s in %s: %s (attempt %u of %s)\n", j.id.c_str(), printable(j.queue).c_str(),
+                printable(j.state).c_str(), j.attempts, max_attempts.c_str());
+    if (!j.result.empty() && j.result != "null") std::printf("  result: %s\n", printable(j.result).c_str());
+    if (!j.error.empty() && j.error != "null") std::printf("  error: %s\n", printable(j.error).c_str());
   }
 
   int get() {
@@ -349,7 +378,7 @@ class tool {
     auto a = _client->call("GET", _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0]);
     if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", a.value.c_str());
+      if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
       return ok;
     }
     simdjson::dom::element root;
@@ -366,7 +395,7 @@ class tool {
     for (auto q : list) {
       auto c = q["counts"];
       auto n = [&](const char* k) { return field_str(c.value_unsafe(), k); };
-      std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %12sms\n", printable(field_str(q, "name")).c_str(),
+      std::printf("%-24s %8s %8s %8s %10s %8s %8s %10s %8s %12sms\n", field_str(q, "name").c_str(),
                   n("queued").c_str(), n("delayed").c_str(), n("leased").c_str(), n("succeeded").c_str(),
                   n("failed").c_str(), n("dead").c_str(), n("cancelled").c_str(), field_str(q, "waiting_workers").c_str(),
                   field_str(q, "oldest_ready_age_ms").c_str());
@@ -382,14 +411,14 @@ class tool {
     auto a = _client->call("GET", path);
     if (a.err) return failed(a.err);
     if (_o.json) {
-      std::printf("%s\n", a.value.c_str());
+      if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
       return ok;
     }
     simdjson::dom::element root;
     simdjson::dom::array jobs;
     if (!parse_answer(a.value, root) || root["jobs"].get_array().get(jobs)) return fail(relay_error, "unexpected answer");
     for (simdjson::dom::element j : jobs)
-      std::printf("%s  attempts=%s  error=%s\n", printable(field_str(j, "id")).c_str(), field_str(j, "attempts").c_str(),
+      std::printf("%s  attempts=%s  error=%s\n", field_str(j, "id").c_str(), field_str(j, "attempts").c_str(),
                   field_str(j, "error").c_str());
     return ok;
   }
@@ -411,17 +440,10 @@ class tool {
     body += "}";
     auto a = _client->call("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body);
     if (a.err) return failed(a.err);
-    std::printf("%s\n", a.value.c_str());
+    if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
     return ok;
   }
 
-  // What relay sends is printed only as printable ASCII: a terminal is not
-  // the place for its escape sequences.
-  static std::string printable(std::string s) {
-    for (char& c : s)
-      if (c < 0x20 || c == 0x7f) c = '?';
-    return s;
-  }
 
   // Parses one of relay's answers; `root` is valid until the next call.
   bool parse_answer(const std::string& body, simdjson::dom::element& root) {
