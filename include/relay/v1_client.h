@@ -161,8 +161,8 @@ class client {
   client(uv_loop_t* loop, options o);
   client(const client&) = delete;
   client& operator=(const client&) = delete;
-  // Closes the connection; outstanding callbacks run with a `closed`
-  // transport error (later, from the loop).
+  // Closes the connection. Callbacks of requests still outstanding never
+  // run: their owner is going away with the client.
   ~client();
 
   template <class T>
@@ -191,7 +191,8 @@ class client {
   void set_connection(const http::client_conn::options& o);
   void set_extra_headers(std::string lines) { _o.extra_headers = std::move(lines); }
   // Drops the connection now (after a transport error, to reconnect);
-  // outstanding requests fail with `closed`.
+  // outstanding requests fail with a `closed` transport error, from the
+  // loop, after reset() has returned.
   void reset();
   size_t outstanding() const { return _conn ? _conn->outstanding() : 0; }
 
