@@ -10,6 +10,7 @@
 #include <signal.h>
 
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -66,6 +67,22 @@ TEST_CASE("a row committed on the primary is on the synchronous standby and surv
   // The destructor stopped what was left and removed the directory.
   CHECK_FALSE(std::filesystem::exists(dir));
   CHECK((::kill(standby, 0) == -1 && errno == ESRCH));
+}
+
+TEST_CASE("with the synchronous standby dead, a commit on the primary does not return") {
+  test::postgres_cluster pg;
+  pg.start();
+  auto r = pg.psql(pg.primary_dsn(), "CREATE TABLE jobs (id bigint PRIMARY KEY)");
+  REQUIRE_MESSAGE(r.exit_code == 0, r.err);
+  pg.stop_standby_immediate();
+  auto started = std::chrono::steady_clock::now();
+  r = pg.psql(pg.primary_dsn(), "INSERT INTO jobs VALUES (1)", 1500);
+  // Killed by the fixture at 1.5 s: still waiting for the standby. (The
+  // backend warns that the transaction "has already committed locally" when
+  // its client goes: the postgres journal must treat a commit that did not
+  // return as unknown, never as acknowledged, and never as absent.)
+  CHECK_MESSAGE(r.exit_code == -1, "the INSERT returned (" << r.exit_code << ") without a standby: " << r.out << r.err);
+  CHECK(std::chrono::steady_clock::now() - started >= std::chrono::milliseconds(1500));
 }
 
 int main(int argc, char** argv) {
