@@ -236,12 +236,14 @@ bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
     if (key == "id") ok = has_id = read_string(field.value(), out.id) && valid_job_id(out.id);
     else if (key == "queue") ok = read_string(field.value(), out.queue);
     else if (key == "state") ok = has_state = read_string(field.value(), out.state);
-    else if (key == "attempts") ok = read_int(field.value(), 0, max_attempt, n), out.attempts = static_cast<uint32_t>(n);
+    else if (key == "attempts") ok = read_int(field.value(), 0, max_attempt, n);
     else if (key == "created_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.created_ms);
     else if (key == "updated_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.updated_ms);
-    else if (key == "payload") ok = json::raw_value(field.value(), raw), out.payload.assign(raw);
-    else if (key == "result") ok = json::raw_value(field.value(), raw), out.result.assign(raw);
-    else if (key == "error") ok = json::raw_value(field.value(), raw), out.error.assign(raw);
+    else if (key == "payload" || key == "result" || key == "error") ok = json::raw_value(field.value(), raw);
+    if (ok && key == "attempts") out.attempts = static_cast<uint32_t>(n);
+    if (ok && key == "payload") out.payload.assign(raw);
+    if (ok && key == "result") out.result.assign(raw);
+    if (ok && key == "error") out.error.assign(raw);
     if (!ok) {
       why = "\"" + std::string(key) + "\" is not what a job's " + std::string(key) + " must be";
       return false;
