@@ -171,14 +171,14 @@ void expect_alive_then_clean_exit(test::bunny_process& b, int bound_ms = 6000) {
   CHECK_MESSAGE(!sanitizer_report(b.proc->log()), test::log_tail(b.proc->log(), 12000));
 }
 
-// Whether bunny logged a warning about `job` whose event says an attempt
-// was stopped or its lease lost. FIX-EXPECTED: the event name is the fix's
-// to choose; today's lease_lost or any of these words will do.
+// Whether bunny logged that an attempt of `job` was stopped: superseded by a
+// new lease of the same job, or its lease found lost.
 bool logged_attempt_stopped(const std::string& log, const std::string& job) {
   for (const auto& line : test::lines(log)) {
-    if (line.find(job) == std::string::npos || line.find("\"level\":\"warn") == std::string::npos) continue;
-    for (const char* word : {"lease_lost", "supersed", "repeat", "duplicate", "stopped", "replaced", "older", "preempt", "cancel"})
-      if (line.find(word) != std::string::npos) return true;
+    if (line.find("\"job\":\"" + job + "\"") == std::string::npos) continue;
+    if (line.find("\"event\":\"job_superseded\"") != std::string::npos ||
+        line.find("\"event\":\"lease_lost\"") != std::string::npos)
+      return true;
   }
   return false;
 }
@@ -237,8 +237,8 @@ struct rig : test::hostile_rig {
 
 };
 
-// FIX-EXPECTED: bunny_lease_answers_rejected_total is the counter the
-// issue 11 fix adds for lease answers (or jobs in them) it refuses.
+// bunny_lease_answers_rejected_total counts the lease answers (or jobs in
+// them) bunny refuses; the log names the field, never the payload.
 void expect_rejections_counted(const rig& r, long at_least) {
   long n = metric(r.bunny->metrics(), "bunny_lease_answers_rejected_total");
   CHECK_MESSAGE(n >= at_least, "bunny_lease_answers_rejected_total = " << n << ", expected at least " << at_least);
@@ -347,8 +347,8 @@ TEST_CASE("hostile relay: malformed lease answers are refused, counted and survi
   r.expect_no_job_requests();
   CHECK(r.bunny->proc->log().find("\"event\":\"bad_lease_answer\"") != std::string::npos);
   CHECK(r.bunny->proc->log().find("PAYLOAD-MARKER") == std::string::npos);
-  // FIX-EXPECTED: each 200 answer with a body that is not a lease answer
-  // is counted (the last one is allowed to pass as empty).
+  // Each 200 answer with a body that is not a lease answer is counted (the
+  // last one is allowed to pass as empty).
   expect_rejections_counted(r, static_cast<long>(bodies.size()) - 1);
   r.expect_recovery();
   expect_alive_then_clean_exit(*r.bunny);
@@ -364,7 +364,7 @@ TEST_CASE("hostile relay: a lease answer over bunny's cap drops the connection, 
   REQUIRE(r.wait_answers_taken(60000));
   CHECK_GE(r.relay.connections(), connections + 2);  // it gave up on those connections
   CHECK(r.runs().empty());
-  // FIX-EXPECTED: lease requests say how many bytes of answer bunny takes.
+  // Lease requests say how many bytes of answer bunny takes.
   auto leases = r.relay.requests(request_kind::lease);
   REQUIRE_FALSE(leases.empty());
   CHECK_MESSAGE(leases.back().body.find("\"max_bytes\":") != std::string::npos, leases.back().body);
@@ -483,7 +483,7 @@ TEST_CASE("hostile relay: a bad token in any field of a lease answer: the job is
     for (const auto& b : bad) r.relay.push_lease({b.job});
     REQUIRE(r.wait_answers_taken(30000));
     expect_bad_jobs_ignored(r, bad);
-    expect_rejections_counted(r, static_cast<long>(bad.size()));  // FIX-EXPECTED (see above)
+    expect_rejections_counted(r, static_cast<long>(bad.size()));
     r.expect_recovery();
     expect_alive_then_clean_exit(*r.bunny);
   }

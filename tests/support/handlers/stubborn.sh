@@ -1,5 +1,5 @@
 #!/bin/sh
-# attack3: ignores SIGTERM (so an attempt bunny stops lives until SIGKILL);
+# Ignores SIGTERM (so an attempt bunny stops lives until SIGKILL);
 # payload: seconds to sleep. Appends "start|end JOB_ID JOB_ATTEMPT PID" to $1.
 log=$1
 trap '' TERM
