@@ -16,24 +16,8 @@ namespace {
 // every request on it with `answer` until the peer goes or `stop` is set.
 class canned_relay {
  public:
-  explicit canned_relay(std::string answer) : _answer(std::move(answer)) {
-    const std::string& p = test::pki();
-    relay::tls::server_options o;
-    o.cert_file = p + "/server.crt";
-    o.key_file = p + "/server.key";
-    o.client_ca_file = p + "/ca.crt";
-    std::string error;
-    _ctx = relay::tls::context::make_server(o, error);
-    REQUIRE_MESSAGE(_ctx != nullptr, error);
-    _fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_EQ(bind(_fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    REQUIRE_EQ(listen(_fd, 8), 0);
-    socklen_t len = sizeof a;
-    getsockname(_fd, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
+  explicit canned_relay(std::string answer) : _answer(std::move(answer)), _ctx(test::server_tls()) {
+    _fd = test::loopback_listener(8, port);
     _thread = std::thread([this] { serve(); });
   }
   canned_relay(const canned_relay&) = delete;

@@ -27,13 +27,6 @@ using test::request_kind;
 using test::sanitizer_report;
 using namespace std::chrono_literals;
 
-// Running, not a zombie (this sandbox's PID 1 may not reap).
-bool alive(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos && line.find('X') == std::string::npos;
-  return false;
-}
 
 
 
@@ -158,11 +151,11 @@ TEST_CASE("regress issue 11 (attack review): what a handler leaves behind dies w
   REQUIRE(hostile_relay::wait_until([&] { return r.relay.count(request_kind::complete) >= 1; }, 8000));
   pid_t child = static_cast<pid_t>(std::atol(test::read_file(pidfile).c_str()));
   REQUIRE(child > 0);
-  CHECK_MESSAGE(!alive(child), "the handler's child " << child << " still runs after its job completed");
+  CHECK_MESSAGE(!test::process_running(child), "the handler's child " << child << " still runs after its job completed");
   r.bunny->proc->signal(SIGKILL);
   r.bunny->proc->wait(5000);
   std::this_thread::sleep_for(1000ms);
-  bool survived = alive(child);
+  bool survived = test::process_running(child);
   CHECK_MESSAGE(!survived, "the handler's child " << child << " survived bunny's SIGKILL");
   if (survived) ::kill(child, SIGKILL);  // clean up what this test started
 }

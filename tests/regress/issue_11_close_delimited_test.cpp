@@ -61,24 +61,8 @@ struct client {
 // close_notify (always with a FIN).
 class tls_once_server {
  public:
-  tls_once_server(std::string answer, bool close_notify) {
-    const std::string& p = test::pki();
-    relay::tls::server_options o;
-    o.cert_file = p + "/server.crt";
-    o.key_file = p + "/server.key";
-    o.client_ca_file = p + "/ca.crt";
-    std::string error;
-    _ctx = relay::tls::context::make_server(o, error);
-    REQUIRE_MESSAGE(_ctx != nullptr, error);
-    _listen = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_EQ(bind(_listen, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    REQUIRE_EQ(listen(_listen, 1), 0);
-    socklen_t len = sizeof a;
-    getsockname(_listen, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
+  tls_once_server(std::string answer, bool close_notify) : _ctx(test::server_tls()) {
+    _listen = test::loopback_listener(1, port);
     _thread = std::thread([this, answer = std::move(answer), close_notify] { serve(answer, close_notify); });
   }
   ~tls_once_server() {

@@ -24,12 +24,6 @@ using test::hostile_relay;
 using test::request_kind;
 using namespace std::chrono_literals;
 
-bool alive(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos && line.find('X') == std::string::npos;
-  return false;
-}
 
 using rig = test::hostile_rig;
 
@@ -55,7 +49,7 @@ TEST_CASE("regress issue 11 (second attack review): a setsid'd descendant surviv
   REQUIRE(child > 0);
   REQUIRE(hostile_relay::wait_until([&] { return r.relay.count(request_kind::fail) >= 1; }, 10000));
   std::this_thread::sleep_for(500ms);
-  bool survived = alive(child);
+  bool survived = test::process_running(child);
   CHECK_MESSAGE(!survived, "the handler's setsid'd child " << child << " outlived the timed-out job");
   if (survived) ::kill(child, SIGKILL);
 }
@@ -71,7 +65,7 @@ TEST_CASE("regress issue 11 (second attack review): a setsid'd descendant surviv
   REQUIRE(child > 0);
   REQUIRE(hostile_relay::wait_until([&] { return r.relay.count(request_kind::fail) >= 1; }, 10000));
   std::this_thread::sleep_for(500ms);
-  bool survived = alive(child);
+  bool survived = test::process_running(child);
   CHECK_MESSAGE(!survived, "the handler's setsid'd child " << child << " outlived the job killed for its output");
   if (survived) ::kill(child, SIGKILL);
 }
@@ -152,10 +146,10 @@ TEST_CASE("regress issue 11 (second attack review): a process chain deeper than 
   for (long p; in >> p;) pids.push_back(static_cast<pid_t>(p));
   REQUIRE(pids.size() == 80);
   size_t survivors = 0;
-  for (pid_t p : pids) survivors += alive(p) ? 1 : 0;
+  for (pid_t p : pids) survivors += test::process_running(p) ? 1 : 0;
   CHECK_MESSAGE(survivors == 0, survivors << " of the 80 processes the handler left behind outlived its job");
   for (pid_t p : pids)
-    if (alive(p)) ::kill(p, SIGKILL);  // this test's own processes
+    if (test::process_running(p)) ::kill(p, SIGKILL);  // this test's own processes
 }
 
 // FINDING (http handler): a pooled keep-alive connection that the local
@@ -206,17 +200,17 @@ TEST_CASE("regress issue 11 (second attack review): a handler that kills its gua
   std::vector<pid_t> pids;
   for (long p; in >> p;) pids.push_back(static_cast<pid_t>(p));
   size_t running = 0;
-  for (pid_t p : pids) running += alive(p) ? 1 : 0;
+  for (pid_t p : pids) running += test::process_running(p) ? 1 : 0;
   CHECK_MESSAGE(running == 0, running << " attempts of job " << job.id << " still run after bunny reported them failed");
   r.bunny->proc->signal(SIGKILL);
   r.bunny->proc->wait(5000);
   std::this_thread::sleep_for(500ms);
   size_t after = 0;
-  for (pid_t p : pids) after += alive(p) ? 1 : 0;
+  for (pid_t p : pids) after += test::process_running(p) ? 1 : 0;
   CHECK_MESSAGE(after == 0, after << " handlers outlived bunny's SIGKILL");
   for (pid_t p : pids) {  // this test's own processes, and their sleep
     pid_t g = ::getpgid(p);
-    if (alive(p) && g > 1 && g != ::getpgid(0)) ::kill(-g, SIGKILL);
-    if (alive(p)) ::kill(p, SIGKILL);
+    if (test::process_running(p) && g > 1 && g != ::getpgid(0)) ::kill(-g, SIGKILL);
+    if (test::process_running(p)) ::kill(p, SIGKILL);
   }
 }

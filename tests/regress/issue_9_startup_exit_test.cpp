@@ -19,15 +19,9 @@ namespace {
 class busy_port {
  public:
   busy_port() {
-    _fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_EQ(bind(_fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    REQUIRE_EQ(listen(_fd, 1), 0);
-    socklen_t len = sizeof a;
-    getsockname(_fd, reinterpret_cast<sockaddr*>(&a), &len);
-    _addr = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+    uint16_t port = 0;
+    _fd = test::loopback_listener(1, port);
+    _addr = "127.0.0.1:" + std::to_string(port);
   }
   busy_port(const busy_port&) = delete;
   busy_port& operator=(const busy_port&) = delete;

@@ -239,17 +239,7 @@ class hostile_relay {
   static constexpr plain_tag plain{};
 
   // mTLS with the PKI's server certificate, verifying clients against its CA.
-  hostile_relay() {
-    const std::string& p = pki();
-    relay::tls::server_options o;
-    o.cert_file = p + "/server.crt";
-    o.key_file = p + "/server.key";
-    o.client_ca_file = p + "/ca.crt";
-    std::string error;
-    _ctx = relay::tls::context::make_server(o, error);
-    REQUIRE_MESSAGE(_ctx != nullptr, error);
-    listen_and_serve();
-  }
+  hostile_relay() : _ctx(server_tls()) { listen_and_serve(); }
   // Plain HTTP: a local service for the http handler. Answers every request
   // 200 {"ok":true} unless scripted (request_kind::other).
   explicit hostile_relay(plain_tag) {
@@ -333,15 +323,7 @@ class hostile_relay {
 
  private:
   void listen_and_serve() {
-    _fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_EQ(bind(_fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    REQUIRE_EQ(listen(_fd, 16), 0);
-    socklen_t len = sizeof a;
-    getsockname(_fd, reinterpret_cast<sockaddr*>(&a), &len);
-    port = ntohs(a.sin_port);
+    _fd = loopback_listener(16, port);
     _acceptor = std::thread([this] { accept_loop(); });
   }
 

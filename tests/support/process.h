@@ -64,6 +64,15 @@ inline int wait_exit(pid_t pid, int timeout_ms) {
   }
 }
 
+// Whether `pid` runs: exists and is not a zombie (a sandbox's PID 1 may
+// not reap).
+inline bool process_running(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("State:", 0) == 0) return line.find('Z') == std::string::npos && line.find('X') == std::string::npos;
+  return false;
+}
+
 struct run_result {
   int exit_code = -1;
   std::string out;

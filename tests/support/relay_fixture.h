@@ -156,6 +156,36 @@ inline std::shared_ptr<const relay::tls::context> client_tls(const std::string& 
   return ctx;
 }
 
+// The PKI's server certificate, verifying clients against its CA: for the
+// tests' own TLS servers (fake relays, one-shot servers).
+inline std::shared_ptr<const relay::tls::context> server_tls() {
+  const std::string& p = pki();
+  relay::tls::server_options o;
+  o.cert_file = p + "/server.crt";
+  o.key_file = p + "/server.key";
+  o.client_ca_file = p + "/ca.crt";
+  std::string error;
+  auto ctx = relay::tls::context::make_server(o, error);
+  REQUIRE_MESSAGE(ctx != nullptr, error);
+  return ctx;
+}
+
+// A TCP socket listening on 127.0.0.1 at a port the kernel picks; `port`
+// is set to it.
+inline int loopback_listener(int backlog, uint16_t& port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  REQUIRE_EQ(listen(fd, backlog), 0);
+  socklen_t len = sizeof a;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  port = ntohs(a.sin_port);
+  return fd;
+}
+
 // Options for the project's v1 client (relay/v1_client.h) to the relay
 // under test, presenting `who`.crt/.key from the PKI (none when `who` is
 // empty). For relay::v1::blocking_client, or relay::v1::client on a
