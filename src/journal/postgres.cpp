@@ -317,7 +317,9 @@ void journal::open(uint64_t epoch, std::function<bool(const queue::record&)> app
 // ---- Loop side ----
 
 void journal::append(const queue::record& r) {
-  assert(_open && !_fenced);
+  // Once fenced nothing is written (and nothing acknowledged): the process
+  // is on its way to restart as a standby.
+  if (!_open || _fenced) return;
   size_t before = _current->bytes.size();
   encode(r, _current->bytes);
   ++_current->records;
@@ -729,10 +731,13 @@ void journal::run(uint64_t epoch) {
       auto t0 = steady::now();
       for (;;) {
         result r;
+        int64_t sent = deadline::now_ns();
         bool ok = c.connect(lease_until(), error) && c.exec(commit_sql.c_str(), p, lease_until(), r, error);
         if (ok && PQntuples(r.get()) == 1 && std::string_view(PQgetvalue(r.get(), 0, 0)) == "0")
           return report([&] { _fence_reason = "a commit found another relay leading shard " + _o.shard; });
         if (ok) {
+          // The commit renewed the lease too.
+          _deadline.extend(earned(_o, sent));
           // Inserted now, or by an earlier attempt whose answer was lost
           // (the key is taken): committed either way.
           _commit_seconds.observe(std::chrono::duration<double>(steady::now() - t0).count());
