@@ -328,6 +328,11 @@ std::string holder_name() {
 }  // namespace
 
 bool relay_server::start_standby(std::string& error) {
+  if (_repair_journal) {
+    error = "--repair-journal cuts segment files (journal.backend \"file\"); a corrupt PostgreSQL journal row is "
+            "dealt with in the database (see docs/ha.md)";
+    return false;
+  }
   journal::postgres::options o;
   const std::string& dsn_file = *_cfg.journal.postgres.dsn_file;
   if (!config::read_file(dsn_file, o.dsn, error)) {

@@ -47,6 +47,18 @@ struct pg_setup {
     a.insert(a.end(), more.begin(), more.end());
     return a;
   }
+  // A relay whose start the test watches itself (relay_process waits for
+  // its API listener), its config and log in `d`.
+  std::vector<std::string> relay_argv(const test::tmpdir& d) const {
+    test::write_file(d / "policy.json", test::default_policy());
+    const std::string& p = test::pki();
+    test::write_file(d / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
+      "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
+                                           R"(/ca.crt"}, "policy": ")" + (d / "policy.json") + R"("})");
+    std::vector<std::string> argv{test::env_or_fail("RELAY_BIN"), "--config", d / "relay.json"};
+    for (auto& a : relay_args()) argv.push_back(a);
+    return argv;
+  }
   std::string sql(const std::string& q) {
     auto r = pg.psql(pg.primary_dsn(), q);
     REQUIRE_MESSAGE(r.exit_code == 0, q << ": " << r.err);
@@ -169,14 +181,7 @@ TEST_CASE("a corrupt journal row is refused with a message naming it, and relay 
         "WHERE (segment, epoch, seq) = (SELECT segment, epoch, seq FROM relay_journal_main "
         "ORDER BY segment DESC, epoch DESC, seq DESC LIMIT 1)");
   test::tmpdir d;
-  test::write_file(d / "policy.json", test::default_policy());
-  const std::string& p = test::pki();
-  test::write_file(d / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
-      "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
-                                         R"(/ca.crt"}, "policy": ")" + (d / "policy.json") + R"("})");
-  std::vector<std::string> argv{test::env_or_fail("RELAY_BIN"), "--config", d / "relay.json"};
-  for (auto& a : s.relay_args()) argv.push_back(a);
-  test::child c(argv, d / "relay.log");
+  test::child c(s.relay_argv(d), d / "relay.log");
   // Exit 1, not a restart loop: leading on a damaged journal would drop
   // what is past the bad row.
   CHECK_EQ(c.wait(20000), 1);
@@ -189,14 +194,7 @@ TEST_CASE("a corrupt journal row is refused with a message naming it, and relay 
 TEST_CASE("a DSN that names a read-only standby is refused: relay stays a standby and says why" * without_backend) {
   pg_setup s(false, true);
   test::tmpdir d;
-  test::write_file(d / "policy.json", test::default_policy());
-  const std::string& p = test::pki();
-  test::write_file(d / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
-      "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
-                                         R"(/ca.crt"}, "policy": ")" + (d / "policy.json") + R"("})");
-  std::vector<std::string> argv{test::env_or_fail("RELAY_BIN"), "--config", d / "relay.json"};
-  for (auto& a : s.relay_args()) argv.push_back(a);
-  test::child c(argv, d / "relay.log");
+  test::child c(s.relay_argv(d), d / "relay.log");
   auto problem = c.wait_for_line("postgres_unavailable", 15000);
   REQUIRE_MESSAGE(problem.has_value(), c.log());
   CHECK_NE(problem->find("read-only standby"), std::string::npos);
