@@ -424,6 +424,7 @@ void relay_server::step_down(const std::string& reason) {
       .str("effect", "nothing more is acknowledged; restarting as a standby");
   audit::event("leadership_lost", log::level::error).str("shard", _cfg.journal.postgres.shard).str("reason", reason);
   uv_timer_stop(&_lease_timer);
+  uv_timer_stop(&_compact_timer);
   // Every waiting answer becomes a 503 (its change may or may not be
   // committed: clients retry, producers with their idempotency keys).
   _shared_journal->fence(reason);
