@@ -224,6 +224,53 @@ TEST_CASE("libpq's TLS to PostgreSQL works in the relay process that serves TLS 
   stop(r);
 }
 
+TEST_CASE("relayctl given both relays of a pair rides a failover: refused by the standby, then the new leader" *
+          without_backend) {
+  pg_setup s;
+  // Fixed API ports: a standby binds its port only once it leads.
+  auto free_port = [] {
+    uint16_t port = 0;
+    int fd = test::loopback_listener(1, port);
+    ::close(fd);
+    return std::to_string(port);
+  };
+  std::string port_a = free_port(), port_b = free_port();
+  test::tmpdir da, db;
+  auto argv_a = s.relay_argv(da), argv_b = s.relay_argv(db);
+  argv_a.insert(argv_a.end(), {"--listen", "127.0.0.1:" + port_a});
+  argv_b.insert(argv_b.end(), {"--listen", "127.0.0.1:" + port_b});
+  test::child a(argv_a, da / "relay.log");
+  REQUIRE_MESSAGE(a.wait_for_line("\"listener\":\"api\"", 15000).has_value(), a.log());
+  test::child b(argv_b, db / "relay.log");
+  REQUIRE_MESSAGE(b.wait_for_line("leadership_waiting", 15000).has_value(), b.log());
+  const std::string& p = test::pki();
+  auto relayctl = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv{test::env_or_fail("RELAYCTL_BIN"), "--url",
+                                  "https://127.0.0.1:" + port_b + ",https://127.0.0.1:" + port_a,
+                                  "--server-name", "localhost", "--ca", p + "/ca.crt", "--cert", p + "/producer.crt",
+                                  "--key", p + "/producer.key", "--timeout", "20000"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return test::run(argv, da.path());
+  };
+  // The standby (first in the list) refuses the connection: on to the leader.
+  auto first = relayctl({"submit", "work", R"({"n": 1})", "--idempotency-key", "one"});
+  REQUIRE_MESSAGE(first.exit_code == 0, first.err);
+  a.signal(SIGKILL);
+  a.wait(5000);
+  // No relay leads for up to a lease: relayctl goes round both until one does.
+  auto second = relayctl({"submit", "work", R"({"n": 2})", "--idempotency-key", "two"});
+  REQUIRE_MESSAGE(second.exit_code == 0, second.err);
+  CHECK(b.wait_for_line("leadership_acquired", 0).has_value());
+  auto got = relayctl({"get", test::lines(first.out).at(0)});
+  CHECK_MESSAGE(got.exit_code == 0, got.err);
+  CHECK_NE(got.out.find("queued"), std::string::npos);
+  // The same key again: the same job, not a second one.
+  auto again = relayctl({"submit", "work", R"({"n": 2})", "--idempotency-key", "two"});
+  CHECK_EQ(again.out, test::lines(second.out).at(0) + " (already submitted)\n");
+  b.signal(SIGTERM);
+  CHECK_EQ(b.wait(15000), 0);
+}
+
 TEST_CASE("one process never loads both BoringSSL and libpq (OpenSSL 3)") {
   test::tmpdir d;
   auto r = test::run({"ldd", test::env_or_fail("RELAY_BIN")}, d.path());
