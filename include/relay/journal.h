@@ -152,6 +152,10 @@ class backend : public queue::record_sink {
   virtual void when_durable(std::function<void(bool ok)> fn) = 0;
   // False while new changes must be refused (503).
   virtual bool accepting() const = 0;
+  // The number (record_sink::appended) up to which every record is written
+  // as the mode promises: a job whose record_no is above it shows a change
+  // that may yet be lost, and is not shown while the journal fails.
+  virtual uint64_t durable_records() const = 0;
   // False once this relay may no longer answer at all, reads included (it
   // lost the leadership of a shared journal: its state may be stale).
   virtual bool serving() const { return true; }
@@ -192,7 +196,8 @@ class writer final : public backend {
 
   // How many records have been appended so far; a request compares this
   // before and after to know whether it changed anything.
-  uint64_t appended() const { return _appended; }
+  uint64_t appended() const override { return _appended; }
+  uint64_t durable_records() const override { return _durable_records; }
   // Runs `fn(true)` once every record appended so far is durable as the
   // mode requires (always: fsynced; batch/off: at once), or `fn(false)` if
   // writing them failed or writes are failing.
@@ -270,6 +275,10 @@ class writer final : public backend {
   uint64_t _next_seq = 1;
   uint64_t _appended = 0;
   uint64_t _last_record_seq = 0;  // the batch holding the newest record
+  // Handed-off batches not yet reported written: (seq, number of its last
+  // record), to move _durable_records as the writer reports.
+  std::deque<std::pair<uint64_t, uint64_t>> _batch_ends;
+  uint64_t _durable_records = 0;
   uint64_t _unwritten_bytes = 0;
   std::deque<waiter> _waiters;
   bool _failing = false;

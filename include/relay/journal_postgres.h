@@ -74,6 +74,10 @@ struct options {
   std::string holder;         // who we are, in relay_leader.holder and the log
 };
 
+// Checks that `dsn` is a libpq connection string. The error never quotes
+// it (libpq's own messages do, password and all).
+bool valid_dsn(const std::string& dsn, std::string& error);
+
 // The leadership deadline, shared by the two threads and the loop: the
 // steady-clock time (ns) until which this relay may act as leader.
 class deadline {
@@ -165,6 +169,8 @@ class journal final : public backend {
   void append(const queue::record& r) override;
   void when_durable(std::function<void(bool ok)> fn) override;
   bool accepting() const override;
+  uint64_t appended() const override { return _appended; }
+  uint64_t durable_records() const override { return _durable_records; }
   bool serving() const override { return _open && !_fenced && _deadline.valid(); }
   const std::string& failure() const override { return _failure; }
   uint64_t roll() override;
@@ -218,6 +224,9 @@ class journal final : public backend {
   std::unique_ptr<batch> _current;
   uint64_t _next_seq = 1;
   uint64_t _last_record_seq = 0;
+  uint64_t _appended = 0;
+  std::deque<std::pair<uint64_t, uint64_t>> _batch_ends;  // (seq, its last record's number), not yet committed
+  uint64_t _durable_records = 0;
   uint64_t _unwritten_bytes = 0;
   uint64_t _next_segment = 0;
   std::deque<waiter> _waiters;

@@ -126,6 +126,7 @@ struct job {
   compact_string payload;  // raw JSON as received
   compact_string outcome;  // succeeded: raw result JSON; failed/dead: error message
   compact_string idempotency_key;
+  uint64_t record_no = 0;  // the sink's number of this job's latest record (record_sink::appended)
 };
 
 // One state change. Views point into the caller's memory and are valid only
@@ -170,6 +171,11 @@ class record_sink {
  public:
   virtual ~record_sink() = default;
   virtual void append(const record& r) = 0;
+  // How many records have been appended so far, so the number of the last
+  // one; 0 if the sink does not count. A job keeps the number of its latest
+  // record (job::record_no): a reader can then tell whether the change it
+  // would show is durable yet (journal::backend::durable_records).
+  virtual uint64_t appended() const { return 0; }
 };
 
 // Broker callbacks (lease_waiter::on_leased, job_watcher::on_terminal) run

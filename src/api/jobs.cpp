@@ -145,6 +145,13 @@ void service::get_job(context& c) {
     w->start(wait_limit(c, wait_ms));
     return;
   }
+  // While the journal fails, reads are answered at once rather than after
+  // the failing write: a job whose latest change is not durable would show
+  // what may yet be lost (and its id may be handed out again).
+  if (_journal && !_journal->accepting() && j->record_no > _journal->durable_records()) {
+    respond_error(c, api_error::unavailable, "the job's latest change is not durable yet; retry later");
+    return;
+  }
   std::string body;
   append_job_json(body, *j);
   respond(c, 200, std::move(body));

@@ -1,8 +1,11 @@
 #include "journal/pg_conn.h"
 
+#include "relay/journal_postgres.h"
+
 #include <poll.h>
 
 #include <algorithm>
+#include <charconv>
 #include <string_view>
 #include <vector>
 
@@ -30,6 +33,34 @@ int wait_fd(int fd, short events, steady::time_point until) {
 }
 
 }  // namespace
+
+std::optional<std::string_view> cell(const PGresult* r, int row, int col) {
+  if (!r || row < 0 || col < 0 || row >= PQntuples(r) || col >= PQnfields(r) || PQgetisnull(r, row, col))
+    return std::nullopt;
+  return std::string_view(PQgetvalue(r, row, col), static_cast<size_t>(PQgetlength(r, row, col)));
+}
+
+std::optional<uint64_t> number_cell(const PGresult* r, int row, int col) {
+  auto text = cell(r, row, col);
+  uint64_t v = 0;
+  if (!text || text->empty()) return std::nullopt;
+  auto [end, ec] = std::from_chars(text->data(), text->data() + text->size(), v);
+  if (ec != std::errc() || end != text->data() + text->size()) return std::nullopt;
+  return v;
+}
+
+bool valid_dsn(const std::string& dsn, std::string& error) {
+  char* why = nullptr;
+  PQconninfoOption* parsed = PQconninfoParse(dsn.c_str(), &why);
+  if (why) PQfreemem(why);  // it quotes the string: not for the log
+  if (!parsed) {
+    error = "is not a valid libpq connection string (keyword=value pairs or a postgresql:// URI; its text is not "
+            "repeated here, as it may hold a password)";
+    return false;
+  }
+  PQconninfoFree(parsed);
+  return true;
+}
 
 void conn::reset() {
   if (_c) PQfinish(_c);
@@ -85,7 +116,13 @@ bool conn::connect(steady::time_point until, std::string& error) {
   // A read replica would refuse every write; say so plainly.
   result r;
   if (!exec("SELECT pg_is_in_recovery()", {}, until, r, error)) return false;
-  if (PQntuples(r.get()) == 1 && std::string_view(PQgetvalue(r.get(), 0, 0)) == "t") {
+  auto recovery = cell(r.get(), 0, 0);
+  if (!recovery || (*recovery != "t" && *recovery != "f")) {
+    error = "the database answered pg_is_in_recovery() with something other than true or false";
+    reset();
+    return false;
+  }
+  if (*recovery == "t") {
     error = "the database is a read-only standby (in recovery): point journal.postgres.dsn_file at the primary "
             "(the writer endpoint, or target_session_attrs=read-write)";
     reset();

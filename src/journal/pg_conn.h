@@ -9,8 +9,10 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 
 namespace relay::journal::postgres {
 
@@ -20,6 +22,12 @@ struct result_free {
   void operator()(PGresult* r) const { PQclear(r); }
 };
 using result = std::unique_ptr<PGresult, result_free>;
+
+// The database's answers are checked like any peer's: a cell is read only
+// through these, which say "nothing" for a row or column that is not there
+// or a NULL, and numbers are parsed strictly.
+std::optional<std::string_view> cell(const PGresult* r, int row, int col);
+std::optional<uint64_t> number_cell(const PGresult* r, int row, int col);
 
 // A statement parameter: text (format 0) or binary (format 1).
 struct param {

@@ -1,6 +1,9 @@
 #include "relay/journal_postgres.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <csignal>
 #include <charconv>
 #include <cassert>
 #include <cstring>
@@ -19,13 +22,31 @@ using std::chrono::milliseconds;
 // fail on the catalog's unique index), so it is done under this lock.
 constexpr const char* schema_lock = "SELECT pg_advisory_xact_lock(7146232350457120312)";
 
+// The shard's table, and one partition a segment. A partition's name has a
+// "." (quoted in SQL), which no shard name can hold: shard "main"'s
+// segment 1 is never shard "main_1"'s table.
 std::string table(const options& o) { return "relay_journal_" + o.shard; }
-std::string partition(const options& o, uint64_t segment) { return table(o) + "_" + std::to_string(segment); }
+std::string partition_name(const options& o, uint64_t segment) { return table(o) + "." + std::to_string(segment); }
+std::string partition(const options& o, uint64_t segment) { return "\"" + partition_name(o, segment) + "\""; }
+// Segment numbers stay below this, so that a partition's name fits
+// PostgreSQL's 63 bytes (14 + 32 + 1 + 12).
+constexpr uint64_t max_segment = 999'999'999'999;
+// Batches are merged into one row up to this many bytes (a single batch
+// can be larger: it holds at least one record whole).
+constexpr size_t max_row_bytes = 8u << 20;
 
 uint64_t be64(const char* p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) v = v << 8 | static_cast<uint8_t>(p[i]);
   return v;
+}
+
+// Signals are the loop's (relay's main() says why): its threads never take
+// them.
+void block_signals() {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
 }
 
 std::vector<double> count_bounds() {
@@ -52,16 +73,36 @@ bool ensure_schema(conn& c, const options& o, steady::time_point until, std::str
                     " (segment bigint NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, format smallint NOT NULL, "
                     "records integer NOT NULL, body bytea NOT NULL, PRIMARY KEY (segment, epoch, seq)) "
                     "PARTITION BY RANGE (segment); COMMIT";
-  if (c.exec(sql.c_str(), until, error)) return true;
-  // A failed transaction block would poison the connection: start over.
-  c.reset();
-  error = "cannot create relay's tables: " + error;
-  return false;
+  if (!c.exec(sql.c_str(), until, error)) {
+    // A failed transaction block would poison the connection: start over.
+    c.reset();
+    error = "cannot create relay's tables: " + error;
+    return false;
+  }
+  // IF NOT EXISTS says nothing about what exists: it must be relay's.
+  text_params p{table(o)};
+  result r;
+  if (!c.exec("SELECT relkind FROM pg_class WHERE oid = to_regclass($1)", p.list, until, r, error)) return false;
+  if (cell(r.get(), 0, 0) != std::optional<std::string_view>("p")) {
+    error = "the table " + table(o) + " exists but is not relay's partitioned journal table; refusing to use it";
+    return false;
+  }
+  return true;
 }
 
-// The statement that renews the lease only if we still hold the epoch.
+// What /readyz (unauthenticated) says when the database is out of reach:
+// never libpq's text, which can quote pieces of the connection string; the
+// log has the detail. relay's own findings about the server are kept.
+std::string unreachable(const std::string& error) {
+  if (error.starts_with("the database is a read-only standby")) return "standby: " + error;
+  return "standby: cannot reach the database (the log's postgres_unavailable line says why)";
+}
+
+// The statement that renews the lease only if we still hold the epoch. The
+// lease never moves back: a renewal that waited for the row lock behind a
+// commit must not undo that commit's later lease_until.
 std::string renew_sql() {
-  return "UPDATE relay_leader SET lease_until = now() + $4::bigint * interval '1 millisecond' "
+  return "UPDATE relay_leader SET lease_until = greatest(lease_until, now() + $4::bigint * interval '1 millisecond') "
          "WHERE shard = $1 AND epoch = $2::bigint AND holder = $3";
 }
 
@@ -109,7 +150,10 @@ void leadership::start() {
   uv_async_init(_loop, &_async, on_async);
   _async.data = this;
   _open = true;
-  _thread = std::thread([this] { run(); });
+  _thread = std::thread([this] {
+    block_signals();
+    run();
+  });
 }
 
 std::string leadership::standby_status() const {
@@ -187,7 +231,7 @@ void leadership::run() {
     if (!c.connect(until, error) || (!schema && !(schema = ensure_schema(c, _o, until, error)))) {
       schema = schema && c.ok();
       report_problem(error);
-      if (!epoch) set_status("standby: cannot reach the database: " + error);
+      if (!epoch) set_status(unreachable(error));
     } else if (!epoch) {
       // Take the shard if it is free (never held, released, or its lease
       // has passed by the database's clock).
@@ -201,15 +245,12 @@ void leadership::run() {
           "lease_until = EXCLUDED.lease_until WHERE l.lease_until < now() RETURNING epoch";
       if (!c.exec(sql.c_str(), p.list, until, r, error)) {
         report_problem(error);
-        set_status("standby: cannot reach the database: " + error);
+        set_status(unreachable(error));
       } else if (PQntuples(r.get()) == 1) {
         // The database is checked like any peer: an epoch that is not a
         // positive integer is refused, not taken.
-        epoch = 0;
-        std::string_view text = PQgetvalue(r.get(), 0, 0);
-        auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), epoch);
-        if (ec != std::errc() || end != text.data() + text.size() || epoch == 0) {
-          epoch = 0;
+        epoch = number_cell(r.get(), 0, 0).value_or(0);
+        if (epoch == 0) {
           report_problem("the database answered the takeover with an epoch that is not a positive integer");
           std::unique_lock lock(_mu);
           _wake.wait_for(lock, milliseconds(_o.renew_ms), [this] { return _stop.load(); });
@@ -227,26 +268,26 @@ void leadership::run() {
       } else {
         text_params q{_o.shard};
         result who;
-        std::string status = "standby: shard " + _o.shard + " is led by another relay";
-        if (c.exec("SELECT holder, epoch, lease_until, now() FROM relay_leader WHERE shard = $1", q.list, until, who,
-                   error) &&
-            PQntuples(who.get()) == 1) {
-          status = "standby: shard " + _o.shard + " is led by " + PQgetvalue(who.get(), 0, 0) + " (epoch " +
-                   PQgetvalue(who.get(), 0, 1) + ") until " + PQgetvalue(who.get(), 0, 2);
+        auto holder = cell(nullptr, 0, 0), held_epoch = holder, until_text = holder;
+        if (c.exec("SELECT holder, epoch, lease_until FROM relay_leader WHERE shard = $1", q.list, until, who, error)) {
+          holder = cell(who.get(), 0, 0);
+          held_epoch = cell(who.get(), 0, 1);
+          until_text = cell(who.get(), 0, 2);
         }
+        std::string leader(holder.value_or("")), led_until(until_text.value_or(""));
         // Logged when the leader changes, not at each of its renewals.
-        std::string who_leads = PQntuples(who.get()) == 1
-                                    ? std::string(PQgetvalue(who.get(), 0, 0)) + "@" + PQgetvalue(who.get(), 0, 1)
-                                    : std::string();
+        std::string who_leads = leader + "@" + std::string(held_epoch.value_or(""));
         if (last_problem != who_leads) {
           last_problem = who_leads;
           log::info("leadership_waiting")
               .str("shard", _o.shard)
               .str("holder", _o.holder)
-              .str("leader", PQntuples(who.get()) == 1 ? PQgetvalue(who.get(), 0, 0) : "")
-              .str("lease_until", PQntuples(who.get()) == 1 ? PQgetvalue(who.get(), 0, 2) : "");
+              .str("leader", leader)
+              .str("lease_until", led_until);
         }
-        set_status(status);
+        set_status(holder ? "standby: shard " + _o.shard + " is led by " + leader + " (epoch " +
+                                std::string(held_epoch.value_or("?")) + ") until " + led_until
+                          : "standby: shard " + _o.shard + " is led by another relay");
       }
     } else {
       text_params p{_o.shard, std::to_string(epoch), _o.holder, lease};
@@ -324,7 +365,10 @@ void journal::open(uint64_t epoch, std::function<bool(const queue::record&)> app
   uv_prepare_init(_loop, &_prepare);
   _prepare.data = this;
   _handles = true;
-  _thread = std::thread([this, epoch] { run(epoch); });
+  _thread = std::thread([this, epoch] {
+    block_signals();
+    run(epoch);
+  });
 }
 
 // ---- Loop side ----
@@ -336,6 +380,7 @@ void journal::append(const queue::record& r) {
   size_t before = _current->bytes.size();
   encode(r, _current->bytes);
   ++_current->records;
+  ++_appended;
   _last_record_seq = _current->seq;
   _unwritten_bytes += _current->bytes.size() - before;
   _records.inc();
@@ -384,6 +429,7 @@ void journal::on_idle(uv_idle_t* h) {
 void journal::hand_off() {
   if (!_open || _fenced) return;
   if (_current->bytes.empty() && !_current->roll_to && !_current->delete_before) return;
+  if (_current->records) _batch_ends.emplace_back(_current->seq, _appended);
   {
     std::lock_guard lock(_mu);
     _todo.push_back(std::move(_current));
@@ -409,7 +455,9 @@ void journal::delete_before(uint64_t segment) {
 void journal::fence(const std::string& reason) {
   if (_fenced) return;
   _fenced = true;
-  _failure = "this relay no longer leads shard " + _o.shard + ": " + reason;
+  // Clients see _failure; the reason, which can quote the server, goes to
+  // the log (on_fenced: leadership_lost).
+  _failure = "this relay no longer leads shard " + _o.shard;
   _failing_gauge.set(1);
   {
     std::lock_guard lock(_mu);
@@ -483,17 +531,20 @@ void journal::on_async(uv_async_t* h) {
     self->apply_replayed();
     return;
   }
-  uint64_t written;
+  uint64_t written, committed;
   bool failing;
   std::string error, fenced;
   {
     std::lock_guard lock(self->_mu);
+    committed = self->_committed_seq;
     written = std::exchange(self->_written_bytes, 0);
     failing = self->_thread_failing;
     error = self->_thread_error;
     fenced = self->_fence_reason;
   }
   self->_unwritten_bytes -= std::min(written, self->_unwritten_bytes);
+  for (; !self->_batch_ends.empty() && self->_batch_ends.front().first <= committed; self->_batch_ends.pop_front())
+    self->_durable_records = self->_batch_ends.front().second;
   self->_bytes_gauge.set(static_cast<int64_t>(self->_disk_bytes.load()));
   if (!fenced.empty()) {
     self->fence(fenced);
@@ -502,7 +553,8 @@ void journal::on_async(uv_async_t* h) {
   self->run_due(self->_waiters.size());
   if (failing && !self->_failing) {
     self->_failing = true;
-    self->_failure = error;
+    // Clients see this; the server's own words go only to the log.
+    self->_failure = "cannot commit to PostgreSQL (relay's log says why)";
     self->_failing_gauge.set(1);
     log::error("journal_write_failed")
         .str("backend", "postgres")
@@ -585,7 +637,9 @@ void journal::run(uint64_t epoch) {
   bool streamed = c.stream(
       select.c_str(), {},
       [&](const PGresult* r) {
-        if (PQnfields(r) != 6 || PQgetlength(r, 0, 0) != 8 || PQgetlength(r, 0, 1) != 8 || PQgetlength(r, 0, 2) != 8 ||
+        bool shaped = PQntuples(r) == 1 && PQnfields(r) == 6;
+        for (int col = 0; shaped && col < 6; ++col) shaped = !PQgetisnull(r, 0, col);
+        if (!shaped || PQgetlength(r, 0, 0) != 8 || PQgetlength(r, 0, 1) != 8 || PQgetlength(r, 0, 2) != 8 ||
             PQgetlength(r, 0, 3) != 2) {
           error = "a journal row of shard " + _o.shard + " has columns of unexpected types";
           return false;
@@ -639,14 +693,15 @@ void journal::run(uint64_t epoch) {
                 "WHERE i.inhparent = $1::regclass",
                 p.list, lease_until(), r, error))
       return false;
-    std::string prefix = table(_o) + "_";
+    std::string prefix = table(_o) + ".";
     out.clear();
     for (int i = 0; i < PQntuples(r.get()); ++i) {
-      std::string_view name = PQgetvalue(r.get(), i, 0);
-      if (!name.starts_with(prefix) || name.size() == prefix.size() || name.size() > prefix.size() + 19) continue;
+      std::string_view name = cell(r.get(), i, 0).value_or("");
+      uint64_t n = 0;
+      if (!name.starts_with(prefix)) continue;
       std::string_view digits = name.substr(prefix.size());
-      if (!std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) continue;
-      out.push_back(std::stoull(std::string(digits)));
+      auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+      if (ec == std::errc() && end == digits.data() + digits.size() && n >= 1 && n <= max_segment) out.push_back(n);
     }
     std::sort(out.begin(), out.end());
     return true;
@@ -655,9 +710,22 @@ void journal::run(uint64_t epoch) {
   if (!segments(existing)) return fail("cannot list the journal's segments: " + error);
   uint64_t segment = existing.empty() ? 1 : existing.back() + 1;
   auto create_segment = [&](uint64_t n, bool& fenced) {
-    return fenced_ddl("CREATE TABLE IF NOT EXISTS " + partition(_o, n) + " PARTITION OF " + table(_o) +
-                          " FOR VALUES FROM (" + std::to_string(n) + ") TO (" + std::to_string(n + 1) + ")",
-                      fenced);
+    if (n > max_segment) {
+      error = "segment numbers are used up (" + std::to_string(max_segment) + ")";
+      return false;
+    }
+    if (!fenced_ddl("CREATE TABLE IF NOT EXISTS " + partition(_o, n) + " PARTITION OF " + table(_o) +
+                        " FOR VALUES FROM (" + std::to_string(n) + ") TO (" + std::to_string(n + 1) + ")",
+                    fenced))
+      return false;
+    // A table of that name that is not this partition would take no rows.
+    std::vector<uint64_t> now;
+    if (!segments(now)) return false;
+    if (!std::binary_search(now.begin(), now.end(), n)) {
+      error = "the table " + partition_name(_o, n) + " exists but is not a partition of " + table(_o);
+      return false;
+    }
+    return true;
   };
   bool fenced = false;
   if (!create_segment(segment, fenced))
@@ -672,12 +740,22 @@ void journal::run(uint64_t epoch) {
   // Group commits: each batch (or several, up to max_batch_records) is one
   // row in one single-statement transaction that also checks the epoch.
   const std::string commit_sql =
-      "WITH fence AS (UPDATE relay_leader SET lease_until = now() + $3::bigint * interval '1 millisecond' "
+      "WITH fence AS (UPDATE relay_leader SET lease_until = greatest(lease_until, now() + $3::bigint * interval "
+      "'1 millisecond') "
       "WHERE shard = $1 AND epoch = $2::bigint AND holder = $9 RETURNING 1), "
       "ins AS (INSERT INTO " + table(_o) +
       " (segment, epoch, seq, format, records, body) SELECT $4::bigint, $2::bigint, $5::bigint, $6::smallint, "
       "$7::integer, $8::bytea FROM fence ON CONFLICT DO NOTHING RETURNING 1) "
       "SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM ins)";
+  // How long a failing commit or segment start is retried: while leading,
+  // one lease (renewals can go on succeeding while commits fail -- a full
+  // disk, a revoked grant, a trigger -- and a leader that cannot write must
+  // not keep the shard from one that might); once stopping, 2 s; never past
+  // the deadline, after which nothing could be acknowledged anyway.
+  auto give_up = [&](steady::time_point since) {
+    auto limit = stopping() ? milliseconds(2000) : milliseconds(_o.lease_ms);
+    return steady::now() - since >= limit || !_deadline.valid();
+  };
   auto report = [&](auto&& change) {
     {
       std::lock_guard lock(_mu);
@@ -692,13 +770,16 @@ void journal::run(uint64_t epoch) {
       _wake.wait(lock, [&] { return !_todo.empty() || _stop; });
       if (!_fence_reason.empty() || _todo.empty()) return;  // stopped with nothing left
       // A roll or a drop is done on its own, between rows; records are
-      // gathered up to max_batch_records into one row.
-      uint64_t records = 0;
+      // gathered up to max_batch_records and max_row_bytes into one row.
+      uint64_t records = 0, bytes = 0;
       while (!_todo.empty()) {
         batch& b = *_todo.front();
         bool ddl = b.roll_to || b.delete_before;
-        if (!take.empty() && (ddl || records + b.records > _o.max_batch_records)) break;
+        if (!take.empty() &&
+            (ddl || records + b.records > _o.max_batch_records || bytes + b.bytes.size() > max_row_bytes))
+          break;
         records += b.records;
+        bytes += b.bytes.size();
         take.push_back(std::move(_todo.front()));
         _todo.pop_front();
         if (ddl) break;
@@ -706,14 +787,14 @@ void journal::run(uint64_t epoch) {
     }
     batch& first = *take.front();
     if (first.roll_to && first.roll_to > segment) {
-      // Retried until it works or the lease is gone.
-      while (!create_segment(first.roll_to, fenced)) {
+      for (auto since = steady::now(); !create_segment(first.roll_to, fenced);) {
         if (fenced) return report([&] { _fence_reason = "another relay took shard " + _o.shard; });
+        std::string why = "cannot start journal segment " + std::to_string(first.roll_to) + ": " + error;
+        if (give_up(since)) return report([&] { _fence_reason = why; });
         report([&] {
           _thread_failing = true;
-          _thread_error = "cannot start journal segment " + std::to_string(first.roll_to) + ": " + error;
+          _thread_error = why;
         });
-        if (!_deadline.valid() && stopping()) return;
         std::this_thread::sleep_for(milliseconds(100));
         c.connect(lease_until(), error);
       }
@@ -769,12 +850,12 @@ void journal::run(uint64_t epoch) {
           break;
         }
         _commit_errors.inc();
+        std::string why = "cannot commit to PostgreSQL: " + error;
+        if (give_up(t0)) return report([&] { _fence_reason = why; });
         report([&] {
           _thread_failing = true;
-          _thread_error = "cannot commit to PostgreSQL: " + error;
+          _thread_error = why;
         });
-        // Past the deadline nothing can be acknowledged: the loop steps down.
-        if (!_deadline.valid() && stopping()) return;
         std::this_thread::sleep_for(milliseconds(50));
       }
     } else {
@@ -793,9 +874,8 @@ void journal::run(uint64_t epoch) {
         } else if (!drop.empty()) {
           // The dropped rows' bytes are no longer held: recount.
           result r;
-          if (c.exec(("SELECT coalesce(sum(length(body)), 0) FROM " + table(_o)).c_str(), {}, lease_until(), r, error) &&
-              PQntuples(r.get()) == 1)
-            _disk_bytes.store(std::stoull(PQgetvalue(r.get(), 0, 0)));
+          if (c.exec(("SELECT coalesce(sum(length(body)), 0) FROM " + table(_o)).c_str(), {}, lease_until(), r, error))
+            if (auto bytes = number_cell(r.get(), 0, 0)) _disk_bytes.store(*bytes);
           report([] {});
         }
       }

@@ -190,6 +190,7 @@ void writer::delete_before(uint64_t segment) {
 
 void writer::hand_off() {
   if (_current->bytes.empty() && !_current->roll_to && !_current->delete_before && !_current->sync) return;
+  if (_current->records) _batch_ends.emplace_back(_current->seq, _appended);
   _overflow.push_back(std::move(_current));
   _current = std::make_unique<batch>();
   _current->seq = _next_seq++;
@@ -224,6 +225,9 @@ void writer::on_async(uv_async_t* h) {
   w->_unwritten_bytes -= std::min(written, w->_unwritten_bytes);
   w->_bytes_gauge.set(static_cast<int64_t>(w->_disk_bytes.load()));
   w->_segments_gauge.set(static_cast<int64_t>(w->_segments.load()));
+  for (uint64_t done = w->_durable_seq.load(std::memory_order_acquire);
+       !w->_batch_ends.empty() && w->_batch_ends.front().first <= done; w->_batch_ends.pop_front())
+    w->_durable_records = w->_batch_ends.front().second;
   // Those made durable first (before any failure this report brings).
   w->run_due(w->_waiters.size());
   if (failing) {

@@ -296,6 +296,8 @@ void broker::commit(const record& r) {
   if (_sink) _sink->append(r);
   [[maybe_unused]] bool applied = apply(r);
   assert(applied && "live records always fit the state they were made from");
+  if (_sink)
+    if (job* j = find_mutable(r.id)) j->record_no = _sink->appended();
 }
 
 submit_result broker::submit(const submit_params& p, time_ms now) {

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -40,6 +41,16 @@ int fail(const std::string& msg, int code = 2) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // SIGTERM, SIGINT and SIGHUP reach only the loop's thread: blocked here,
+  // before any thread exists (the log's, libuv's pool, the journal's), so
+  // that every thread inherits the block, and unblocked on this thread once
+  // the loop handles them. A signal is then never lost nor acted on by
+  // default in a window where the loop has let go of it (a restart as a
+  // standby closes the loop's handlers, see relay_server::stop()).
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&stop_signals, sig);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   relay::ops::return_freed_memory_promptly();
   std::optional<std::string> config_file;
   relay::config::override_list overrides;
@@ -101,6 +112,9 @@ int main(int argc, char** argv) {
       rc = 1;
       server.stop();
     }
+    // The loop handles them now; one that arrived meanwhile (or across a
+    // restart's exec) is delivered.
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
     uv_run(&loop, UV_RUN_DEFAULT);
     restart = server.restart_as_standby();
     if (!rc) rc = server.exit_code();
@@ -113,7 +127,10 @@ int main(int argc, char** argv) {
     relay::log::warn("restarting_as_standby");
     relay::log::flush();
     relay::audit::flush();
+    // Blocked since relay_server::stop(): a SIGTERM from now on waits, across
+    // the exec (the mask survives it), for the new loop.
     ::execv("/proc/self/exe", argv);
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
     relay::log::error("restart_failed").str("reason", std::strerror(errno));
     return 1;
   }

@@ -1,5 +1,6 @@
 #include "relay/relay_server.h"
 
+#include <pthread.h>
 #include <sys/resource.h>
 
 #include <unistd.h>
@@ -130,6 +131,13 @@ bool relay_server::check(const config::relay_config& cfg, std::string& error) {
               " is empty; it must hold a libpq connection string";
       return false;
     }
+#if RELAY_WITH_POSTGRES
+    while (std::isspace(static_cast<unsigned char>(dsn.back()))) dsn.pop_back();
+    if (!journal::postgres::valid_dsn(dsn, error)) {
+      error = "journal.postgres.dsn_file " + *cfg.journal.postgres.dsn_file + " " + error;
+      return false;
+    }
+#endif
   }
   if (!tls::context::make_server(tls_options(cfg), error)) return false;
   auto policy = auth::policy::load(cfg.policy, error);
@@ -344,6 +352,10 @@ bool relay_server::start_standby(std::string& error) {
     error = "journal.postgres.dsn_file " + dsn_file + " is empty; it must hold a libpq connection string";
     return false;
   }
+  if (!journal::postgres::valid_dsn(o.dsn, error)) {
+    error = "journal.postgres.dsn_file " + dsn_file + " " + error;
+    return false;
+  }
   o.shard = _cfg.journal.postgres.shard;
   o.lease_ms = static_cast<uint32_t>(_cfg.journal.postgres.lease_ms);
   o.renew_ms = static_cast<uint32_t>(_cfg.journal.postgres.renew_ms);
@@ -420,13 +432,16 @@ void relay_server::on_lease_tick(uv_timer_t* t) {
 }
 
 void relay_server::step_down(const std::string& reason) {
-  if (_restart || _stopped) return;
-  _restart = true;
+  if (_lost || _stopped) return;
+  _lost = true;
+  // Told to stop already (SIGTERM): finish stopping, do not come back.
+  _restart = !_draining;
   log::error("leadership_lost")
       .str("shard", _cfg.journal.postgres.shard)
       .num("epoch", static_cast<int64_t>(_leadership ? _leadership->epoch() : 0))
       .str("reason", reason)
-      .str("effect", "nothing more is acknowledged; restarting as a standby");
+      .str("effect", _restart ? "nothing more is acknowledged; restarting as a standby"
+                              : "nothing more is acknowledged; stopping as told");
   audit::event("leadership_lost", log::level::error).str("shard", _cfg.journal.postgres.shard).str("reason", reason);
   uv_timer_stop(&_lease_timer);
   uv_timer_stop(&_compact_timer);
@@ -441,7 +456,8 @@ void relay_server::step_down(const std::string& reason) {
   // A short drain, so that the 503s reach their clients; every request
   // that still arrives is refused (the journal no longer serves).
   _drain_limit_ms = 1000;
-  begin_drain();
+  if (_draining) _drain_started = std::min(_drain_started, uv_now(_loop));
+  else begin_drain();
 }
 #else
 bool relay_server::start_standby(std::string& error) {
@@ -493,7 +509,7 @@ void relay_server::compact_step() {
 }
 
 std::string relay_server::readiness() const {
-  if (_restart) return "leadership lost: restarting as a standby";
+  if (_lost) return _restart ? "leadership lost: restarting as a standby" : "leadership lost: stopping";
   if (_draining) return "draining";
 #if RELAY_WITH_POSTGRES
   // A standby, or a leader still replaying: the API port is not open.
@@ -508,8 +524,13 @@ std::string relay_server::readiness() const {
 
 void relay_server::on_signal(uv_signal_t* s, int signum) {
   auto* self = static_cast<relay_server*>(s->data);
-  if (signum == SIGHUP) self->reload();
-  else self->begin_drain();
+  if (signum == SIGHUP) {
+    self->reload();
+    return;
+  }
+  // Told to stop: a leader stepping down does so, but does not come back.
+  self->_restart = false;
+  self->begin_drain();
 }
 
 void relay_server::watch_files() {
@@ -674,6 +695,21 @@ void relay_server::on_drain_tick(uv_timer_t* t) {
 
 void relay_server::stop() {
   if (_stopped) return;
+  if (_restart && !_signals_held) {
+    // The handlers are about to close: from here to the new process's loop,
+    // a SIGTERM must wait rather than kill or vanish (see main()). Only this
+    // thread can take one: the others were started with them blocked. One
+    // caught just before, still in libuv's pipe, is read in this turn's
+    // poll, so the close waits for the next turn; if it was a SIGTERM,
+    // on_signal() cancels the restart.
+    _signals_held = true;
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&stop_signals, sig);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+    uv_timer_start(&_drain_timer, [](uv_timer_t* t) { static_cast<relay_server*>(t->data)->stop(); }, 0, 0);
+    return;
+  }
   _stopped = true;
   if (_api_listener) {
     auto cut = static_cast<int64_t>(_api_listener->open_connections());
@@ -698,7 +734,10 @@ void relay_server::stop() {
 #if RELAY_WITH_POSTGRES
   // After the last commit: a leader that stops in good order hands the
   // shard over at once rather than after its lease.
-  if (_leadership) _leadership->stop(!_restart);
+  // After a step-down too: the release is fenced by epoch and holder, and
+  // the journal's thread has stopped, so it only spares the next leader
+  // the wait for a lease that nobody renews.
+  if (_leadership) _leadership->stop(true);
 #endif
 }
 

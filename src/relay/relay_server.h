@@ -101,7 +101,9 @@ class relay_server {
   journal::postgres::journal* _shared_journal = nullptr;  // _journal, when it is PostgreSQL
 #endif
   uv_timer_t _lease_timer{};
-  bool _restart = false;
+  bool _lost = false;     // step_down() ran
+  bool _restart = false;  // ... and the process starts over as a standby
+  bool _signals_held = false;  // stop() blocked the stop signals for the restart
   int _exit_code = 0;
   uint64_t _drain_limit_ms = 0;
   bool _repair_journal;

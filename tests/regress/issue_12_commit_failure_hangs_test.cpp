@@ -18,8 +18,7 @@
 #include "../support/postgres.h"
 #include "../support/relay_fixture.h"
 
-TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered 503 within a few leases") {
-  if (!RELAY_WITH_POSTGRES) return;
+TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered 503 within a few leases" * doctest::skip(!RELAY_WITH_POSTGRES)) {
   if (auto why = test::postgres_cluster::unavailable_reason()) {
     MESSAGE("skipped: " << *why);
     return;
@@ -45,10 +44,13 @@ TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered
   auto first = r.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload": 2})", {"--max-time", "10"});
   CHECK_MESSAGE(first.curl_exit == 0, "no answer in 10 s (curl exit " << first.curl_exit << ")");
   CHECK_EQ(first.status, 503);
+  // The leader gave the shard up and started over (on another port: the
+  // test's relay listens on port 0); no hang either way.
+  CHECK(r.proc->wait_for_line("leadership_lost", 0).has_value());
   auto second = r.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload": 3})", {"--max-time", "10"});
-  CHECK_MESSAGE(second.curl_exit == 0, "no answer in 10 s (curl exit " << second.curl_exit << ")");
-  CHECK_EQ(second.status, 503);
+  CHECK_MESSAGE((second.curl_exit == 7 || second.status == 503),
+                "curl exit " << second.curl_exit << ", status " << second.status);
   r.proc->signal(SIGTERM);
   int rc = r.proc->wait(20000);
-  CHECK_MESSAGE(rc == 0, "SIGTERM: not exited after 20 s (" << rc << ")");
+  CHECK_MESSAGE(rc == 0, "SIGTERM: not exited after 20 s (" << rc << "): " << r.proc->log());
 }

@@ -16,8 +16,7 @@
 #include "../support/postgres.h"
 #include "../support/relay_fixture.h"
 
-TEST_CASE("issue 12: a read does not show a change that PostgreSQL has not committed") {
-  if (!RELAY_WITH_POSTGRES) return;
+TEST_CASE("issue 12: a read does not show a change that PostgreSQL has not committed" * doctest::skip(!RELAY_WITH_POSTGRES)) {
   if (auto why = test::postgres_cluster::unavailable_reason()) {
     MESSAGE("skipped: " << *why);
     return;

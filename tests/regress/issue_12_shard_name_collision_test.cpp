@@ -42,8 +42,7 @@ void stop(test::relay_process& r) {
 
 }  // namespace
 
-TEST_CASE("issue 12: shards whose names differ by a _<digits> suffix do not share tables") {
-  if (!RELAY_WITH_POSTGRES) return;
+TEST_CASE("issue 12: shards whose names differ by a _<digits> suffix do not share tables" * doctest::skip(!RELAY_WITH_POSTGRES)) {
   if (auto why = test::postgres_cluster::unavailable_reason()) {
     MESSAGE("skipped: " << *why);
     return;
