@@ -1,0 +1,400 @@
+// The fault suite of issue 12 ("prove it on one machine"): a PostgreSQL
+// primary and synchronous standby on loopback (tests/support/postgres.h),
+// two real relay processes on one shard (backend postgres), real bunnies
+// pointed at both relay URLs, producer and consumer threads, and a checker
+// that records every acknowledgement (tests/support/ha_checker.h). Each
+// fault is bounded in time; afterwards every acknowledged submit and result
+// must be on the relay that leads, every job must reach a terminal state,
+// and no idempotency key may have two jobs (executions may repeat: they are
+// counted). The figures (failover time, replay time, gaps) are printed with
+// MESSAGE, never asserted beyond generous bounds that keep the suite from
+// hanging. Skips (exit 77) where PostgreSQL cannot be started or relay was
+// built without the postgres backend.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+#include <signal.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+
+#include "../support/ha_checker.h"
+#include "../support/postgres.h"
+
+using namespace test::ha;
+
+namespace {
+
+std::string primary_only_dsn(const test::postgres_cluster& pg) {
+  return dsn("127.0.0.1", std::to_string(pg.primary_port()), pg.user_name(), pg.passfile_path(), pg.dbname());
+}
+// Both servers; libpq picks the one that takes writes.
+std::string both_hosts_dsn(const test::postgres_cluster& pg) {
+  return dsn("127.0.0.1,127.0.0.1", std::to_string(pg.primary_port()) + "," + std::to_string(pg.standby_port()),
+             pg.user_name(), pg.passfile_path(), pg.dbname(), "target_session_attrs=read-write");
+}
+
+std::string first_line(const std::vector<ack>& acks) {
+  if (acks.empty()) return {};
+  const ack& a = acks.front();
+  return std::string(a.what == ack::kind::submit ? "submit " : "complete ") + a.id + " at " + std::to_string(a.at_ms);
+}
+
+// Two relays, bunnies and load on a fresh cluster. Relay a is started
+// first and leads; b waits as standby.
+struct pair_setup {
+  test::postgres_cluster pg;
+  checker chk;
+  std::unique_ptr<ha_relay> a, b;
+  std::vector<std::unique_ptr<bunny>> bunnies;
+  std::unique_ptr<load> ld;
+  relay_settings settings;
+
+  explicit pair_setup(relay_settings s = {}) : settings(s) { pg.start(); }
+
+  ha_relay& relay_at(int i) { return i == 0 ? *a : *b; }
+  std::vector<uint16_t> ports() const { return {a->api_port, b->api_port}; }
+
+  void make_relays(const std::string& dsn_a, const std::string& dsn_b) {
+    a = std::make_unique<ha_relay>("a", dsn_a, settings);
+    b = std::make_unique<ha_relay>("b", dsn_b, settings);
+  }
+
+  void start_pair() {
+    a->start();
+    auto acquired = a->wait_event("leadership_acquired", 1, 30000);
+    REQUIRE_MESSAGE(!acquired.empty(), "relay a never led: " << a->log());
+    REQUIRE_MESSAGE(!a->wait_event("relay_started", 1, 20000).empty(), "relay a never started: " << a->log());
+    b->start();
+    REQUIRE_MESSAGE(!b->wait_event("leadership_waiting", 1, 20000).empty(), "relay b never waited: " << b->log());
+    REQUIRE_MESSAGE(a->ready(), a->log());
+  }
+
+  void start_load(const std::string& prefix, int producers = 2, int pace_ms = 40) {
+    bunnies.push_back(std::make_unique<bunny>(std::vector<uint16_t>{a->api_port, b->api_port}, "bunny1"));
+    bunnies.push_back(std::make_unique<bunny>(std::vector<uint16_t>{b->api_port, a->api_port}, "bunny2"));
+    load::options o;
+    o.ports = ports();
+    o.prefix = prefix;
+    o.producers = producers;
+    o.pace_ms = pace_ms;
+    ld = std::make_unique<load>(chk, o);
+    ld->start();
+    auto until = after_ms(20000);
+    while (chk.submits_from(-1) < 40 && steady::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    REQUIRE_MESSAGE(chk.submits_from(-1) >= 40, "no load: " << chk.refusals() << a->log());
+  }
+
+  void run_for(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+  // Waits until some relay reports ready; its index, or -1.
+  int leader(int timeout_ms = 30000) {
+    auto until = after_ms(timeout_ms);
+    for (;;) {
+      for (int i = 0; i < 2; ++i)
+        if (relay_at(i).proc && test::process_running(relay_at(i).pid()) && relay_at(i).ready()) return i;
+      if (steady::now() >= until) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+
+  // Load off, the queue settled on the leader, everything acknowledged
+  // checked there.
+  verdict finish(int leader_index) {
+    ld->stop();
+    for (auto& u : chk.unexpected_answers()) CHECK_MESSAGE(false, "unexpected answer: " << u);
+    bool settled = false;
+    auto counts = wait_queue_settled(relay_at(leader_index).api_port, "work", 60000, settled);
+    CHECK_MESSAGE(settled, "jobs still open on the leader: " << counts);
+    std::vector<const bunny*> bs;
+    for (auto& x : bunnies) bs.push_back(x.get());
+    auto v = verify(chk, bs, relay_at(leader_index).api_port);
+    for (auto& x : bunnies) x->stop();
+    MESSAGE("checker: " << describe(v) << "; refusals (relay:what=count) " << chk.refusals() << "; queue " << counts);
+    return v;
+  }
+
+  int64_t replay_ms(const ha_relay& r) {
+    auto e = r.events("journal_replayed");
+    return e.empty() ? -1 : std::atoll(test::field(e.back(), "milliseconds").c_str());
+  }
+};
+
+void check_none_after(const checker& c, int relay, int64_t after_ms, const std::string& what) {
+  auto late = c.from_after(relay, after_ms);
+  CHECK_MESSAGE(late.empty(), late.size() << " acknowledgements from relay " << relay << " after " << what << " ("
+                                          << after_ms << "); first: " << first_line(late));
+}
+
+// Waits for `event` in r's log after the line of `after_event` number n.
+bool wait_restarted_as_standby(const ha_relay& r, int timeout_ms) {
+  auto until = after_ms(timeout_ms);
+  for (;;) {
+    auto log = r.log();
+    auto p = log.find("{\"event\":\"restarting_as_standby\"");
+    if (p != std::string::npos && log.find("{\"event\":\"leadership_waiting\"", p) != std::string::npos) return true;
+    if (steady::now() >= until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a standby does not bind the API port and is not ready; the leader is") {
+  pair_setup s({"standbys", 1500, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  CHECK(port_accepts(s.a->api_port));
+  CHECK_FALSE(port_accepts(s.b->api_port));
+  auto ready = s.b->ops_get("/readyz");
+  CHECK_EQ(ready.status, 503);
+  CHECK_MESSAGE(ready.body.find("standby") != std::string::npos, ready.body);
+  CHECK_EQ(s.b->ops_get("/healthz").status, 200);
+  CHECK_EQ(s.a->ops_get("/readyz").status, 200);
+  auto ma = s.a->ops_get("/metrics").body;
+  auto mb = s.b->ops_get("/metrics").body;
+  CHECK_MESSAGE(ma.find("\nrelay_leader 1") != std::string::npos, ma.substr(0, 2000));
+  CHECK_MESSAGE(mb.find("\nrelay_leader 0") != std::string::npos, mb.substr(0, 2000));
+  auto waiting = s.b->events("leadership_waiting");
+  REQUIRE_FALSE(waiting.empty());
+  CHECK_EQ(test::field(waiting.front(), "shard"), "standbys");
+}
+
+TEST_CASE("SIGTERM on the leader releases the lease: the standby takes over well before lease_ms") {
+  const int lease_ms = 5000;
+  pair_setup s({"release", lease_ms, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  int64_t t_term = now_ms();
+  CHECK_EQ(s.a->terminate(15000), 0);
+  CHECK_FALSE(s.a->events("leadership_released").empty());
+  auto acquired = s.b->wait_event("leadership_acquired", 1, lease_ms + 10000);
+  REQUIRE_MESSAGE(!acquired.empty(), s.b->log());
+  int64_t took = ts_of(acquired) - t_term;
+  MESSAGE("takeover after SIGTERM of the leader: " << took << " ms (lease_ms " << lease_ms << ")");
+  CHECK_MESSAGE(took < lease_ms - 1000, "the standby waited out the lease: the leader did not release it");
+  CHECK_FALSE(s.b->wait_event("relay_started", 1, 10000).empty());
+  // SIGTERM on a standby: exit 0 at once. (a is gone; start it again as one.)
+  s.a->start();
+  REQUIRE_FALSE(s.a->wait_event("leadership_waiting", 1, 20000).empty());
+  auto t0 = steady::now();
+  CHECK_EQ(s.a->terminate(5000), 0);
+  MESSAGE("standby exit after SIGTERM: "
+          << std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - t0).count() << " ms");
+}
+
+TEST_CASE("fault 1: SIGKILL the leader; the standby takes over; nothing acknowledged is lost") {
+  pair_setup s({"kill", 1200, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("kill");
+  s.run_for(2000);
+  int64_t t_kill = now_ms();
+  CHECK_EQ(s.a->kill9(), 128 + SIGKILL);
+  auto acquired = s.b->wait_event("leadership_acquired", 1, 30000);
+  REQUIRE_MESSAGE(!acquired.empty(), s.b->log());
+  auto until = after_ms(30000);
+  int64_t first = 0;
+  while (!(first = s.chk.first_submit_from(1, t_kill)) && steady::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE_MESSAGE(first != 0, "no submit acknowledged by the new leader: " << s.chk.refusals() << s.b->log());
+  MESSAGE("fault 1: failover (SIGKILL -> first acknowledged submit on the new leader) " << first - t_kill
+                                                                                         << " ms; takeover logged after "
+                                                                                         << ts_of(acquired) - t_kill
+                                                                                         << " ms; replay " << s.replay_ms(*s.b)
+                                                                                         << " ms (lease_ms 1200)");
+  s.run_for(2000);
+  s.finish(1);
+}
+
+TEST_CASE("fault 2: SIGSTOP the leader past its lease, SIGCONT: it is fenced and comes back as standby") {
+  pair_setup s({"pause", 1200, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("pause", 3);
+  s.run_for(2000);
+  pid_t pid = s.a->pid();
+  int64_t t_stop = now_ms();
+  s.a->proc->signal(SIGSTOP);
+  auto acquired = s.b->wait_event("leadership_acquired", 1, 30000);
+  if (acquired.empty()) s.a->proc->signal(SIGCONT);
+  REQUIRE_MESSAGE(!acquired.empty(), s.b->log());
+  int64_t t_acquired = ts_of(acquired);
+  s.run_for(500);  // the new leader acknowledges; the old one is still stopped
+  int64_t t_cont = now_ms();
+  s.a->proc->signal(SIGCONT);
+  CHECK_FALSE(s.a->wait_event("leadership_lost", 1, 20000).empty());
+  CHECK_MESSAGE(wait_restarted_as_standby(*s.a, 30000), s.a->log());
+  CHECK_EQ(s.a->pid(), pid);
+  CHECK(test::process_running(pid));
+  auto r = s.a->ops_get("/readyz");
+  CHECK_EQ(r.status, 503);
+  CHECK_MESSAGE(r.body.find("standby") != std::string::npos, r.body);
+  MESSAGE("fault 2: SIGSTOP -> takeover " << t_acquired - t_stop << " ms; SIGCONT at +" << t_cont - t_stop
+                                          << " ms; leadership_lost reason: "
+                                          << test::field(s.a->wait_event("leadership_lost", 1, 1), "reason"));
+  s.run_for(1500);
+  check_none_after(s.chk, 0, t_acquired, "the new leader's leadership_acquired");
+  check_none_after(s.chk, 0, t_cont, "SIGCONT");
+  s.finish(1);
+}
+
+TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut relay comes back as standby") {
+  pair_setup s({"cut", 1200, 300});
+  test::tmpdir pdir;
+  test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
+                    pdir / "proxy.log");
+  auto listening = proxy.wait_for_line("proxy_listening");
+  REQUIRE(listening.has_value());
+  std::string addr = test::json_field(*listening, "addr");
+  std::string via_proxy = dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), s.pg.user_name(), s.pg.passfile_path(),
+                              s.pg.dbname());
+  s.make_relays(via_proxy, primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("cut", 3);
+  s.run_for(2000);
+  int64_t t_cut = now_ms();
+  proxy.signal(SIGUSR1);
+  auto lost = s.a->wait_event("leadership_lost", 1, 30000);
+  auto acquired = s.b->wait_event("leadership_acquired", 1, 30000);
+  REQUIRE_MESSAGE(!acquired.empty(), s.b->log());
+  CHECK_MESSAGE(!lost.empty(), s.a->log());
+  int64_t t_acquired = ts_of(acquired);
+  auto until = after_ms(30000);
+  int64_t first = 0;
+  while (!(first = s.chk.first_submit_from(1, t_cut)) && steady::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(first != 0);
+  MESSAGE("fault 3: cut -> leadership_lost " << ts_of(lost) - t_cut << " ms (reason " << test::field(lost, "reason")
+                                              << "), takeover " << t_acquired - t_cut << " ms, first submit on the new leader "
+                                              << first - t_cut << " ms; replay " << s.replay_ms(*s.b) << " ms");
+  s.run_for(1000);
+  int64_t t_restore = now_ms();
+  proxy.signal(SIGUSR2);
+  CHECK_MESSAGE(wait_restarted_as_standby(*s.a, 30000), s.a->log());
+  CHECK(test::process_running(s.a->pid()));
+  auto r = s.a->ops_get("/readyz");
+  CHECK_EQ(r.status, 503);
+  CHECK_MESSAGE(r.body.find("standby") != std::string::npos, r.body);
+  s.run_for(1500);
+  check_none_after(s.chk, 0, t_acquired, "the new leader's leadership_acquired");
+  MESSAGE("fault 3: restore -> standby again after " << now_ms() - t_restore << " ms (upper bound)");
+  s.finish(1);
+
+  // What the cut relay had in flight reached the server after the link came
+  // back (the proxy held it): the journal must still be whole. The cut
+  // relay now takes over from the released lease and replays it.
+  CHECK_EQ(s.b->terminate(15000), 0);
+  auto again = s.a->wait_event("leadership_acquired", 2, 30000);
+  REQUIRE_MESSAGE(!again.empty(), s.a->log());
+  REQUIRE_FALSE(s.a->wait_event("relay_started", 2, 20000).empty());
+  auto v = verify(s.chk, {}, s.a->api_port, 60000);
+  MESSAGE("fault 3: after the cut relay took over again: " << describe(v));
+  proxy.signal(SIGTERM);
+  proxy.wait(5000);
+}
+
+TEST_CASE("fault 4: the PostgreSQL primary dies, its data directory is deleted, the standby is promoted") {
+  pair_setup s({"pgfail", 1200, 300});
+  s.make_relays(both_hosts_dsn(s.pg), both_hosts_dsn(s.pg));
+  s.start_pair();
+  s.start_load("pgfail");
+  s.run_for(2000);
+  int64_t t_crash = now_ms();
+  s.pg.stop_primary_immediate();
+  std::error_code ec;
+  std::filesystem::remove_all(s.pg.primary_data_dir(), ec);
+  CHECK_MESSAGE(!ec, ec.message());
+  s.run_for(500);
+  s.pg.promote_standby();
+  int64_t t_promoted = now_ms();
+  auto until = after_ms(45000);
+  int64_t first = 0;
+  while (steady::now() < until) {
+    auto f0 = s.chk.first_submit_from(0, t_promoted), f1 = s.chk.first_submit_from(1, t_promoted);
+    first = f0 && f1 ? std::min(f0, f1) : (f0 ? f0 : f1);
+    if (first) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  REQUIRE_MESSAGE(first != 0, "nothing acknowledged after the promotion: " << s.chk.refusals() << "\n--- a:\n"
+                                                                           << s.a->log() << "\n--- b:\n" << s.b->log());
+  s.run_for(2000);
+  int lead = s.leader();
+  REQUIRE(lead >= 0);
+  MESSAGE("fault 4: primary crash -> promotion " << t_promoted - t_crash << " ms; first acknowledged submit "
+                                                 << first - t_crash << " ms after the crash; leader now relay "
+                                                 << lead << "; longest gap "
+                                                 << s.chk.longest_gap(t_crash - 1000, now_ms()) << " ms");
+  s.finish(lead);
+}
+
+TEST_CASE("fault 5: rolling restart of both relays under load: no loss, bounded unavailability") {
+  pair_setup s({"rolling", 1200, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("rolling");
+  s.run_for(1500);
+  int64_t t0 = now_ms();
+  CHECK_EQ(s.a->terminate(15000), 0);
+  REQUIRE_MESSAGE(!s.b->wait_event("relay_started", 1, 20000).empty(), s.b->log());
+  s.a->start();
+  REQUIRE_MESSAGE(!s.a->wait_event("leadership_waiting", 1, 20000).empty(), s.a->log());
+  s.run_for(1500);
+  CHECK_EQ(s.b->terminate(15000), 0);
+  REQUIRE_MESSAGE(!s.a->wait_event("relay_started", 1, 20000).empty(), s.a->log());
+  s.b->start();
+  REQUIRE_MESSAGE(!s.b->wait_event("leadership_waiting", 1, 20000).empty(), s.b->log());
+  s.run_for(1500);
+  int64_t t1 = now_ms();
+  int64_t gap = s.chk.longest_gap(t0, t1);
+  MESSAGE("fault 5: longest time without an acknowledged submit during the rolling restart: " << gap
+                                                                                              << " ms; replays " << s.replay_ms(*s.b)
+                                                                                              << " / " << s.replay_ms(*s.a) << " ms");
+  CHECK_MESSAGE(gap < 15000, "unavailability not bounded");
+  s.finish(0);
+}
+
+TEST_CASE("--check-config accepts a good postgres configuration and names the key of a bad one") {
+  test::tmpdir d;
+  test::write_file(d / "dsn", "host=127.0.0.1 port=1 dbname=x\n");
+  chmod((d / "dsn").c_str(), 0600);
+  test::write_file(d / "policy.json", test::default_policy());
+  const std::string& p = test::pki();
+  auto config = [&](const std::string& postgres) {
+    test::write_file(d / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
+      "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p + R"(/ca.crt"},
+      "policy": "policy.json", "journal": {"backend": "postgres", "postgres": {)" + postgres + "}}}");
+    return test::run({test::env_or_fail("RELAY_BIN"), "--config", d / "relay.json", "--check-config"}, d.path(), 20000);
+  };
+  const std::string dsn_file = R"("dsn_file": ")" + (d / "dsn") + R"(")";
+  auto good = config(dsn_file + R"(, "shard": "main_2", "lease_ms": 1500, "renew_ms": 500)");
+  CHECK_MESSAGE(good.exit_code == 0, good.err);
+  CHECK_MESSAGE(good.out.find("postgres") != std::string::npos, good.out);
+
+  struct bad_case {
+    std::string postgres, key;
+  };
+  for (const auto& c : std::vector<bad_case>{
+           {dsn_file + R"(, "shard": "Main")", "journal.postgres.shard"},
+           {dsn_file + R"(, "shard": "a-b")", "journal.postgres.shard"},
+           {dsn_file + R"(, "shard": "")", "journal.postgres.shard"},
+           {dsn_file + R"(, "lease_ms": 1500, "renew_ms": 501)", "journal.postgres.renew_ms"},
+           {dsn_file + R"(, "lease_ms": 100)", "journal.postgres.lease_ms"},
+           {R"("shard": "main")", "journal.postgres.dsn_file"},
+           {R"("dsn_file": ")" + (d / "no-such-file") + R"(")", "journal.postgres.dsn_file"},
+       }) {
+    auto r = config(c.postgres);
+    CHECK_MESSAGE(r.exit_code != 0, "accepted: " << c.postgres);
+    CHECK_MESSAGE(r.err.find(c.key) != std::string::npos, c.postgres << " -> " << r.err);
+  }
+}
+
+int main(int argc, char** argv) {
+  std::signal(SIGPIPE, SIG_IGN);
+  if (auto why = test::postgres_cluster::unavailable_reason()) {
+    std::fprintf(stderr, "SKIP: cannot start PostgreSQL here (%s): the HA fault suite did not run\n", why->c_str());
+    return 77;
+  }
+  doctest::Context context(argc, argv);
+  return context.run();
+}
