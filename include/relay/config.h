@@ -55,11 +55,21 @@ struct relay_config {
     std::optional<std::string> path;
   } audit;
   struct {
+    // "file": segment files in dir. "postgres": a PostgreSQL database shared
+    // by an active/standby pair of relays (relay/journal_postgres.h).
+    std::string backend = "file";
     std::string dir = "/var/lib/relay";
     std::string fsync = "always";
     uint64_t batch_interval_ms = 100;        // fsync period in "batch" mode (the window a crash may lose)
     uint64_t segment_bytes = 64ull << 20;    // roll to a new segment past this size
     uint64_t compact_min_bytes = 64ull << 20;  // compact once the journal exceeds this and twice the live data
+    struct {
+      std::optional<std::string> dsn_file;  // a secret: the libpq connection string, read from this file
+      std::string shard = "main";           // relays that name the same shard form one active/standby group
+      uint64_t lease_ms = 5000;             // leadership lease: a standby takes over this long after the leader stops renewing
+      uint64_t renew_ms = 1000;             // renewal period; at most lease_ms / 3
+      uint64_t max_batch_records = 4096;    // records per commit transaction at most
+    } postgres;
   } journal;
   struct {
     uint64_t max_body_bytes = 1048576;

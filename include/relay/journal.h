@@ -76,6 +76,18 @@ bool decode(std::string_view body, queue::record& r);
 // up to max_job_id + 1), which would otherwise wrap the id counter.
 std::string_view invalid_reason(const queue::record& r);
 
+// Records counted while applying a run of them.
+struct record_run {
+  uint64_t records = 0;
+  uint64_t skipped = 0;  // did not fit the state (superseded by a snapshot)
+};
+// Decodes `framed`, records of the current version back to back, into
+// `apply`, checking every checksum and field. Nothing in it may be torn (a
+// PostgreSQL row is committed whole or not at all): false, with `problem`
+// naming what is wrong and its offset, at the first bad record.
+bool for_each_record(std::string_view framed, const std::function<bool(const queue::record&)>& apply,
+                     record_run& run, std::string& problem);
+
 enum class fsync_mode : uint8_t { always, batch, off };
 
 struct options {
@@ -129,14 +141,41 @@ class dir_lock {
   int _fd = -1;
 };
 
-// The writer: a record_sink for the queue core.
+// What the queue core, the API and compaction need of a journal, whichever
+// backend holds it: the segment files below (writer), or PostgreSQL
+// (relay/journal_postgres.h). Every method runs on the loop thread.
+class backend : public queue::record_sink {
+ public:
+  // Runs `fn(true)` once every record appended so far is durable, or
+  // `fn(false)` if it may not be. fn never runs inside when_durable(); it
+  // runs from the loop, in FIFO order (see writer::when_durable).
+  virtual void when_durable(std::function<void(bool ok)> fn) = 0;
+  // False while new changes must be refused (503).
+  virtual bool accepting() const = 0;
+  // False once this relay may no longer answer at all, reads included (it
+  // lost the leadership of a shared journal: its state may be stale).
+  virtual bool serving() const { return true; }
+  // Why not accepting, for the answer and /readyz; empty: behind.
+  virtual const std::string& failure() const = 0;
+  // Starts a new segment at the next batch; returns its number.
+  virtual uint64_t roll() = 0;
+  // Drops every segment numbered below `segment`, once what was appended
+  // before this call is durable (compaction's snapshots replace them).
+  virtual void delete_before(uint64_t segment) = 0;
+  // What the journal holds, in bytes (compaction's trigger).
+  virtual uint64_t disk_bytes() const = 0;
+  // Writes what is pending, stops its thread, answers every waiter.
+  virtual void close() = 0;
+};
+
+// The file backend: a record_sink for the queue core.
 //
 // Segment numbers are the loop's alone: open() and roll() choose them, and
 // the writer thread only ever opens a number it was handed. After a failed
 // write it cuts the segment back to its last whole record and writes nothing
 // (nor rolls) until that cut succeeds, so a damaged tail can only ever be at
 // the end of the newest segment.
-class writer final : public queue::record_sink {
+class writer final : public backend {
  public:
   writer(uv_loop_t* loop, options o, ops::registry& metrics);
   writer(const writer&) = delete;
@@ -166,21 +205,21 @@ class writer final : public queue::record_sink {
   // stack of the request, mutation or batch that queued it. fn may call
   // when_durable() again; that one runs on a later turn. Call it only
   // between open() and close(); close() runs whatever is still queued.
-  void when_durable(std::function<void(bool ok)> fn);
+  void when_durable(std::function<void(bool ok)> fn) override;
   // False while writes are failing: new changes must be refused.
-  bool accepting() const { return !_failing && _unwritten_bytes < _o.max_unwritten_bytes; }
-  const std::string& failure() const { return _failure; }
+  bool accepting() const override { return !_failing && _unwritten_bytes < _o.max_unwritten_bytes; }
+  const std::string& failure() const override { return _failure; }
 
   // Starts a new segment at the next batch; returns its number. Segments
   // before it can then be deleted once everything appended so far is durable.
-  uint64_t roll();
+  uint64_t roll() override;
   // Deletes segments numbered below `segment` (on the writer thread).
-  void delete_before(uint64_t segment);
-  uint64_t disk_bytes() const { return _disk_bytes.load(std::memory_order_relaxed); }
+  void delete_before(uint64_t segment) override;
+  uint64_t disk_bytes() const override { return _disk_bytes.load(std::memory_order_relaxed); }
   uint64_t segments() const { return _segments.load(std::memory_order_relaxed); }
 
   // Writes what is pending, stops the thread and closes the async handle.
-  void close();
+  void close() override;
 
  private:
   struct batch {

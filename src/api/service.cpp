@@ -11,7 +11,7 @@
 namespace relay::api {
 
 service::service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
-                 journal::writer* journal, authn_options authn)
+                 journal::backend* journal, authn_options authn)
     : _loop(loop),
       _broker(broker),
       _journal(journal),
@@ -69,7 +69,7 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
   // While the journal fails, changes are refused up front; reads go on
   // being served (they can show nothing that was acknowledged and lost).
   bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
-  if (!_journal || (read && !_journal->accepting())) {
+  if (!_journal || (read && !_journal->accepting() && _journal->serving())) {
     count(r, status);
     conn.respond(status, body, extra);
     return;
@@ -328,6 +328,10 @@ void service::on_request(net::server_conn& conn, http::request& req) {
   if (!charged_at_headers(req) && !within_request_rate(c)) return;
   bool changes = c.match.which != route::get_job && c.match.which != route::list_queues &&
                  c.match.which != route::get_queue && c.match.which != route::list_dead;
+  if (_journal && !_journal->serving()) {
+    respond_error(c, api_error::unavailable, "this relay no longer leads its journal: " + _journal->failure());
+    return;
+  }
   if (changes && _journal && !_journal->accepting()) {
     respond_error(c, api_error::unavailable,
                   _journal->failure().empty() ? "the journal is behind; retry later"

@@ -47,7 +47,7 @@ class service final : public net::request_handler {
 
   // `journal` may be null (no durability, as in unit tests).
   service(uv_loop_t* loop, queue::broker& broker, policy_source policy, ops::registry& metrics,
-          journal::writer* journal = nullptr, authn_options authn = {});
+          journal::backend* journal = nullptr, authn_options authn = {});
   service(const service&) = delete;
   service& operator=(const service&) = delete;
   ~service() override;
@@ -163,7 +163,7 @@ class service final : public net::request_handler {
 
   uv_loop_t* _loop;
   queue::broker& _broker;
-  journal::writer* _journal;
+  journal::backend* _journal;
   policy_source _policy;
   ops::registry& _metrics;
   decoder _decoder;

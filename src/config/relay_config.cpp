@@ -23,11 +23,17 @@ const schema& relay_schema() {
       {"auth.failure_window_ms", kind::number, field<c>([](c& x) { return &x.auth.failure_window_ms; }), {}, 1000, 86400000},
       {"policy", kind::path, field<c>([](c& x) { return &x.policy; })},
       {"audit.path", kind::optional_path, field<c>([](c& x) { return &x.audit.path; })},
+      {"journal.backend", kind::choice, field<c>([](c& x) { return &x.journal.backend; }), {"file", "postgres"}},
       {"journal.dir", kind::path, field<c>([](c& x) { return &x.journal.dir; })},
       {"journal.fsync", kind::choice, field<c>([](c& x) { return &x.journal.fsync; }), {"always", "batch", "off"}},
       {"journal.batch_interval_ms", kind::number, field<c>([](c& x) { return &x.journal.batch_interval_ms; }), {}, 1, 60000},
       {"journal.segment_bytes", kind::number, field<c>([](c& x) { return &x.journal.segment_bytes; }), {}, 4096, 1ull << 34},
       {"journal.compact_min_bytes", kind::number, field<c>([](c& x) { return &x.journal.compact_min_bytes; }), {}, 4096, 1ull << 40},
+      {"journal.postgres.dsn_file", kind::optional_path, field<c>([](c& x) { return &x.journal.postgres.dsn_file; })},
+      {"journal.postgres.shard", kind::string, field<c>([](c& x) { return &x.journal.postgres.shard; })},
+      {"journal.postgres.lease_ms", kind::number, field<c>([](c& x) { return &x.journal.postgres.lease_ms; }), {}, 500, 600000},
+      {"journal.postgres.renew_ms", kind::number, field<c>([](c& x) { return &x.journal.postgres.renew_ms; }), {}, 50, 200000},
+      {"journal.postgres.max_batch_records", kind::number, field<c>([](c& x) { return &x.journal.postgres.max_batch_records; }), {}, 1, 1000000},
       {"limits.max_body_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_body_bytes; }), {}, 1, 64ull << 20},
       {"limits.max_connections", kind::number, field<c>([](c& x) { return &x.limits.max_connections; }), {}, 1, 1000000},
       {"limits.header_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.header_timeout_ms; }), {}, 100, 600000},
@@ -63,6 +69,28 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
     error = (file ? *file : std::string("the configuration")) + ": \"auth.api_keys\" (the keys file) is required when " +
             "\"auth.mode\" is \"" + cfg.auth.mode + "\"";
     return false;
+  }
+  std::string where = file ? *file : std::string("the configuration");
+  if (const auto& pg = cfg.journal.postgres; cfg.journal.backend == "postgres") {
+    if (!pg.dsn_file) {
+      error = where + ": \"journal.postgres.dsn_file\" (the file holding the connection string) is required when " +
+              "\"journal.backend\" is \"postgres\"";
+      return false;
+    }
+    // The shard names tables: lowercase letters, digits and _ only.
+    bool good = !pg.shard.empty() && pg.shard.size() <= 32 &&
+                pg.shard.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_") == std::string::npos;
+    if (!good) {
+      error = where + ": \"journal.postgres.shard\" must be 1 to 32 characters of a-z, 0-9 and _ (it names tables), not \"" +
+              pg.shard + "\"";
+      return false;
+    }
+    if (pg.renew_ms * 3 > pg.lease_ms) {
+      error = where + ": \"journal.postgres.renew_ms\" (" + std::to_string(pg.renew_ms) +
+              ") must be at most a third of \"journal.postgres.lease_ms\" (" + std::to_string(pg.lease_ms) +
+              "), so that a renewal can fail twice before the lease runs out";
+      return false;
+    }
   }
   out = std::move(cfg);
   return true;

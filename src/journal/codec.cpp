@@ -160,3 +160,38 @@ bool decode(std::string_view body, queue::record& r) {
 }
 
 }  // namespace relay::journal
+
+namespace relay::journal {
+
+bool for_each_record(std::string_view framed, const std::function<bool(const queue::record&)>& apply,
+                     record_run& run, std::string& problem) {
+  auto le32 = [](const char* p) {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(static_cast<uint8_t>(p[i])) << (8 * i);
+    return v;
+  };
+  size_t pos = 0;
+  while (pos < framed.size()) {
+    const char* p = framed.data() + pos;
+    size_t left = framed.size() - pos;
+    auto bad = [&](std::string what) {
+      problem = std::move(what) + " at offset " + std::to_string(pos);
+      return false;
+    };
+    if (left < record_header_bytes) return bad("a record header cut short");
+    if (crc32c(p, 8) != le32(p + 8)) return bad("a record header whose checksum does not match");
+    uint32_t len = le32(p);
+    if (record_header_bytes + len > left) return bad("a record that runs past the end of its batch");
+    std::string_view body(p + record_header_bytes, len);
+    if (crc32c(body.data(), body.size()) != le32(p + 4)) return bad("a record whose checksum does not match");
+    queue::record r;
+    if (!decode(body, r)) return bad("a record whose checksum holds but which does not decode");
+    if (std::string_view why = invalid_reason(r); !why.empty()) return bad("a record with " + std::string(why));
+    ++run.records;
+    if (!apply(r)) ++run.skipped;
+    pos += record_header_bytes + len;
+  }
+  return true;
+}
+
+}  // namespace relay::journal

@@ -7,6 +7,11 @@
 #include <optional>
 #include <string>
 
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "relay/audit.h"
 #include "relay/config.h"
 #include "relay/log.h"
 #include "relay/ops.h"
@@ -88,6 +93,7 @@ int main(int argc, char** argv) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   int rc = 0;
+  bool restart = false;
   {
     relay::relay_server server(&loop, cfg, repair_journal);
     if (!server.start(error)) {
@@ -96,7 +102,20 @@ int main(int argc, char** argv) {
       server.stop();
     }
     uv_run(&loop, UV_RUN_DEFAULT);
+    restart = server.restart_as_standby();
+    if (!rc) rc = server.exit_code();
   }
   if (uv_loop_close(&loop) != 0) relay::log::warn("loop_not_closed_cleanly");
+  if (restart) {
+    // Lost the leadership of a shared journal: everything this process
+    // knew may be stale. Start over as a fresh process (same PID, so its
+    // supervisor sees no exit and applies no restart back-off).
+    relay::log::warn("restarting_as_standby");
+    relay::log::flush();
+    relay::audit::flush();
+    ::execv("/proc/self/exe", argv);
+    relay::log::error("restart_failed").str("reason", std::strerror(errno));
+    return 1;
+  }
   return rc;
 }

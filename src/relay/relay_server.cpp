@@ -4,7 +4,9 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
+#include <cstdio>
 
 #include "relay/audit.h"
 #include "relay/log.h"
@@ -44,6 +46,13 @@ bool check_files(const config::relay_config& cfg, std::string& error) {
          readable_file("tls.client_ca", cfg.tls.client_ca, error) &&
          (!cfg.tls.crl || readable_file("tls.crl", *cfg.tls.crl, error)) && readable_file("policy", cfg.policy, error) &&
          (!uses_api_keys(cfg) || readable_file("auth.api_keys", *cfg.auth.api_keys, error));
+}
+
+// Why journal.backend "postgres" cannot run in this build.
+std::string no_postgres_backend() {
+  return "journal.backend \"postgres\" needs a relay built with -Dtls=openssl (libpq links OpenSSL 3, which must not "
+         "share a process with BoringSSL; see docs/ha.md); this relay was built with " +
+         std::string(tls::library_version());
 }
 
 // SHA-256 of a file's bytes; empty if it cannot be read (a reload that got
@@ -106,6 +115,22 @@ relay_server::~relay_server() = default;
 
 bool relay_server::check(const config::relay_config& cfg, std::string& error) {
   if (!check_files(cfg, error)) return false;
+  if (cfg.journal.backend == "postgres") {
+    if (!journal::postgres::available) {
+      error = no_postgres_backend();
+      return false;
+    }
+    std::string dsn;
+    if (!config::read_file(*cfg.journal.postgres.dsn_file, dsn, error)) {
+      error = "journal.postgres.dsn_file " + error;
+      return false;
+    }
+    if (dsn.find_first_not_of(" \t\r\n") == std::string::npos) {
+      error = "journal.postgres.dsn_file " + *cfg.journal.postgres.dsn_file +
+              " is empty; it must hold a libpq connection string";
+      return false;
+    }
+  }
   if (!tls::context::make_server(tls_options(cfg), error)) return false;
   auto policy = auth::policy::load(cfg.policy, error);
   if (!policy) return false;
@@ -125,7 +150,7 @@ bool relay_server::start(std::string& error) {
     sig->data = this;
     uv_signal_start(sig, on_signal, num);
   }
-  for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer}) {
+  for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer, &_lease_timer}) {
     uv_timer_init(_loop, t);
     t->data = this;
   }
@@ -158,7 +183,9 @@ bool relay_server::start(std::string& error) {
   limits.max_queue_depth = _cfg.limits.max_queue_depth;
   limits.result_ttl_ms = static_cast<queue::time_ms>(_cfg.limits.result_ttl_ms);
   _broker = std::make_unique<queue::broker>(limits, tls::random_bytes);
-  if (!open_journal(error)) return false;
+  bool shared = _cfg.journal.backend == "postgres";
+  if (!shared && !open_journal(error)) return false;
+  if (shared && !start_standby(error)) return false;
   api::authn_options authn;
   authn.mode = _cfg.auth.mode == "api_key"        ? api::authn_options::auth_mode::api_key
                : _cfg.auth.mode == "mtls+api_key" ? api::authn_options::auth_mode::mtls_and_api_key
@@ -169,16 +196,6 @@ bool relay_server::start(std::string& error) {
   _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics, _journal.get(),
                                         std::move(authn));
   _ops = std::make_unique<ops::ops_handler>(_metrics, [this] { return readiness(); });
-
-  net::listener_options api_opts;
-  api_opts.name = "api";
-  api_opts.address = _cfg.listen;
-  api_opts.tls = [this] { return _tls; };
-  api_opts.conn = conn_options(_cfg);
-  api_opts.max_connections = _cfg.limits.max_connections;
-  api_opts.max_connections_per_ip = _cfg.limits.max_connections_per_ip;
-  api_opts.max_pending_body_bytes = _cfg.limits.max_pending_body_bytes;
-  _api_listener = std::make_unique<net::listener>(_loop, api_opts, *_api, _metrics);
 
   net::listener_options ops_opts;
   ops_opts.name = "ops";
@@ -191,13 +208,34 @@ bool relay_server::start(std::string& error) {
   ops_opts.max_connections = 64;
   ops_opts.max_connections_per_ip = 64;
   _ops_listener = std::make_unique<net::listener>(_loop, ops_opts, *_ops, _metrics);
-
-  if (!_api_listener->start(error) || !_ops_listener->start(error)) return false;
+  if (!_ops_listener->start(error)) return false;
   watch_files();
   if (uint64_t every = _cfg.tls.session_lifetime_ms) uv_timer_start(&_ticket_timer, on_ticket_tick, every, every);
+  if (shared) {
+    // A standby: no API port until the shard is ours (the load balancer's
+    // health check then finds only the leader).
+    ops::notify_service_manager("READY=1\nSTATUS=standby");
+    return true;
+  }
+  return serve(error);
+}
+
+bool relay_server::serve(std::string& error) {
+  net::listener_options api_opts;
+  api_opts.name = "api";
+  api_opts.address = _cfg.listen;
+  api_opts.tls = [this] { return _tls; };
+  api_opts.conn = conn_options(_cfg);
+  api_opts.max_connections = _cfg.limits.max_connections;
+  api_opts.max_connections_per_ip = _cfg.limits.max_connections_per_ip;
+  api_opts.max_pending_body_bytes = _cfg.limits.max_pending_body_bytes;
+  _api_listener = std::make_unique<net::listener>(_loop, api_opts, *_api, _metrics);
+  if (!_api_listener->start(error)) return false;
 
   log::info("relay_started")
       .str("tls_library", tls::library_version())
+      .str("journal_backend", _cfg.journal.backend)
+      .str("journal_backends", journal::postgres::available ? "file,postgres" : "file")
       .str("policy", _cfg.policy)
       .num("policy_principals", static_cast<int64_t>(_policy->principal_count()))
       .str("auth_mode", _cfg.auth.mode)
@@ -261,8 +299,8 @@ bool relay_server::open_journal(std::string& error) {
     if (error.rfind("journal.dir", 0) != 0) error = "journal.dir " + _cfg.journal.dir + ": " + error;
     return false;
   }
+  _broker->set_sink(writer.get());
   _journal = std::move(writer);
-  _broker->set_sink(_journal.get());
   // Every segment starts with the id counter, so ids are never reused even
   // after compaction deletes the segments that handed them out.
   _journal->append(_broker->meta_record(api::service::now()));
@@ -271,6 +309,140 @@ bool relay_server::open_journal(std::string& error) {
   uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
   return true;
 }
+
+#if RELAY_WITH_POSTGRES
+namespace {
+
+// Who this relay is in relay_leader.holder and the log: host, PID and a
+// random part (a restarted process on the same host is someone else).
+std::string holder_name() {
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  uint8_t r[4];
+  tls::random_bytes(r, sizeof r);
+  char tail[16];
+  std::snprintf(tail, sizeof tail, "%02x%02x%02x%02x", r[0], r[1], r[2], r[3]);
+  return std::string(host) + "/" + std::to_string(::getpid()) + "/" + tail;
+}
+
+}  // namespace
+
+bool relay_server::start_standby(std::string& error) {
+  journal::postgres::options o;
+  const std::string& dsn_file = *_cfg.journal.postgres.dsn_file;
+  if (!config::read_file(dsn_file, o.dsn, error)) {
+    error = "journal.postgres.dsn_file " + error;
+    return false;
+  }
+  while (!o.dsn.empty() && std::isspace(static_cast<unsigned char>(o.dsn.back()))) o.dsn.pop_back();
+  if (o.dsn.empty()) {
+    error = "journal.postgres.dsn_file " + dsn_file + " is empty; it must hold a libpq connection string";
+    return false;
+  }
+  o.shard = _cfg.journal.postgres.shard;
+  o.lease_ms = static_cast<uint32_t>(_cfg.journal.postgres.lease_ms);
+  o.renew_ms = static_cast<uint32_t>(_cfg.journal.postgres.renew_ms);
+  o.max_batch_records = static_cast<uint32_t>(_cfg.journal.postgres.max_batch_records);
+  o.holder = holder_name();
+  auto j = std::make_unique<journal::postgres::journal>(_loop, o, _lease_deadline, _metrics);
+  _shared_journal = j.get();
+  _shared_journal->on_fenced([this](const std::string& reason) { step_down(reason); });
+  _journal = std::move(j);
+  journal::postgres::leadership::callbacks cb;
+  cb.on_acquired = [this](uint64_t epoch) { lead(epoch); };
+  cb.on_lost = [this](const std::string& reason) { step_down(reason); };
+  _leadership = std::make_unique<journal::postgres::leadership>(_loop, o, _lease_deadline, _metrics, std::move(cb));
+  log::info("standby")
+      .str("shard", o.shard)
+      .str("holder", o.holder)
+      .num("lease_ms", o.lease_ms)
+      .num("renew_ms", o.renew_ms);
+  _leadership->start();
+  return true;
+}
+
+void relay_server::lead(uint64_t epoch) {
+  if (_draining || _stopped) return;
+  auto t0 = std::chrono::steady_clock::now();
+  // From here the deadline is checked on every turn: past it, step down
+  // before any request is read (timers run before I/O in each iteration).
+  uint64_t every = std::max<uint64_t>(10, std::min<uint64_t>(100, _cfg.journal.postgres.renew_ms / 4));
+  uv_timer_start(&_lease_timer, on_lease_tick, every, every);
+  _shared_journal->open(
+      epoch, [this](const queue::record& r) { return _broker->apply(r); },
+      [this, t0, epoch](const std::string& error, const journal::postgres::journal::replayed& res) {
+        if (!error.empty()) {
+          if (res.corrupt) {
+            // Leading on a corrupt journal would lose what is past the bad row.
+            log::error("start_failed").str("reason", error);
+            _exit_code = 1;
+            stop();
+          } else {
+            step_down(error);
+          }
+          return;
+        }
+        double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        _metrics.get_gauge("relay_journal_replay_milliseconds", "How long the last start-up replay took.")
+            .set(static_cast<int64_t>(seconds * 1000));
+        log::info("journal_replayed")
+            .str("backend", "postgres")
+            .str("shard", _cfg.journal.postgres.shard)
+            .num("epoch", static_cast<int64_t>(epoch))
+            .num("rows", static_cast<int64_t>(res.rows))
+            .num("records", static_cast<int64_t>(res.run.records))
+            .num("bytes", static_cast<int64_t>(res.bytes))
+            .num("jobs", static_cast<int64_t>(_broker->job_count()))
+            .num("milliseconds", static_cast<int64_t>(seconds * 1000));
+        _broker->set_sink(_journal.get());
+        _journal->append(_broker->meta_record(api::service::now()));
+        _broker->advance(api::service::now());
+        uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
+        std::string serve_error;
+        if (!serve(serve_error)) {
+          log::error("start_failed").str("reason", serve_error);
+          _exit_code = 1;
+          stop();
+        }
+      });
+}
+
+void relay_server::on_lease_tick(uv_timer_t* t) {
+  auto* self = static_cast<relay_server*>(t->data);
+  if (!self->_lease_deadline.valid())
+    self->step_down("the leadership lease ran out with no renewal: the database was out of reach, or this process "
+                    "was paused");
+}
+
+void relay_server::step_down(const std::string& reason) {
+  if (_restart || _stopped) return;
+  _restart = true;
+  log::error("leadership_lost")
+      .str("shard", _cfg.journal.postgres.shard)
+      .num("epoch", static_cast<int64_t>(_leadership ? _leadership->epoch() : 0))
+      .str("reason", reason)
+      .str("effect", "nothing more is acknowledged; restarting as a standby");
+  audit::event("leadership_lost", log::level::error).str("shard", _cfg.journal.postgres.shard).str("reason", reason);
+  uv_timer_stop(&_lease_timer);
+  // Every waiting answer becomes a 503 (its change may or may not be
+  // committed: clients retry, producers with their idempotency keys).
+  _shared_journal->fence(reason);
+  _broker->set_sink(nullptr);
+  if (!_api_listener) {
+    stop();
+    return;
+  }
+  // A short drain, so that the 503s reach their clients; every request
+  // that still arrives is refused (the journal no longer serves).
+  _drain_limit_ms = 1000;
+  begin_drain();
+}
+#else
+bool relay_server::start_standby(std::string& error) {
+  error = no_postgres_backend();
+  return false;
+}
+#endif
 
 void relay_server::on_compact_tick(uv_timer_t* t) {
   auto* self = static_cast<relay_server*>(t->data);
@@ -315,7 +487,12 @@ void relay_server::compact_step() {
 }
 
 std::string relay_server::readiness() const {
+  if (_restart) return "leadership lost: restarting as a standby";
   if (_draining) return "draining";
+#if RELAY_WITH_POSTGRES
+  // A standby, or a leader still replaying: the API port is not open.
+  if (_leadership && !_api_listener) return _leadership->standby_status();
+#endif
   if (_journal && !_journal->accepting())
     return "journal cannot take writes: " + (_journal->failure().empty() ? std::string("behind") : _journal->failure());
   if (!_tls) return "TLS material not loaded";
@@ -419,6 +596,8 @@ void relay_server::check_secret_modes() {
   };
   check("tls.key", _cfg.tls.key);
   if (_cfg.auth.api_keys) check("auth.api_keys", *_cfg.auth.api_keys);
+  if (_cfg.journal.postgres.dsn_file && _cfg.journal.backend == "postgres")
+    check("journal.postgres.dsn_file", *_cfg.journal.postgres.dsn_file);
   _exposed_secrets.set(static_cast<int64_t>(exposed));
 }
 
@@ -482,7 +661,8 @@ void relay_server::begin_drain() {
 void relay_server::on_drain_tick(uv_timer_t* t) {
   auto* self = static_cast<relay_server*>(t->data);
   bool idle = self->_api_listener->open_connections() == 0;
-  bool late = uv_now(self->_loop) - self->_drain_started >= self->_cfg.limits.drain_timeout_ms;
+  uint64_t limit = self->_drain_limit_ms ? self->_drain_limit_ms : self->_cfg.limits.drain_timeout_ms;
+  bool late = uv_now(self->_loop) - self->_drain_started >= limit;
   if (idle || late) self->stop();
 }
 
@@ -495,7 +675,7 @@ void relay_server::stop() {
     audit::event("stopped", log::level::info).num("pid", static_cast<int64_t>(::getpid())).num("connections_cut", cut);
   }
   if (_handles_open) {
-    for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer}) {
+    for (uv_timer_t* t : {&_drain_timer, &_compact_timer, &_reload_settle, &_ticket_timer, &_lease_timer}) {
       uv_timer_stop(t);
       uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
     }
@@ -509,6 +689,11 @@ void relay_server::stop() {
     _broker->set_sink(nullptr);
     _journal->close();  // writes and syncs what is left, then joins the writer thread
   }
+#if RELAY_WITH_POSTGRES
+  // After the last commit: a leader that stops in good order hands the
+  // shard over at once rather than after its lease.
+  if (_leadership) _leadership->stop(!_restart);
+#endif
 }
 
 }  // namespace relay

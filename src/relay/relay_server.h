@@ -12,6 +12,7 @@
 #include "relay/api_keys.h"
 #include "relay/auth.h"
 #include "relay/config.h"
+#include "relay/journal_postgres.h"
 #include "relay/metrics.h"
 #include "relay/ops.h"
 #include "relay/queue.h"
@@ -43,6 +44,13 @@ class relay_server {
   // Validates what start() would load, without binding anything.
   static bool check(const config::relay_config& cfg, std::string& error);
 
+  // After the loop has run out: true if this relay lost the leadership of
+  // its shard and must start over as a standby (main re-executes itself:
+  // a fresh process, no state from the time it led).
+  bool restart_as_standby() const { return _restart; }
+  // The exit code once the loop has run out (start-up failures aside).
+  int exit_code() const { return _exit_code; }
+
  private:
   static void on_signal(uv_signal_t* s, int signum);
   static void on_file_change(uv_fs_poll_t* h, int status, const uv_stat_t*, const uv_stat_t*);
@@ -53,6 +61,17 @@ class relay_server {
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
+  // Opens the API listener and announces the relay as serving.
+  bool serve(std::string& error);
+  // The postgres backend: start as a standby; lead once the shard is ours.
+  bool start_standby(std::string& error);
+#if RELAY_WITH_POSTGRES
+  void lead(uint64_t epoch);
+  // Leadership is lost: acknowledge nothing more, answer 503, stop, and
+  // have main start over as a standby.
+  void step_down(const std::string& reason);
+  static void on_lease_tick(uv_timer_t* t);
+#endif
   // What a reload swaps in, as the audit stream names it.
   struct fingerprints {
     std::string cert, client_ca, crl, policy;
@@ -73,7 +92,18 @@ class relay_server {
   fingerprints _loaded;
   std::shared_ptr<const auth::api_keys> _api_keys;  // null in mtls mode
   std::unique_ptr<queue::broker> _broker;
-  std::unique_ptr<journal::writer> _journal;
+  std::unique_ptr<journal::backend> _journal;
+  // The postgres backend (null with files): leadership, and its deadline,
+  // past which nothing is acknowledged.
+#if RELAY_WITH_POSTGRES
+  journal::postgres::deadline _lease_deadline;
+  std::unique_ptr<journal::postgres::leadership> _leadership;
+  journal::postgres::journal* _shared_journal = nullptr;  // _journal, when it is PostgreSQL
+#endif
+  uv_timer_t _lease_timer{};
+  bool _restart = false;
+  int _exit_code = 0;
+  uint64_t _drain_limit_ms = 0;
   bool _repair_journal;
   uv_timer_t _compact_timer{};
   // Compaction in progress: the segment it started and the ids still to copy.
