@@ -322,7 +322,9 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
   auto again = s.a->wait_event("leadership_acquired", 2, 30000);
   REQUIRE_MESSAGE(!again.empty(), s.a->log());
   REQUIRE_FALSE(s.a->wait_event("relay_started", 2, 20000).empty());
-  auto v = verify(s.chk, {}, s.a->api_port, 60000);
+  std::vector<const bunny*> bs;
+  for (auto& x : s.bunnies) bs.push_back(x.get());
+  auto v = verify(s.chk, bs, s.a->api_port, 60000);
   MESSAGE("fault 3: after the cut relay took over again: " << describe(v));
   proxy.signal(SIGTERM);
   proxy.wait(5000);
