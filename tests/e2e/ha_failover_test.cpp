@@ -48,6 +48,11 @@ std::string first_line(const std::vector<ack>& acks) {
   return std::string(a.what == ack::kind::submit ? "submit " : "complete ") + a.id + " at " + std::to_string(a.at_ms);
 }
 
+void check_no_problems(const verdict& v) {
+  for (size_t i = 0; i < v.problems.size() && i < 20; ++i) CHECK_MESSAGE(false, v.problems[i]);
+  CHECK_MESSAGE(v.problems.empty(), v.problems.size() << " problems");
+}
+
 // Two relays, bunnies and load on a fresh cluster. Relay a is started
 // first and leads; b waits as standby.
 // One cluster for the cases that leave it whole (each on its own shard);
@@ -134,6 +139,7 @@ struct pair_setup {
     std::vector<const bunny*> bs;
     for (auto& x : bunnies) bs.push_back(x.get());
     auto v = verify(chk, bs, relay_at(leader_index).api_port);
+    check_no_problems(v);
     for (auto& x : bunnies) x->stop();
     MESSAGE("checker: " << describe(v) << "; refusals (relay:what=count) " << chk.refusals() << "; queue " << counts);
     return v;
@@ -183,6 +189,27 @@ TEST_CASE("a standby does not bind the API port and is not ready; the leader is"
   auto waiting = s.b->events("leadership_waiting");
   REQUIRE_FALSE(waiting.empty());
   CHECK_EQ(test::field(waiting.front(), "shard"), "standbys");
+  // The checker itself: an acknowledgement the relay does not have, and an
+  // idempotency key acknowledged with two ids, are reported.
+  {
+    relay::v1::blocking_client producer(client_options(s.a->api_port, "producer", 5000));
+    relay::v1::submit_request r;
+    r.queue = "work";
+    r.payload = "0";
+    r.idempotency_key = "real";
+    auto sub = producer.submit(r);
+    REQUIRE_FALSE(sub.err);
+    checker c;
+    c.record({ack::kind::submit, "real", sub.value.ids.at(0), 0, now_ms(), true, {}, 0});
+    c.record({ack::kind::submit, "two", "00000000000000fe", 0, now_ms(), true, {}, 0});
+    c.record({ack::kind::submit, "two", "00000000000000ff", 0, now_ms(), true, {}, 0});
+    auto v = verify(c, {}, s.a->api_port, 3000);
+    std::string all;
+    for (auto& p : v.problems) all += p + "\n";
+    CHECK_MESSAGE(all.find("idempotency key two has 2 jobs") != std::string::npos, all);
+    CHECK_MESSAGE(all.find("00000000000000ff is not on the leader") != std::string::npos, all);
+    CHECK_MESSAGE(all.find("not terminal") != std::string::npos, all);  // "real" is queued: nobody consumes here
+  }
   auto started = s.a->events("relay_started");
   REQUIRE_FALSE(started.empty());
   CHECK_MESSAGE(test::field(started.front(), "journal_backends").find("postgres") != std::string::npos, started.front());
@@ -325,6 +352,7 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
   std::vector<const bunny*> bs;
   for (auto& x : s.bunnies) bs.push_back(x.get());
   auto v = verify(s.chk, bs, s.a->api_port, 60000);
+  check_no_problems(v);
   MESSAGE("fault 3: after the cut relay took over again: " << describe(v));
   proxy.signal(SIGTERM);
   proxy.wait(5000);
@@ -341,7 +369,13 @@ TEST_CASE("fault 4: the PostgreSQL primary dies, its data directory is deleted, 
   std::error_code ec;
   std::filesystem::remove_all(s.pg.primary_data_dir(), ec);
   CHECK_MESSAGE(!ec, ec.message());
-  s.run_for(500);
+  // Promoted at once (the leader rides it out on its lease), or only after
+  // two leases (the leader steps down; a relay takes over on the promoted
+  // server, by its clock).
+  int outage_ms = 300;
+  SUBCASE("promoted within the lease") { outage_ms = 300; }
+  SUBCASE("promoted after two leases") { outage_ms = 2400; }
+  s.run_for(outage_ms);
   s.pg.promote_standby();
   int64_t t_promoted = now_ms();
   auto until = after_ms(45000);
@@ -357,6 +391,8 @@ TEST_CASE("fault 4: the PostgreSQL primary dies, its data directory is deleted, 
   s.run_for(2000);
   int lead = s.leader();
   REQUIRE(lead >= 0);
+  MESSAGE("fault 4: leadership lost " << s.a->events("leadership_lost").size() << "+" << s.b->events("leadership_lost").size()
+                                      << " times (a+b, log and audit lines)");
   MESSAGE("fault 4: primary crash -> promotion " << t_promoted - t_crash << " ms; first acknowledged submit "
                                                  << first - t_crash << " ms after the crash; leader now relay "
                                                  << lead << "; longest gap "
@@ -375,6 +411,7 @@ TEST_CASE("fault 5: rolling restart of both relays under load: no loss, bounded 
   REQUIRE_MESSAGE(!s.b->wait_event("relay_started", 1, 20000).empty(), s.b->log());
   s.a->start();
   REQUIRE_MESSAGE(!s.a->wait_event("leadership_waiting", 1, 20000).empty(), s.a->log());
+  int64_t replay_b = s.replay_ms(*s.b);
   s.run_for(1500);
   CHECK_EQ(s.b->terminate(15000), 0);
   REQUIRE_MESSAGE(!s.a->wait_event("relay_started", 1, 20000).empty(), s.a->log());
@@ -384,7 +421,7 @@ TEST_CASE("fault 5: rolling restart of both relays under load: no loss, bounded 
   int64_t t1 = now_ms();
   int64_t gap = s.chk.longest_gap(t0, t1);
   MESSAGE("fault 5: longest time without an acknowledged submit during the rolling restart: " << gap
-                                                                                              << " ms; replays " << s.replay_ms(*s.b)
+                                                                                              << " ms; replays " << replay_b
                                                                                               << " / " << s.replay_ms(*s.a) << " ms");
   CHECK_MESSAGE(gap < 15000, "unavailability not bounded");
   s.finish(0);

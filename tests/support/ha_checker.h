@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -474,15 +475,25 @@ struct verdict {
   size_t succeeded = 0, other_terminal = 0;
   size_t executions = 0, duplicate_executions = 0;
   int64_t verify_ms = 0;
+  std::vector<std::string> problems;  // empty: every acknowledgement held
 };
 
 // Every acknowledged submit is a job on the relay at `port` (one id per
 // idempotency key, one key per id) that reaches a terminal state; every
 // acknowledged result is that job's result, byte for byte for the consumer
 // threads' results, and the bunny's attempt for bunny's. Bounded by
-// timeout_ms overall.
+// timeout_ms overall. What does not hold is listed in `problems` (the caller
+// asserts; a test of the checker itself expects some).
 inline verdict verify(const checker& c, const std::vector<const bunny*>& bunnies, uint16_t port, int timeout_ms = 90000) {
   verdict v;
+#define HA_PROBLEM(cond, msg)      \
+  do {                             \
+    if (!(cond)) {                 \
+      std::ostringstream os_;      \
+      os_ << msg;                  \
+      v.problems.push_back(os_.str()); \
+    }                              \
+  } while (0)
   auto started = steady::now();
   auto until = after_ms(timeout_ms);
   auto acks = c.acks();
@@ -497,12 +508,12 @@ inline verdict verify(const checker& c, const std::vector<const bunny*>& bunnies
     } else {
       ++v.completes;
       auto [it, fresh] = result_of.emplace(a.id, a.result);
-      CHECK_MESSAGE((fresh || it->second == a.result), "two different results acknowledged for job " << a.id);
+      HA_PROBLEM((fresh || it->second == a.result), "two different results acknowledged for job " << a.id);
     }
   }
   v.keys = ids_of_key.size();
-  for (auto& [key, ids] : ids_of_key) CHECK_MESSAGE(ids.size() == 1, "idempotency key " << key << " has " << ids.size() << " jobs");
-  for (auto& [id, keys] : keys_of_id) CHECK_MESSAGE(keys.size() == 1, "job " << id << " acknowledged for " << keys.size() << " keys");
+  for (auto& [key, ids] : ids_of_key) HA_PROBLEM(ids.size() == 1, "idempotency key " << key << " has " << ids.size() << " jobs");
+  for (auto& [id, keys] : keys_of_id) HA_PROBLEM(keys.size() == 1, "job " << id << " acknowledged for " << keys.size() << " keys");
 
   std::map<std::string, int> bunny_attempt;  // job -> attempt bunny was told was stored
   std::map<std::string, int> execs;
@@ -510,12 +521,12 @@ inline verdict verify(const checker& c, const std::vector<const bunny*>& bunnies
     for (auto& [id, attempt] : b->delivered()) {
       ++v.bunny_results;
       auto [it, fresh] = bunny_attempt.emplace(id, attempt);
-      CHECK_MESSAGE(fresh, "two results of job " << id << " acknowledged to bunnies (attempts " << it->second << ", " << attempt << ")");
+      HA_PROBLEM(fresh, "two results of job " << id << " acknowledged to bunnies (attempts " << it->second << ", " << attempt << ")");
     }
     for (auto& [id, n] : b->executions()) execs[id] += n;
   }
   for (auto& [id, a] : bunny_attempt)
-    CHECK_MESSAGE(result_of.count(id) == 0, "job " << id << ": results acknowledged both to a bunny and to a consumer thread");
+    HA_PROBLEM(result_of.count(id) == 0, "job " << id << ": results acknowledged both to a bunny and to a consumer thread");
   for (auto& [id, n] : execs) {
     v.executions += static_cast<size_t>(n);
     if (n > 1) v.duplicate_executions += static_cast<size_t>(n - 1);
@@ -530,9 +541,10 @@ inline verdict verify(const checker& c, const std::vector<const bunny*>& bunnies
   for (const auto& id : all_ids) {
     relay::v1::blocking_client::answer<relay::v1::job_view> g;
     for (int tries = 0; tries < 100; ++tries) {
+      // Each job is asked at least once, without waiting once the time is up.
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - steady::now()).count();
-      if (left <= 0) break;
-      g = reader.get_job(id, static_cast<uint32_t>(std::min<int64_t>(left, 10000)));
+      if (tries > 0 && left <= 0) break;
+      g = reader.get_job(id, static_cast<uint32_t>(std::clamp<int64_t>(left, 0, 10000)));
       if (g.err && retryable(g.err)) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
         continue;
@@ -543,32 +555,33 @@ inline verdict verify(const checker& c, const std::vector<const bunny*>& bunnies
     if (g.err) {
       ++missing;
       if (missing <= 5)
-        CHECK_MESSAGE(false, "acknowledged job " << id << " is not on the leader: " << g.err.kind_name() << " "
+        HA_PROBLEM(false, "acknowledged job " << id << " is not on the leader: " << g.err.kind_name() << " "
                                                  << g.err.status << " " << g.err.code);
       continue;
     }
     if (!g.value.terminal()) {
       ++not_terminal;
-      if (not_terminal <= 5) CHECK_MESSAGE(false, "job " << id << " is not terminal: " << g.value.raw);
+      if (not_terminal <= 5) HA_PROBLEM(false, "job " << id << " is not terminal: " << g.value.raw);
       continue;
     }
     if (g.value.state == "succeeded") ++v.succeeded;
     else ++v.other_terminal;
     if (auto it = result_of.find(id); it != result_of.end() && g.value.result != it->second) {
       ++wrong_result;
-      if (wrong_result <= 5) CHECK_MESSAGE(false, "job " << id << ": acknowledged result " << it->second << ", stored " << g.value.raw);
+      if (wrong_result <= 5) HA_PROBLEM(false, "job " << id << ": acknowledged result " << it->second << ", stored " << g.value.raw);
     }
     if (auto it = bunny_attempt.find(id); it != bunny_attempt.end()) {
       std::string want = R"({"job":")" + id + R"(","attempt":)" + std::to_string(it->second) + "}";
       if (g.value.state != "succeeded" || g.value.result != want) {
         ++wrong_result;
-        if (wrong_result <= 5) CHECK_MESSAGE(false, "job " << id << ": bunny was told " << want << " is stored; relay has " << g.value.raw);
+        if (wrong_result <= 5) HA_PROBLEM(false, "job " << id << ": bunny was told " << want << " is stored; relay has " << g.value.raw);
       }
     }
   }
-  CHECK_MESSAGE(missing == 0, missing << " acknowledged jobs missing");
-  CHECK_MESSAGE(not_terminal == 0, not_terminal << " jobs not terminal");
-  CHECK_MESSAGE(wrong_result == 0, wrong_result << " acknowledged results not as acknowledged");
+  HA_PROBLEM(missing == 0, missing << " acknowledged jobs missing");
+  HA_PROBLEM(not_terminal == 0, not_terminal << " jobs not terminal");
+  HA_PROBLEM(wrong_result == 0, wrong_result << " acknowledged results not as acknowledged");
+#undef HA_PROBLEM
   v.verify_ms = std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - started).count();
   return v;
 }
