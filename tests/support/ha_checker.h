@@ -201,6 +201,11 @@ class checker {
     std::lock_guard<std::mutex> g(_m);
     _unexpected.push_back(what);
   }
+  size_t refusal_count(int relay, const std::string& what) const {
+    std::lock_guard<std::mutex> g(_m);
+    auto it = _refusals.find(std::to_string(relay) + ":" + what);
+    return it == _refusals.end() ? 0 : it->second;
+  }
   std::vector<ack> acks() const {
     std::lock_guard<std::mutex> g(_m);
     return _acks;
@@ -313,7 +318,9 @@ class load {
     for (int n = 0; n < _o.max_per_producer && !_stop; ++n) {
       relay::v1::submit_request r;
       r.queue = _o.queue;
-      r.payload = "0";
+      // record.sh's payload: seconds to run. One job in ten runs long
+      // enough to be in flight when a fault strikes.
+      r.payload = n % 10 == 9 ? "[0.4]" : "0";
       r.max_attempts = 20;
       r.idempotency_key = _o.prefix + "-p" + std::to_string(tid) + "-" + std::to_string(n);
       bool done = false;
