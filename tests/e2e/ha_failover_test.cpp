@@ -141,6 +141,8 @@ struct pair_setup {
     auto v = verify(chk, bs, relay_at(leader_index).api_port);
     check_no_problems(v);
     for (auto& x : bunnies) x->stop();
+    MESSAGE("compactions started: a " << a->events("journal_compaction_started").size() << ", b "
+                                      << b->events("journal_compaction_started").size() << " (this incarnation)");
     MESSAGE("checker: " << describe(v) << "; refusals (relay:what=count) " << chk.refusals() << "; queue " << counts);
     return v;
   }
@@ -300,6 +302,67 @@ TEST_CASE("fault 2: SIGSTOP the leader past its lease, SIGCONT: it is fenced and
   s.finish(1);
 }
 
+TEST_CASE("fault 2b: the paused leader wakes up after the relay that replaced it died: it must not serve its stale state") {
+  pair_setup s({"stale", 1200, 300});
+  s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("stale", 3);
+  s.run_for(1500);
+  auto first_epoch = std::atoll(test::field(s.a->events("leadership_acquired").front(), "epoch").c_str());
+  s.a->proc->signal(SIGSTOP);
+  auto acquired = s.b->wait_event("leadership_acquired", 1, 30000);
+  if (acquired.empty()) s.a->proc->signal(SIGCONT);
+  REQUIRE_MESSAGE(!acquired.empty(), s.b->log());
+  int64_t t_acquired = ts_of(acquired);
+  // Work that only b knows of: acknowledged by b, then b dies.
+  auto until = after_ms(20000);
+  while (s.chk.submits_from(1, t_acquired) < 30 && steady::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (s.chk.submits_from(1, t_acquired) < 30) {
+    auto act = s.pg.psql(s.pg.primary_dsn(),
+                         "SELECT pid, application_name, state, wait_event_type, wait_event, "
+                         "now() - xact_start, left(query, 120) FROM pg_stat_activity WHERE datname = current_database()");
+    auto locks = s.pg.psql(s.pg.primary_dsn(),
+                           "SELECT l.pid, l.locktype, l.relation::regclass, l.mode, l.granted FROM pg_locks l "
+                           "JOIN pg_stat_activity a USING (pid) WHERE a.datname = current_database() AND l.locktype <> 'virtualxid'");
+    auto ready = s.b->ops_get("/readyz");
+    const std::string& p = test::pki();
+    auto t0 = steady::now();
+    auto curl = test::run({"curl", "-sS", "-v", "--max-time", "8", "--cacert", p + "/ca.crt", "--cert", p + "/producer.crt", "--key",
+                           p + "/producer.key", "https://localhost:" + std::to_string(s.b->api_port) + "/v1/jobs/0000000000000001"},
+                          s.b->dir.path(), 15000);
+    auto curl_ms = std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - t0).count();
+    std::string threads;
+    for (auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(s.b->pid()) + "/task"))
+      threads += test::read_file(e.path().string() + "/stat").substr(0, 60) + " wchan=" + test::read_file(e.path().string() + "/wchan") + "\n";
+    MESSAGE("b /readyz: " << ready.status << " " << ready.body << "\ncurl to b's API (" << curl_ms << " ms): " << curl.exit_code
+                          << " " << curl.out << curl.err.substr(0, 3000) << "\nb's threads:\n" << threads);
+    CHECK_MESSAGE(false, "the new leader acknowledged nothing while the old one was paused:\n--- pg_stat_activity:\n"
+                             << act.out << act.err << "--- pg_locks:\n" << locks.out << locks.err << "--- client errors:\n"
+                             << s.chk.notes() << "--- b:\n"
+                             << s.b->log().substr(0, 6000));
+  }
+  CHECK_EQ(s.b->kill9(), 128 + SIGKILL);
+  int64_t t_cont = now_ms();
+  s.a->proc->signal(SIGCONT);
+  // a steps down (its epoch is stale) and leads again with a new one,
+  // from what the database holds: b's acknowledgements included.
+  CHECK_FALSE(s.a->wait_event("leadership_lost", 1, 20000).empty());
+  auto again = s.a->wait_event("leadership_acquired", 2, 30000);
+  REQUIRE_MESSAGE(!again.empty(), s.a->log());
+  auto b_epoch = std::atoll(test::field(acquired, "epoch").c_str());
+  auto new_epoch = std::atoll(test::field(again, "epoch").c_str());
+  CHECK_MESSAGE((first_epoch < b_epoch && b_epoch < new_epoch), first_epoch << " " << b_epoch << " " << new_epoch);
+  REQUIRE_FALSE(s.a->wait_event("relay_started", 2, 20000).empty());
+  // (a's acknowledgements after it led again are legitimate; none before.)
+  for (auto& k : s.chk.from_after(0, t_acquired))
+    CHECK_MESSAGE(k.at_ms >= ts_of(again), "relay a acknowledged " << k.id << " at " << k.at_ms << " before leading again at " << ts_of(again));
+  MESSAGE("fault 2b: SIGCONT -> a leads again (epoch " << new_epoch << ") after " << ts_of(again) - t_cont << " ms; replay "
+                                                        << s.replay_ms(*s.a) << " ms");
+  s.run_for(1500);
+  s.finish(0);
+}
+
 TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut relay comes back as standby") {
   pair_setup s({"cut", 1200, 300});
   test::tmpdir pdir;
@@ -357,6 +420,52 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
   auto v = verify(s.chk, bs, s.a->api_port, 60000);
   check_no_problems(v);
   MESSAGE("fault 3: after the cut relay took over again: " << describe(v));
+  proxy.signal(SIGTERM);
+  proxy.wait(5000);
+}
+
+TEST_CASE("fault 3b: the leader's connections to PostgreSQL are reset again and again: commits of unknown outcome retried") {
+  pair_setup s({"reset", 1200, 300});
+  test::tmpdir pdir;
+  test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
+                    pdir / "proxy.log");
+  auto listening = proxy.wait_for_line("proxy_listening");
+  REQUIRE(listening.has_value());
+  std::string addr = test::json_field(*listening, "addr");
+  std::string via_proxy = dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), s.pg.user_name(), s.pg.passfile_path(),
+                              s.pg.dbname());
+  s.make_relays(via_proxy, primary_only_dsn(s.pg));
+  s.start_pair();
+  s.start_load("reset", 3);
+  s.run_for(1500);
+  int64_t t0 = now_ms();
+  for (int i = 0; i < 12; ++i) {
+    proxy.signal(SIGHUP);  // RST both ways: whatever was in flight has an unknown outcome
+    s.run_for(250);
+  }
+  int64_t t1 = now_ms();
+  s.run_for(1500);
+  int lead = s.leader();
+  REQUIRE(lead >= 0);
+  MESSAGE("fault 3b: 12 resets in " << t1 - t0 << " ms; leadership lost " << s.a->events("leadership_lost").size()
+                                    << " lines; leader now relay " << lead << "; longest gap " << s.chk.longest_gap(t0, t1)
+                                    << " ms; unknown-outcome lines: " << s.a->events("journal_write_failed").size()
+                                    << " journal_write_failed, " << s.a->events("postgres_unavailable").size()
+                                    << " postgres_unavailable");
+  s.finish(lead);
+  // The other relay replays what the reset commits left: the same jobs,
+  // no record applied twice in a way the checker can see.
+  ha_relay& leader = s.relay_at(lead);
+  ha_relay& other = s.relay_at(1 - lead);
+  size_t acquired_before = other.events("leadership_acquired").size();
+  CHECK_EQ(leader.terminate(15000), 0);
+  REQUIRE_MESSAGE(!other.wait_event("leadership_acquired", acquired_before + 1, 30000).empty(), other.log());
+  REQUIRE_FALSE(other.wait_event("relay_started", other.events("relay_started").size() + (acquired_before ? 0 : 1), 20000).empty());
+  std::vector<const bunny*> bs;
+  for (auto& x : s.bunnies) bs.push_back(x.get());
+  auto v = verify(s.chk, bs, other.api_port, 60000);
+  check_no_problems(v);
+  MESSAGE("fault 3b: after a takeover and replay: " << describe(v));
   proxy.signal(SIGTERM);
   proxy.wait(5000);
 }

@@ -76,6 +76,9 @@ struct relay_settings {
   std::string shard = "main";
   int lease_ms = 1200;
   int renew_ms = 300;
+  // Compact as soon as the journal is 4 KiB and twice what is live: the
+  // faults then also strike while segments are rolled and dropped.
+  uint64_t compact_min_bytes = 4096;
 };
 
 // One relay process of the pair: fixed API and ops ports (clients and
@@ -97,7 +100,8 @@ class ha_relay {
                    R"(/ca.crt"},
       "policy": "policy.json",
       "limits": {"drain_timeout_ms": 3000},
-      "journal": {"backend": "postgres", "postgres": {"dsn_file": ")" + (dir / "dsn") + R"(", "shard": ")" +
+      "journal": {"backend": "postgres", "compact_min_bytes": )" + std::to_string(s.compact_min_bytes) + R"(,
+                  "postgres": {"dsn_file": ")" + (dir / "dsn") + R"(", "shard": ")" +
                    s.shard + R"(", "lease_ms": )" + std::to_string(s.lease_ms) + R"(, "renew_ms": )" +
                    std::to_string(s.renew_ms) + "}}}");
   }
@@ -197,6 +201,20 @@ class checker {
     std::lock_guard<std::mutex> g(_m);
     ++_refusals[std::to_string(relay) + ":" + what];
   }
+  // The last few error messages per relay, for failure reports.
+  void note(int relay, const std::string& message) {
+    std::lock_guard<std::mutex> g(_m);
+    auto& v = _notes[relay];
+    v.push_back(std::to_string(now_ms()) + " " + message);
+    if (v.size() > 8) v.erase(v.begin());
+  }
+  std::string notes() const {
+    std::lock_guard<std::mutex> g(_m);
+    std::string s;
+    for (auto& [r, v] : _notes)
+      for (auto& m : v) s += "relay " + std::to_string(r) + ": " + m + "\n";
+    return s;
+  }
   void unexpected(const std::string& what) {
     std::lock_guard<std::mutex> g(_m);
     _unexpected.push_back(what);
@@ -258,6 +276,7 @@ class checker {
   std::vector<ack> _acks;
   std::map<std::string, size_t> _refusals;
   std::vector<std::string> _unexpected;
+  std::map<int, std::vector<std::string>> _notes;
 };
 
 inline relay::v1::client::options client_options(uint16_t port, const std::string& who, uint32_t timeout_ms) {
@@ -347,6 +366,7 @@ class load {
           _c.refusal(static_cast<int>(cur), a.err.what == relay::v1::error::kind::transport
                                                 ? "transport"
                                                 : std::to_string(a.err.status));
+          _c.note(static_cast<int>(cur), a.err.message);
           cur = (cur + 1) % clients.size();
           sleep_unless_stopped(20);
         } else {
