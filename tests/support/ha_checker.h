@@ -306,6 +306,7 @@ class load {
     int consumers = 1;
     int max_per_producer = 5000;
     uint32_t request_timeout_ms = 5000;
+    int heartbeats = 4;  // per job the consumer threads lease
   };
   load(checker& c, options o) : _c(c), _o(std::move(o)) {}
   load(const load&) = delete;
@@ -401,6 +402,13 @@ class load {
         continue;
       }
       for (auto& j : l.value.jobs) {
+        // A few heartbeats first: records that make the journal outgrow
+        // what is live, so the leader compacts (rolls and drops segments)
+        // while the faults strike.
+        for (int h = 0; h < _o.heartbeats && !_stop; ++h) {
+          auto hb = clients[cur]->heartbeat(j.id, j.lease, 3000);
+          if (hb.err) break;
+        }
         std::string result = R"({"by":"checker","job":")" + j.id + R"(","attempt":)" + std::to_string(j.attempt) + "}";
         // Delivered to whichever relay answers, until the lease is over.
         auto until = after_ms(3000);
