@@ -392,6 +392,10 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
   MESSAGE("fault 3: cut -> leadership_lost " << ts_of(lost) - t_cut << " ms (reason " << test::field(lost, "reason")
                                               << "), takeover " << t_acquired - t_cut << " ms, first submit on the new leader "
                                               << first - t_cut << " ms; replay " << s.replay_ms(*s.b) << " ms");
+  // Cut from the database, the leader cannot commit: nothing it says after
+  // the cut (plus what was already on its way to the producers) is an
+  // acknowledgement.
+  check_none_after(s.chk, 0, t_cut + 200, "the cut (+200 ms)");
   // The producers waiting on the cut relay were answered 503 when it stepped
   // down (their submits may or may not be committed: they resubmit).
   CHECK_MESSAGE(s.chk.refusal_count(0, "503") > 0, s.chk.refusals());
