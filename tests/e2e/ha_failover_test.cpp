@@ -217,6 +217,50 @@ TEST_CASE("a standby does not bind the API port and is not ready; the leader is"
   CHECK_MESSAGE(test::field(started.front(), "journal_backends").find("postgres") != std::string::npos, started.front());
 }
 
+TEST_CASE("two relays started at the same moment on a new shard: exactly one leads, the other waits") {
+  for (int round = 0; round < 3; ++round) {
+    pair_setup s({"race" + std::to_string(round), 1200, 300});
+    s.make_relays(primary_only_dsn(s.pg), primary_only_dsn(s.pg));
+    s.a->start();
+    s.b->start();
+    int lead = s.leader(30000);
+    REQUIRE_MESSAGE(lead >= 0, "--- a:\n" << s.a->log() << "--- b:\n" << s.b->log());
+    ha_relay& other = s.relay_at(1 - lead);
+    CHECK_MESSAGE(!other.wait_event("leadership_waiting", 1, 10000).empty(), other.log());
+    s.run_for(1000);
+    CHECK(s.relay_at(lead).ready());
+    CHECK_FALSE(other.ready());
+    CHECK_FALSE(port_accepts(other.api_port));
+    CHECK(test::process_running(other.pid()));
+    for (int i = 0; i < 2; ++i) {
+      CHECK_MESSAGE(s.relay_at(i).events("start_failed").empty(), s.relay_at(i).log());
+      CHECK_MESSAGE(s.relay_at(i).events("leadership_lost").empty(), s.relay_at(i).log());
+    }
+    CHECK_EQ(s.relay_at(lead).events("leadership_acquired").size(), 1u);
+    CHECK(other.events("leadership_acquired").empty());
+  }
+}
+
+TEST_CASE("the DSN's password appears in no log line, argument or environment of relay") {
+  const std::string secret = "pw-" + test::pg_detail::random_hex(8);
+  // Nothing listens on the port: relay keeps trying and says why.
+  uint16_t closed = free_port();
+  ha_relay r("r", "host=127.0.0.1 port=" + std::to_string(closed) + " user=relay password=" + secret +
+                      " dbname=relay connect_timeout=1",
+             {"secret", 1200, 300});
+  r.start();
+  auto why = r.wait_event("postgres_unavailable", 1, 20000);
+  CHECK_MESSAGE(!why.empty(), r.log());
+  CHECK(test::process_running(r.pid()));
+  CHECK_EQ(r.ops_get("/readyz").status, 503);
+  CHECK_MESSAGE(r.log().find(secret) == std::string::npos, r.log());
+  CHECK(test::read_file("/proc/" + std::to_string(r.pid()) + "/cmdline").find(secret) == std::string::npos);
+  CHECK(test::read_file("/proc/" + std::to_string(r.pid()) + "/environ").find(secret) == std::string::npos);
+  CHECK(r.ops_get("/metrics").body.find(secret) == std::string::npos);
+  CHECK(r.ops_get("/readyz").body.find(secret) == std::string::npos);
+  CHECK_EQ(r.terminate(5000), 0);
+}
+
 TEST_CASE("SIGTERM on the leader releases the lease: the standby takes over well before lease_ms") {
   const int lease_ms = 5000;
   pair_setup s({"release", lease_ms, 300});
