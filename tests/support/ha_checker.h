@@ -119,12 +119,14 @@ class ha_relay {
   pid_t pid() const { return proc ? proc->pid() : -1; }
   std::string log() const { return proc ? proc->log() : std::string(); }
 
-  // The log lines of `event` of this incarnation (a re-exec keeps the file).
+  // The log lines of `event` of this incarnation (a re-exec keeps the
+  // file); audit lines of the same name (they go to stderr too) left out.
   std::vector<std::string> events(const std::string& event) const {
     std::vector<std::string> out;
     const std::string needle = "{\"event\":\"" + event + "\"";
+    const std::string audit_mark = ",\"audit\":true";
     for (auto& l : lines(log()))
-      if (l.rfind(needle, 0) == 0) out.push_back(l);
+      if (l.rfind(needle, 0) == 0 && l.compare(needle.size(), audit_mark.size(), audit_mark) != 0) out.push_back(l);
     return out;
   }
   // Waits until the log holds at least `n` lines of `event`; returns the
