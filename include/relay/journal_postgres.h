@@ -127,7 +127,7 @@ class leadership {
   std::thread _thread;
   std::atomic<bool> _stop{false};
   std::atomic<bool> _release{false};
-  std::mutex _mu;                 // guards the fields below and _wake
+  mutable std::mutex _mu;         // guards the fields below and _wake
   std::condition_variable _wake;
   uint64_t _acquired_epoch = 0;   // thread → loop: won at this epoch
   std::string _lost;              // thread → loop: why the shard was lost
@@ -230,7 +230,7 @@ class journal final : public backend {
 
   // Shared, under _mu.
   std::thread _thread;
-  std::mutex _mu;
+  mutable std::mutex _mu;
   std::condition_variable _wake;       // the thread waits for batches, the replay for room
   std::deque<std::unique_ptr<batch>> _todo;
   std::deque<std::string> _rows;       // replayed rows not yet applied

@@ -323,38 +323,47 @@ bool load(const schema& keys, const std::optional<std::string>& file, const over
 }
 
 std::string to_json(const schema& keys, void* cfg) {
-  // Keys are grouped by their first segment, in table order; one level of
-  // nesting is all either configuration uses.
+  // Keys are nested by their dotted names, in table order (a table keeps
+  // the keys of one section together).
   std::string out = "{";
-  std::string section;
-  bool first_top = true, first_in_section = true;
+  std::vector<std::string> open;  // the sections we are inside
+  bool first = true;              // no member yet at this level
+  auto indent = [&](size_t depth) { out += "\n" + std::string(2 * (depth + 1), ' '); };
   for (const auto& k : keys) {
-    auto dot = k.name.find('.');
-    std::string sec = dot == std::string_view::npos ? "" : std::string(k.name.substr(0, dot));
-    std::string leaf(dot == std::string_view::npos ? k.name : k.name.substr(dot + 1));
-    if (sec != section) {
-      if (!section.empty()) out += "\n  }";
-      section = sec;
-      if (!sec.empty()) {
-        out += first_top ? "\n  " : ",\n  ";
-        first_top = false;
-        json::append_key(out, sec);
-        out += " {";
-        first_in_section = true;
-      }
+    std::vector<std::string> path;
+    for (size_t at = 0;;) {
+      size_t dot = k.name.find('.', at);
+      path.emplace_back(k.name.substr(at, dot == std::string_view::npos ? std::string_view::npos : dot - at));
+      if (dot == std::string_view::npos) break;
+      at = dot + 1;
     }
-    if (sec.empty()) {
-      out += first_top ? "\n  " : ",\n  ";
-      first_top = false;
-    } else {
-      out += first_in_section ? "\n    " : ",\n    ";
-      first_in_section = false;
+    size_t common = 0;
+    while (common < open.size() && common + 1 < path.size() && open[common] == path[common]) ++common;
+    while (open.size() > common) {
+      open.pop_back();
+      indent(open.size());
+      out += '}';
+      first = false;
     }
-    json::append_key(out, leaf);
+    for (; open.size() + 1 < path.size(); first = true) {
+      if (!first) out += ',';
+      indent(open.size());
+      json::append_key(out, path[open.size()]);
+      out += " {";
+      open.push_back(path[open.size()]);
+    }
+    if (!first) out += ',';
+    indent(open.size());
+    json::append_key(out, path.back());
     out += ' ';
     append_value(out, k, cfg);
+    first = false;
   }
-  if (!section.empty()) out += "\n  }";
+  while (!open.empty()) {
+    open.pop_back();
+    indent(open.size());
+    out += '}';
+  }
   out += "\n}\n";
   return out;
 }

@@ -136,6 +136,18 @@ bool conn::send_wait(bool sent, steady::time_point until, std::string& error) {
   return true;
 }
 
+bool conn::send_params(const char* sql, std::span<const param> params, int result_format) {
+  std::vector<const char*> values;
+  std::vector<int> lengths, formats;
+  for (const param& p : params) {
+    values.push_back(p.data);
+    lengths.push_back(p.length);
+    formats.push_back(p.format);
+  }
+  return PQsendQueryParams(_c, sql, static_cast<int>(params.size()), nullptr, values.data(), lengths.data(),
+                           formats.data(), result_format) == 1;
+}
+
 bool conn::exec(const char* sql, std::span<const param> params, steady::time_point until, result& out,
                 std::string& error, int result_format) {
   if (!ok()) {
@@ -146,15 +158,7 @@ bool conn::exec(const char* sql, std::span<const param> params, steady::time_poi
   if (params.empty() && result_format == 0) {
     sent = PQsendQuery(_c, sql) == 1;
   } else {
-    std::vector<const char*> values;
-    std::vector<int> lengths, formats;
-    for (const param& p : params) {
-      values.push_back(p.data);
-      lengths.push_back(p.length);
-      formats.push_back(p.format);
-    }
-    sent = PQsendQueryParams(_c, sql, static_cast<int>(params.size()), nullptr, values.data(), lengths.data(),
-                             formats.data(), result_format) == 1;
+    sent = send_params(sql, params, result_format);
   }
   if (!send_wait(sent, until, error)) return false;
   std::string failure;
@@ -196,18 +200,10 @@ bool conn::stream(const char* sql, std::span<const param> params, const std::fun
     error = "not connected to the database";
     return false;
   }
-  std::vector<const char*> values;
-  std::vector<int> lengths, formats;
-  for (const param& p : params) {
-    values.push_back(p.data);
-    lengths.push_back(p.length);
-    formats.push_back(p.format);
-  }
   // No deadline on the whole (a large shard takes a while), but none on
   // silence either would hang: each wait for more rows is bounded.
   auto wait_more = [] { return steady::now() + std::chrono::seconds(60); };
-  bool sent = PQsendQueryParams(_c, sql, static_cast<int>(params.size()), nullptr, values.data(), lengths.data(),
-                                formats.data(), 1) == 1;
+  bool sent = send_params(sql, params, 1);
   if (!send_wait(sent, wait_more(), error)) return false;
   if (!PQsetSingleRowMode(_c)) {
     error = describe("cannot read rows one by one");

@@ -57,6 +57,7 @@ class conn {
               std::string& error);
 
  private:
+  bool send_params(const char* sql, std::span<const param> params, int result_format);
   bool send_wait(bool sent, steady::time_point until, std::string& error);
   bool wait_readable(steady::time_point until, std::string& error);
   std::string describe(const char* what) const;

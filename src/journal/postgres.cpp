@@ -1,6 +1,7 @@
 #include "relay/journal_postgres.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cassert>
 #include <cstring>
 #include <utility>
@@ -112,8 +113,7 @@ void leadership::start() {
 }
 
 std::string leadership::standby_status() const {
-  auto* self = const_cast<leadership*>(this);
-  std::lock_guard lock(self->_mu);
+  std::lock_guard lock(_mu);
   return _status;
 }
 
@@ -122,7 +122,9 @@ void leadership::stop(bool release) {
   _open = false;
   {
     std::lock_guard lock(_mu);
-    _release = release && _epoch != 0 && _lost.empty();
+    // The thread knows whether it won the shard (the loop may not have
+    // heard yet); a lost shard is not ours to release.
+    _release = release && _lost.empty();
     _stop = true;
   }
   _wake.notify_all();
@@ -201,7 +203,18 @@ void leadership::run() {
         report_problem(error);
         set_status("standby: cannot reach the database: " + error);
       } else if (PQntuples(r.get()) == 1) {
-        epoch = std::stoull(PQgetvalue(r.get(), 0, 0));
+        // The database is checked like any peer: an epoch that is not a
+        // positive integer is refused, not taken.
+        epoch = 0;
+        std::string_view text = PQgetvalue(r.get(), 0, 0);
+        auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), epoch);
+        if (ec != std::errc() || end != text.data() + text.size() || epoch == 0) {
+          epoch = 0;
+          report_problem("the database answered the takeover with an epoch that is not a positive integer");
+          std::unique_lock lock(_mu);
+          _wake.wait_for(lock, milliseconds(_o.renew_ms), [this] { return _stop.load(); });
+          continue;
+        }
         _deadline.extend(earned(_o, sent));
         last_problem.clear();
         {
@@ -317,7 +330,9 @@ void journal::open(uint64_t epoch, std::function<bool(const queue::record&)> app
 // ---- Loop side ----
 
 void journal::append(const queue::record& r) {
-  assert(_open && !_fenced);
+  // Once fenced nothing is written (and nothing acknowledged): the process
+  // is on its way to restart as a standby.
+  if (!_open || _fenced) return;
   size_t before = _current->bytes.size();
   encode(r, _current->bytes);
   ++_current->records;
@@ -340,8 +355,7 @@ void journal::when_durable(std::function<void(bool)> fn) {
 bool journal::front_due() const {
   const waiter& w = _waiters.front();
   if (w.failed || w.seq == 0) return true;
-  auto* self = const_cast<journal*>(this);
-  std::lock_guard lock(self->_mu);
+  std::lock_guard lock(_mu);
   return w.seq <= _committed_seq;
 }
 
@@ -729,10 +743,18 @@ void journal::run(uint64_t epoch) {
       auto t0 = steady::now();
       for (;;) {
         result r;
+        int64_t sent = deadline::now_ns();
         bool ok = c.connect(lease_until(), error) && c.exec(commit_sql.c_str(), p, lease_until(), r, error);
-        if (ok && PQntuples(r.get()) == 1 && std::string_view(PQgetvalue(r.get(), 0, 0)) == "0")
+        std::string_view fence = ok && PQntuples(r.get()) == 1 && PQnfields(r.get()) == 2 ? PQgetvalue(r.get(), 0, 0) : "";
+        if (fence == "0")
           return report([&] { _fence_reason = "a commit found another relay leading shard " + _o.shard; });
+        if (ok && fence != "1") {
+          ok = false;
+          error = "the database answered a commit with an unexpected result";
+        }
         if (ok) {
+          // The commit renewed the lease too.
+          _deadline.extend(earned(_o, sent));
           // Inserted now, or by an earlier attempt whose answer was lost
           // (the key is taken): committed either way.
           _commit_seconds.observe(std::chrono::duration<double>(steady::now() - t0).count());

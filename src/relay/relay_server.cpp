@@ -328,6 +328,11 @@ std::string holder_name() {
 }  // namespace
 
 bool relay_server::start_standby(std::string& error) {
+  if (_repair_journal) {
+    error = "--repair-journal cuts segment files (journal.backend \"file\"); a corrupt PostgreSQL journal row is "
+            "dealt with in the database (see docs/ha.md)";
+    return false;
+  }
   journal::postgres::options o;
   const std::string& dsn_file = *_cfg.journal.postgres.dsn_file;
   if (!config::read_file(dsn_file, o.dsn, error)) {
@@ -424,6 +429,7 @@ void relay_server::step_down(const std::string& reason) {
       .str("effect", "nothing more is acknowledged; restarting as a standby");
   audit::event("leadership_lost", log::level::error).str("shard", _cfg.journal.postgres.shard).str("reason", reason);
   uv_timer_stop(&_lease_timer);
+  uv_timer_stop(&_compact_timer);
   // Every waiting answer becomes a 503 (its change may or may not be
   // committed: clients retry, producers with their idempotency keys).
   _shared_journal->fence(reason);

@@ -23,11 +23,13 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "relay/api_keys.h"
 #include "relay/auth.h"
 #include "relay/config.h"
+#include "relay/http_client.h"
 #include "relay/v1_client.h"
 #include "relay/json.h"
 #include "relay/tls.h"
@@ -52,7 +54,10 @@ commands:
                                  line); TIME is RFC 3339 UTC, e.g. 2027-01-31T00:00:00Z
 
 options (environment variable in brackets):
-  --url URL            relay, https://host:port [RELAY_URL]
+  --url URL[,URL...]   relay, https://host:port [RELAY_URL]; with several (an active/standby
+                       pair), a relay that does not answer or answers 503 is passed over for
+                       the next, until --timeout (a change is repeated only if that is safe:
+                       reads, cancel, requeue by ids, submit with --idempotency-key)
   --server-name NAME   name relay's certificate must carry (default: the URL's host)
   --cert FILE --key FILE  client certificate and key [RELAYCTL_CERT, RELAYCTL_KEY]
   --api-key-file FILE  send the API key in FILE (one line) as "Authorization: Bearer"
@@ -82,12 +87,25 @@ std::string env(const char* name, const char* fallback = "") {
   return v ? v : fallback;
 }
 
-// The typed client on a private loop, from the command line's options.
-std::unique_ptr<relay::v1::blocking_client> connect(const options& o, std::string& error) {
+// The relays of --url: one, or several separated by commas (an
+// active/standby pair behind no load balancer).
+std::vector<std::string> split_urls(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t at = 0;;) {
+    size_t comma = list.find(',', at);
+    out.push_back(list.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
+    if (comma == std::string::npos) return out;
+    at = comma + 1;
+  }
+}
+
+// The typed client on a private loop, from the command line's options, to
+// relay `url`.
+std::unique_ptr<relay::v1::blocking_client> connect(const options& o, const std::string& url, std::string& error) {
   relay::v1::client::options co;
   if (!o.api_key_file.empty() && !relay::v1::read_api_key_file(o.api_key_file, co.extra_headers, error)) return nullptr;
   relay::config::url u;
-  if (!relay::config::parse_url(o.url, u, error)) return nullptr;
+  if (!relay::config::parse_url(url, u, error)) return nullptr;
   relay::tls::client_options t;
   if (!o.cert.empty()) t.cert_file = o.cert;
   if (!o.key.empty()) t.key_file = o.key;
@@ -253,7 +271,13 @@ class tool {
 
   int run(const std::string& command) {
     std::string error;
-    _client = connect(_o, error);
+    _urls = split_urls(_o.url);
+    // Every URL is checked up front: a typo must not wait for a failover.
+    for (const auto& url : _urls) {
+      relay::config::url u;
+      if (!relay::config::parse_url(url, u, error)) return fail(usage_error, "--url " + url + ": " + error);
+    }
+    _client = connect(_o, _urls[0], error);
     if (!_client) return fail(usage_error, error);
     if (command == "submit") return submit();
     if (command == "get") return get();
@@ -288,6 +312,46 @@ class tool {
     return fail(relay_error, e.message);
   }
 
+  static const relay::v1::error& error_of(const relay::v1::error& e) { return e; }
+  template <class T>
+  static const relay::v1::error& error_of(const relay::v1::blocking_client::answer<T>& a) {
+    return a.err;
+  }
+
+  // Runs `call` on the current relay; with several URLs, on an answer that
+  // says "not here"
+  // (nothing listens: a standby; 503: a leader stepping down or a journal
+  // failing) tries the next URL, round and round with a growing pause,
+  // until --timeout. A call that changes something is tried again after it
+  // may have reached relay only if `repeatable` (a read, a cancel, a submit
+  // with an idempotency key): a 503 means its outcome is unknown.
+  template <class Call>
+  auto with_failover(bool repeatable, Call call) {
+    using kind = relay::http::client_error::kind;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(_o.timeout_ms);
+    auto pause = std::chrono::milliseconds(100);
+    for (;;) {
+      auto result = call(*_client);
+      const relay::v1::error& e = error_of(result);
+      bool unsent = e.what == relay::v1::error::kind::transport && (e.transport == kind::connect || e.transport == kind::tls);
+      bool unavailable = (e.what == relay::v1::error::kind::refused && e.status == 503) ||
+                         (e.what == relay::v1::error::kind::transport && !unsent);
+      // One relay: its answer, as it is (a load balancer in front does the rest).
+      if (_urls.size() == 1 || (!unsent && !(unavailable && repeatable))) return result;
+      if (std::chrono::steady_clock::now() + pause >= deadline) return result;
+      if (++_current == _urls.size()) {
+        // Round every relay once: wait before the next round.
+        _current = 0;
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, std::chrono::milliseconds(2000));
+      }
+      std::string error;
+      auto next = connect(_o, _urls[_current], error);
+      if (!next) return result;
+      _client = std::move(next);
+    }
+  }
+
   int need_args(size_t n, const char* what) {
     if (_o.args.size() < n) return fail(usage_error, std::string("missing ") + what);
     return ok;
@@ -307,7 +371,7 @@ class tool {
     r.max_attempts = _o.max_attempts;
     r.lease_ms = _o.lease_ms;
     r.idempotency_key = _o.idempotency_key;
-    auto a = _client->submit(r);
+    auto a = with_failover(r.idempotency_key.has_value(), [&](auto& c) { return c.submit(r); });
     if (a.err) return failed(a.err);
     if (_o.json) {
       print_json(a.value.raw);
@@ -335,7 +399,7 @@ class tool {
 
   int get() {
     if (int rc = need_args(1, "JOB")) return rc;
-    auto a = _client->get_job(_o.args[0], _o.wait_ms.value_or(0));
+    auto a = with_failover(true, [&](auto& c) { return c.get_job(_o.args[0], _o.wait_ms.value_or(0)); });
     if (a.err) return failed(a.err);
     print_job(a.value);
     if (!_o.wait_ms) return ok;
@@ -352,7 +416,7 @@ class tool {
       for (;;) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
         uint32_t wait_ms = static_cast<uint32_t>(std::clamp<long long>(left, 0, 60000));
-        auto a = _client->get_job(id, wait_ms);
+        auto a = with_failover(true, [&](auto& c) { return c.get_job(id, wait_ms); });
         if (a.err) return failed(a.err);
         job = std::move(a.value);
         if (job.terminal() || wait_ms == 0) break;
@@ -366,7 +430,7 @@ class tool {
 
   int cancel() {
     if (int rc = need_args(1, "JOB")) return rc;
-    if (auto e = _client->cancel(_o.args[0])) return failed(e);
+    if (auto e = with_failover(true, [&](auto& c) { return c.cancel(_o.args[0]); })) return failed(e);
     // relay's answer to a cancel says only this.
     if (_o.json) std::printf("{\"id\":\"%s\",\"state\":\"cancelled\"}\n", _o.args[0].c_str());
     else std::printf("%s cancelled\n", _o.args[0].c_str());
@@ -375,7 +439,8 @@ class tool {
 
   int queues() {
     if (!_o.args.empty() && !relay::auth::valid_queue_name(_o.args[0])) return fail(usage_error, "not a valid queue name");
-    auto a = _client->call("GET", _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0]);
+    auto a = with_failover(
+        true, [&](auto& c) { return c.call("GET", _o.args.empty() ? "/v1/queues" : "/v1/queues/" + _o.args[0]); });
     if (a.err) return failed(a.err);
     if (_o.json) {
       if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
@@ -408,7 +473,7 @@ class tool {
     if (!relay::auth::valid_queue_name(_o.args[0])) return fail(usage_error, "not a valid queue name");
     std::string path = "/v1/queues/" + _o.args[0] + "/dead";
     if (_o.limit) path += "?limit=" + std::to_string(*_o.limit);
-    auto a = _client->call("GET", path);
+    auto a = with_failover(true, [&](auto& c) { return c.call("GET", path); });
     if (a.err) return failed(a.err);
     if (_o.json) {
       if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
@@ -438,7 +503,9 @@ class tool {
       body += "\"max\":" + std::to_string(*_o.max);
     }
     body += "}";
-    auto a = _client->call("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body);
+    // By ids it can be repeated; "the first N" cannot.
+    bool by_ids = _o.args.size() > 1;
+    auto a = with_failover(by_ids, [&](auto& c) { return c.call("POST", "/v1/queues/" + _o.args[0] + "/dead/requeue", body); });
     if (a.err) return failed(a.err);
     if (!print_json(a.value)) return fail(relay_error, "unexpected answer: not JSON");
     return ok;
@@ -451,6 +518,8 @@ class tool {
   }
 
   options _o;
+  std::vector<std::string> _urls;
+  size_t _current = 0;
   std::unique_ptr<relay::v1::blocking_client> _client;
   simdjson::dom::parser _parser;
 };

@@ -60,6 +60,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -258,6 +259,20 @@ class postgres_cluster {
     std::filesystem::remove_all(_root, ec);
   }
 
+  // Call before start(): both servers also take TLS with this certificate
+  // and key (copied into the cluster's directory, owned by the server user,
+  // as PostgreSQL requires). Clients choose with sslmode in their DSN.
+  void use_tls(const std::string& cert_file, const std::string& key_file) {
+    std::ifstream cert(cert_file), key(key_file);
+    std::stringstream c, k;
+    c << cert.rdbuf();
+    k << key.rdbuf();
+    _tls_cert = _root + "/server.crt";
+    _tls_key = _root + "/server.key";
+    write_owned(_tls_cert, c.str());
+    write_owned(_tls_key, k.str());
+  }
+
   // initdb, primary up, base backup, standby up, and the standby reported
   // as synchronous by the primary; then the database `dbname()` is created
   // (a commit, so it already goes through synchronous replication). Throws
@@ -405,7 +420,9 @@ class postgres_cluster {
            "wal_receiver_status_interval = 1s\n"
            "wal_retrieve_retry_interval = 200ms\n"
            "logging_collector = off\n"
-           "log_destination = stderr\n";
+           "log_destination = stderr\n" +
+           (_tls_cert.empty() ? std::string()
+                              : "ssl = on\nssl_cert_file = '" + _tls_cert + "'\nssl_key_file = '" + _tls_key + "'\n");
   }
 
   // Chown to the server user (a no-op when that is the caller); 0700/0600.
@@ -571,6 +588,7 @@ class postgres_cluster {
   std::string _dbname = "relay";
   std::string _password;
   std::string _passfile;
+  std::string _tls_cert, _tls_key;  // use_tls()
   node _primary;
   node _standby;
 };

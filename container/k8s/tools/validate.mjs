@@ -198,12 +198,128 @@ function checkSecurity(docs, problems) {
   }
 }
 
+// The relay configuration a relay container runs with: the ConfigMap mounted
+// over the directory of its --config file, then its --set overrides.
+function relayConfigOf(o, c, pod, docs) {
+  const args = c.args ?? c.command ?? [];
+  const file = args[args.indexOf("--config") + 1];
+  if (args.indexOf("--config") < 0 || !file) return null;
+  const mount = (c.volumeMounts ?? []).find((m) => file.startsWith(m.mountPath.replace(/\/?$/, "/")));
+  const volume = (pod.volumes ?? []).find((v) => v.name === mount?.name);
+  const map = docs.find((d) => d.kind === "ConfigMap" && d.metadata?.name === volume?.configMap?.name && d.metadata?.namespace === o.metadata?.namespace);
+  const text = map?.data?.[file.slice(mount.mountPath.replace(/\/?$/, "/").length)];
+  if (!text) return null;
+  let config;
+  try {
+    config = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  for (const [i, a] of args.entries()) {
+    if (a !== "--set") continue;
+    const [key, value] = (args[i + 1] ?? "").split(/=(.*)/s);
+    const path = key.split(".");
+    let at = config;
+    for (const k of path.slice(0, -1)) at = at[k] ??= {};
+    at[path.at(-1)] = value;
+  }
+  return config;
+}
+
+const selectsPod = (selector, labels) => !!selector && Object.keys(selector.matchLabels ?? {}).length > 0 && selects(selector, labels);
+
+// More than one relay on one journal: only with the postgres backend, and
+// then as the HA overlay promises (docs/ha.md): no volume, one pod per zone
+// and node, the DSN from a read-only 0400 Secret file and nowhere else,
+// egress to the database and DNS only, a grace period longer than the
+// drain, a disruption budget, and a load balancer that keeps the standby
+// registered and health-checks the port only the leader listens on.
+function checkHa(docs, problems) {
+  for (const o of docs) {
+    const pod = podSpecOf(o);
+    if (!pod) continue;
+    for (const c of pod.containers ?? []) {
+      if ((c.args ?? c.command ?? [])[0] !== "relay") continue;
+      const where = `${name(o)} container ${c.name}`;
+      const config = relayConfigOf(o, c, pod, docs);
+      const postgres = config?.journal?.backend === "postgres";
+      const replicas = o.spec?.replicas ?? 1;
+      if (!postgres) {
+        if (replicas > 1) problems.push(`${where}: ${replicas} replicas on a file journal (only journal.backend "postgres" has a leader)`);
+        continue;
+      }
+      if (replicas < 2) problems.push(`${where}: journal.backend "postgres" with ${replicas} replica: no standby`);
+      if (o.spec?.volumeClaimTemplates?.length || (pod.volumes ?? []).some((v) => v.persistentVolumeClaim || v.ephemeral))
+        problems.push(`${where}: a PersistentVolume with the postgres journal (the database is the journal)`);
+      const labels = podLabelsOf(o);
+      const spread = (pod.topologySpreadConstraints ?? []).find(
+        (t) => t.topologyKey === "topology.kubernetes.io/zone" && t.whenUnsatisfiable === "DoNotSchedule" && selectsPod(t.labelSelector, labels),
+      );
+      if (!spread) problems.push(`${where}: no topology spread across zones with whenUnsatisfiable DoNotSchedule`);
+      const anti = pod.affinity?.podAntiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? [];
+      if (!anti.some((t) => t.topologyKey === "kubernetes.io/hostname" && selectsPod(t.labelSelector, labels)))
+        problems.push(`${where}: no required pod anti-affinity by kubernetes.io/hostname`);
+
+      const dsn = config.journal.postgres?.dsn_file ?? "";
+      const mount = (c.volumeMounts ?? []).find((m) => dsn.startsWith(m.mountPath.replace(/\/?$/, "/")));
+      const volume = (pod.volumes ?? []).find((v) => v.name === mount?.name);
+      if (!volume?.secret) problems.push(`${where}: journal.postgres.dsn_file ${dsn || "(unset)"} is not in a mounted Secret`);
+      else {
+        const key = dsn.slice(mount.mountPath.replace(/\/?$/, "/").length);
+        const item = volume.secret.items?.find((i) => i.path === key);
+        const mode = item?.mode ?? volume.secret.defaultMode ?? 0o644;
+        if (mode !== 0o400) problems.push(`${where}: the DSN file has mode 0${mode.toString(8)}, not 0400`);
+        if (mount.readOnly !== true) problems.push(`${where}: the DSN Secret is not mounted readOnly`);
+      }
+      const secretNames = new Set((pod.volumes ?? []).filter((v) => v.secret && v.name === mount?.name).map((v) => v.secret.secretName));
+      for (const e of c.env ?? [])
+        if (secretNames.has(e.valueFrom?.secretKeyRef?.name) || /dsn|postgres|password|^PG/i.test(e.name))
+          problems.push(`${where}: the database secret in environment variable ${e.name}`);
+      for (const e of c.envFrom ?? []) if (e.secretRef) problems.push(`${where}: a Secret as environment (envFrom ${e.secretRef.name})`);
+      if ((c.args ?? c.command ?? []).some((a) => /postgres(ql)?:\/\/|password=|dsn=|host=/i.test(a)))
+        problems.push(`${where}: a connection string in the arguments`);
+
+      const drain = Number(config.limits?.drain_timeout_ms ?? 30000);
+      if (!((pod.terminationGracePeriodSeconds ?? 30) * 1000 > drain))
+        problems.push(`${where}: terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds ?? 30} is not beyond limits.drain_timeout_ms ${drain}`);
+
+      const ns = o.metadata?.namespace;
+      const policies = docs.filter((d) => d.kind === "NetworkPolicy" && d.metadata?.namespace === ns && selects(d.spec?.podSelector, labels));
+      let toDatabase = false;
+      for (const p of policies)
+        for (const [i, rule] of (p.spec?.egress ?? []).entries()) {
+          const ports = (rule.ports ?? []).map((x) => x.port);
+          const peers = rule.to ?? [];
+          const dns = ports.every((x) => x === 53) && peers.every((x) => x.podSelector?.matchLabels?.["k8s-app"] === "kube-dns");
+          const db = ports.length && ports.every((x) => x === 5432) && peers.every((x) => x.ipBlock || x.podSelector);
+          if (db) toDatabase = true;
+          if (!dns && !db) problems.push(`${name(p)} egress[${i}]: relay may reach more than the database (5432) and DNS`);
+        }
+      if (!toDatabase) problems.push(`${where}: no NetworkPolicy lets it reach the database on 5432`);
+
+      if (!docs.some((d) => d.kind === "PodDisruptionBudget" && d.metadata?.namespace === ns && selectsPod(d.spec?.selector, labels)))
+        problems.push(`${where}: no PodDisruptionBudget`);
+      for (const s of docs.filter((d) => d.kind === "Service" && d.spec?.type === "LoadBalancer" && d.metadata?.namespace === ns && selects({ matchLabels: d.spec?.selector }, labels))) {
+        const a = s.metadata?.annotations ?? {};
+        const port = a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-port"] ?? "traffic-port";
+        const proto = (a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol"] ?? "tcp").toLowerCase();
+        const apiCheck = proto === "tcp" && ["traffic-port", "8443"].includes(String(port));
+        const opsCheck = proto === "http" && ["9090"].includes(String(port)) && a["service.beta.kubernetes.io/aws-load-balancer-healthcheck-path"] === "/readyz";
+        if (!apiCheck && !opsCheck) problems.push(`${name(s)}: the load balancer's health check does not follow leadership (TCP on the API port, or HTTP /readyz on ops)`);
+        if (s.spec?.publishNotReadyAddresses !== true)
+          problems.push(`${name(s)}: publishNotReadyAddresses is not true (a failover would wait for target registration)`);
+      }
+    }
+  }
+}
+
 const load = (file) => YAML.parseAllDocuments(fs.readFileSync(file, "utf8")).map((d) => d.toJS()).filter(Boolean);
 
 async function check(docs) {
   const problems = [];
   await checkSchema(docs, problems);
   checkSecurity(docs, problems);
+  checkHa(docs, problems);
   return problems;
 }
 
@@ -275,11 +391,60 @@ const mutations = [
   }],
 ];
 
+// Only for manifests that run relay on the postgres journal (aws-ha).
+const relayWorkload = (docs) => find(docs, (d) => podSpecOf(d)?.containers?.some((c) => (c.args ?? [])[0] === "relay"));
+const relayContainer = (docs) => podSpecOf(relayWorkload(docs)).containers.find((c) => (c.args ?? [])[0] === "relay");
+const dsnVolume = (docs) => podSpecOf(relayWorkload(docs)).volumes.find((v) => v.secret && v.secret.secretName !== "relay-tls");
+const haMutations = [
+  ["one replica", "no standby", (d) => {
+    relayWorkload(d).spec.replicas = 1;
+  }],
+  ["a PersistentVolume", "PersistentVolume with the postgres journal", (d) => {
+    podSpecOf(relayWorkload(d)).volumes.push({ name: "journal", persistentVolumeClaim: { claimName: "journal" } });
+  }],
+  ["zone spread only preferred", "topology spread across zones", (d) => {
+    for (const t of podSpecOf(relayWorkload(d)).topologySpreadConstraints) t.whenUnsatisfiable = "ScheduleAnyway";
+  }],
+  ["no anti-affinity", "anti-affinity by kubernetes.io/hostname", (d) => {
+    delete podSpecOf(relayWorkload(d)).affinity;
+  }],
+  ["DSN file readable by all", "not 0400", (d) => {
+    dsnVolume(d).secret.defaultMode = 0o444;
+  }],
+  ["DSN in the environment", "environment variable", (d) => {
+    relayContainer(d).env = [{ name: "RELAY_DSN", valueFrom: { secretKeyRef: { name: dsnVolume(d).secret.secretName, key: "dsn" } } }];
+  }],
+  ["DSN in argv", "connection string in the arguments", (d) => {
+    relayContainer(d).args.push("--set", "journal.postgres.dsn=host=db password=x");
+  }],
+  ["file journal on two replicas", "on a file journal", (d) => {
+    relayContainer(d).args.push("--set", "journal.backend=file");
+  }],
+  ["grace period within the drain", "not beyond limits.drain_timeout_ms", (d) => {
+    podSpecOf(relayWorkload(d)).terminationGracePeriodSeconds = 30;
+  }],
+  ["egress to everything on 443", "more than the database", (d) => {
+    const p = find(d, (o) => o.kind === "NetworkPolicy" && o.spec?.egress?.length);
+    p.spec.egress.push({ to: [{ ipBlock: { cidr: "10.0.0.0/8" } }], ports: [{ port: 443, protocol: "TCP" }] });
+  }],
+  ["no disruption budget", "no PodDisruptionBudget", (d) => {
+    d.splice(d.findIndex((o) => o.kind === "PodDisruptionBudget"), 1);
+  }],
+  ["standby deregistered from the NLB", "publishNotReadyAddresses", (d) => {
+    delete find(d, (o) => o.kind === "Service" && o.spec?.type === "LoadBalancer").spec.publishNotReadyAddresses;
+  }],
+];
+const isHa = (docs) => docs.some((o) => {
+  const pod = podSpecOf(o);
+  return pod?.containers?.some((c) => (c.args ?? [])[0] === "relay" && relayConfigOf(o, c, pod, docs)?.journal?.backend === "postgres");
+});
+
 async function selfTest(file) {
   const failures = [];
   const clean = await check(load(file));
   if (clean.length) failures.push(`the unmodified manifests fail: ${clean.join("; ")}`);
-  for (const [what, expect, mutate] of mutations) {
+  const all = isHa(load(file)) ? [...mutations, ...haMutations] : mutations;
+  for (const [what, expect, mutate] of all) {
     const docs = load(file);
     mutate(docs);
     const problems = await check(docs);
@@ -338,7 +503,8 @@ if (mode === "manifests") {
   }
 } else if (mode === "self-test") {
   problems = await selfTest(args[0]);
-  if (!problems.length) console.log(`self-test: all ${mutations.length} broken variants of ${path.basename(args[0])} caught`);
+  const n = mutations.length + (isHa(load(args[0])) ? haMutations.length : 0);
+  if (!problems.length) console.log(`self-test: all ${n} broken variants of ${path.basename(args[0])} caught`);
 } else if (mode === "metrics") {
   problems = checkMetrics(args[0], args.slice(1));
 } else {
