@@ -47,17 +47,43 @@ inline int64_t ts_of(const std::string& line) {
   return v.empty() ? 0 : std::stoll(v);
 }
 
-// A loopback port free a moment ago.
+// A loopback port that is free now and stays out of the kernel's way: the
+// relays bind fixed ports again after a re-exec or a restart, and the
+// suite's own clients open hundreds of connections meanwhile, whose local
+// ports come from the ephemeral range. So the port is picked below that
+// range (random, checked with a bind), where no outgoing connection takes
+// it; the kernel's pick only if none is found.
 inline uint16_t free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
+  auto try_bind = [](uint16_t port) -> int {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int got = -1;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      socklen_t len = sizeof a;
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+      got = ntohs(a.sin_port);
+    }
+    close(fd);
+    return got;
+  };
+  int low = 32768;
+  {
+    std::istringstream range(read_file("/proc/sys/net/ipv4/ip_local_port_range"));
+    range >> low;
+  }
+  static thread_local uint64_t seed = static_cast<uint64_t>(getpid()) * 2654435761u ^
+                                      static_cast<uint64_t>(steady::now().time_since_epoch().count());
+  if (low > 12000) {
+    for (int i = 0; i < 200; ++i) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      auto port = static_cast<uint16_t>(10000 + (seed >> 33) % static_cast<uint64_t>(low - 10000));
+      if (try_bind(port) == port) return port;
+    }
+  }
+  return static_cast<uint16_t>(try_bind(0));
 }
 
 // Whether something accepts TCP connections on 127.0.0.1:port.
