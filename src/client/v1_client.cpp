@@ -391,6 +391,7 @@ template <class T, class Start>
 blocking_client::answer<T> blocking_client::run(Start start) {
   answer<T> out;
   bool finished = false;
+  uv_update_time(&_loop);  // the loop sat idle since the last call: deadlines count from now
   start([&](const error& e, T& v) {
     out.err = e;
     out.value = std::move(v);
