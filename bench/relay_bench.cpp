@@ -22,15 +22,26 @@
 //   scale      submit cost as the queue grows (0, 100k, 1M queued), as the
 //              payload grows (100 B to ~1 MiB) and as connections grow (1 to
 //              1,024): one line per point
+//   failover   --connections producers on each of --port and --port2 (an
+//              active/standby pair) submitting one job at a time, retrying
+//              every --retry-ms after an error; after --kill-after-ms it
+//              SIGKILLs --kill-pid (the leader) and reports the time from
+//              the kill to the first 2xx answer to a submit sent after it
+//              (necessarily from the new leader); gives up --seconds after
+//              the kill (failover_ms=-1)
 //
 // options: --host H --queue Q --connections N --batch B --seconds S
 //          --payload-bytes N --count N --producers N --workers N
 //          --server-pid PID (adds server CPU per job, from /proc)
 //          --host-header NAME (the TLS name to verify; default localhost)
+//          failover: --port2 P --kill-pid PID --kill-after-ms MS --retry-ms MS
+//          --request-timeout-ms MS
 #include <uv.h>
 
 #include <chrono>
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -42,6 +53,7 @@
 #include <string>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 #include "relay/http_client.h"
@@ -65,6 +77,10 @@ struct args {
   long count = 100000, server_pid = 0;
   int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
   bool resume = false;      // handshake: offer the last session ticket
+  // failover
+  uint16_t port2 = 0;
+  long kill_pid = 0;
+  int kill_after_ms = 2000, retry_ms = 10, request_timeout_ms = 2000;
 };
 
 
@@ -101,6 +117,7 @@ class bench_run {
     else if (_a.mode == "idle") idle();
     else if (_a.mode == "handshake") handshake();
     else if (_a.mode == "scale") return scale(_a);
+    else if (_a.mode == "failover") return failover();
     else return usage();
     return _errors ? 1 : 0;
   }
@@ -125,10 +142,11 @@ class bench_run {
     return ctx;
   }
 
-  relay::http::client_conn::options conn_options(const std::shared_ptr<const relay::tls::context>& tls) const {
+  relay::http::client_conn::options conn_options(const std::shared_ptr<const relay::tls::context>& tls,
+                                                 uint16_t port = 0) const {
     relay::http::client_conn::options co;
     co.host = _a.host;
-    co.port = _a.port;
+    co.port = port ? port : _a.port;
     co.server_name = _a.server_name;
     co.tls = tls;
     co.connect_timeout_ms = 60000;
@@ -137,10 +155,12 @@ class bench_run {
 
   // One keep-alive connection speaking relay's v1 API (connected on its
   // first request).
-  relay::v1::client* connect(const std::shared_ptr<const relay::tls::context>& tls) {
+  relay::v1::client* connect(const std::shared_ptr<const relay::tls::context>& tls, uint16_t port = 0,
+                             uint32_t request_timeout_ms = 60000) {
     relay::v1::client::options o;
-    o.connection = conn_options(tls);
-    o.request_timeout_ms = 60000;  // a long poll's: its wait plus this
+    o.connection = conn_options(tls, port);
+    o.connection.connect_timeout_ms = std::min<uint32_t>(o.connection.connect_timeout_ms, request_timeout_ms);
+    o.request_timeout_ms = request_timeout_ms;  // a long poll's: its wait plus this
     _clients.push_back(std::make_unique<relay::v1::client>(&_loop, std::move(o)));
     return _clients.back().get();
   }
@@ -531,6 +551,113 @@ class bench_run {
     report(" unit=handshake resumed=" + std::to_string(resumed));
   }
 
+  // ---- failover ----
+  // Producers on both addresses of an active/standby pair. Only the leader
+  // listens on its API port, so before the kill the submits to the
+  // standby's port fail to connect and are retried every --retry-ms; after
+  // it, those to the dead leader's port do. A 2xx answer to a submit sent
+  // after the kill can only come from the new leader.
+  int failover() {
+    struct producer {
+      relay::v1::client* client;
+      uint16_t port;
+    };
+    std::vector<producer> producers;
+    for (uint16_t port : {_a.port, _a.port2}) {
+      if (!port) continue;
+      for (int i = 0; i < _a.connections; ++i) {
+        auto* c = connect(_producer_tls, port, static_cast<uint32_t>(_a.request_timeout_ms));
+        producers.push_back({c, port});
+      }
+    }
+    const relay::v1::submit_request req = jobs(1);
+    uint64_t start = now_ns(), kill_ns = 0, first_ack_ns = 0, last_ack_before_kill_ns = 0;
+    uint64_t acks_before = 0, acks_after = 0, refused_503 = 0, refused_other = 0, transport = 0;
+    uint16_t first_ack_port = 0, leader_port = 0;
+    bool done = false, gave_up = false;
+    std::vector<size_t> waiting;  // producers to retry at the next tick
+    std::function<void(size_t)> next = [&](size_t i) {
+      if (done) return;
+      uint64_t sent = now_ns();
+      ++_in_flight;
+      producers[i].client->submit(req, [&, i, sent](const relay::v1::error& e, relay::v1::submitted&) {
+        --_in_flight;
+        ++_requests;
+        uint64_t t = now_ns();
+        if (e) {
+          if (e.what == relay::v1::error::kind::refused) ++(e.status == 503 ? refused_503 : refused_other);
+          else ++transport;
+          if (e.what == relay::v1::error::kind::transport) producers[i].client->reset();
+          waiting.push_back(i);
+          return;
+        }
+        ++_jobs;
+        _latency.add(t - sent);
+        if (!kill_ns) {
+          ++acks_before;
+          last_ack_before_kill_ns = t;
+          leader_port = producers[i].port;
+        } else if (sent >= kill_ns) {
+          ++acks_after;
+          if (!first_ack_ns) {
+            first_ack_ns = t;
+            first_ack_port = producers[i].port;
+          }
+        }
+        next(i);
+      });
+    };
+    uv_timer_t tick{};
+    uv_timer_init(&_loop, &tick);
+    std::function<void()> on_tick = [&] {
+      uint64_t t = now_ns();
+      if (!kill_ns && acks_before > 0 && t - start >= static_cast<uint64_t>(_a.kill_after_ms) * 1000000) {
+        if (::kill(static_cast<pid_t>(_a.kill_pid), SIGKILL) != 0) {
+          std::fprintf(stderr, "relay_bench: kill %ld: %s\n", _a.kill_pid, std::strerror(errno));
+          gave_up = done = true;
+          return;
+        }
+        kill_ns = now_ns();
+        return;  // (t is older than kill_ns)
+      }
+      if (!kill_ns && t - start >= static_cast<uint64_t>(_a.kill_after_ms + 30000) * 1000000) {
+        std::fprintf(stderr, "relay_bench: no submit was acknowledged in %d ms; not killing\n", _a.kill_after_ms + 30000);
+        gave_up = done = true;
+        return;
+      }
+      // Keep submitting for a moment after the first acknowledgement, so
+      // that every producer of the new leader has reconnected.
+      if (first_ack_ns && t - first_ack_ns >= 500000000) done = true;
+      if (kill_ns && !first_ack_ns && t - kill_ns >= static_cast<uint64_t>(_a.seconds * 1e9)) gave_up = done = true;
+      if (done) return;
+      auto retry = std::exchange(waiting, {});
+      for (size_t i : retry) next(i);
+    };
+    tick.data = &on_tick;
+    uv_timer_start(&tick, [](uv_timer_t* h) { (*static_cast<std::function<void()>*>(h->data))(); },
+                   static_cast<uint64_t>(_a.retry_ms), static_cast<uint64_t>(_a.retry_ms));
+    for (size_t i = 0; i < producers.size(); ++i) next(i);
+    run_until([&] { return done; });
+    uv_timer_stop(&tick);
+    uv_close(reinterpret_cast<uv_handle_t*>(&tick), nullptr);
+    _quiet = true;
+    _clients.clear();  // outstanding callbacks never run
+    _in_flight = 0;
+    uv_run(&_loop, UV_RUN_NOWAIT);
+    double failover_ms = first_ack_ns ? static_cast<double>(first_ack_ns - kill_ns) / 1e6 : -1;
+    std::printf("scenario=failover connections=%d retry_ms=%d request_timeout_ms=%d leader_port=%u kill_pid=%ld "
+                "failover_ms=%.1f first_ack_port=%u last_ack_before_kill_ms=%.1f acks_before_kill=%llu "
+                "acks_after_kill=%llu refused_503=%llu refused_other=%llu transport_errors=%llu p50_us=%.1f p99_us=%.1f\n",
+                _a.connections, _a.retry_ms, _a.request_timeout_ms, leader_port, _a.kill_pid, failover_ms,
+                first_ack_port, kill_ns && last_ack_before_kill_ns ? static_cast<double>(kill_ns - last_ack_before_kill_ns) / 1e6 : -1,
+                static_cast<unsigned long long>(acks_before), static_cast<unsigned long long>(acks_after),
+                static_cast<unsigned long long>(refused_503), static_cast<unsigned long long>(refused_other),
+                static_cast<unsigned long long>(transport), static_cast<double>(_latency.quantile(0.5)) / 1000,
+                static_cast<double>(_latency.quantile(0.99)) / 1000);
+    std::fflush(stdout);
+    return gave_up || !first_ack_ns ? 1 : 0;
+  }
+
   // Each point is its own run (fresh connections), printed as it completes.
   static int scale(const args& base) {
     int failures = 0;
@@ -594,7 +721,7 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);  // a write to a closed connection fails, not kills
   args a;
   if (argc < 2) {
-    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake --port P --pki DIR [options]\n");
+    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake|scale|failover --port P --pki DIR [options]\n");
     return 2;
   }
   a.mode = argv[1];
@@ -615,6 +742,11 @@ int main(int argc, char** argv) {
     else if (k == "--server-pid") a.server_pid = std::stol(v);
     else if (k == "--expect-status") a.expect_status = std::stoi(v);
     else if (k == "--resume") a.resume = v == "1" || v == "yes";
+    else if (k == "--port2") a.port2 = static_cast<uint16_t>(std::stoi(v));
+    else if (k == "--kill-pid") a.kill_pid = std::stol(v);
+    else if (k == "--kill-after-ms") a.kill_after_ms = std::stoi(v);
+    else if (k == "--retry-ms") a.retry_ms = std::max(1, std::stoi(v));
+    else if (k == "--request-timeout-ms") a.request_timeout_ms = std::max(100, std::stoi(v));
     else {
       std::fprintf(stderr, "relay_bench: unknown option %s\n", k.c_str());
       return 2;
