@@ -33,6 +33,10 @@
 // options: --host H --queue Q --connections N --batch B --seconds S
 //          --payload-bytes N --count N --producers N --workers N
 //          --server-pid PID (adds server CPU per job, from /proc)
+//          --random-payload 1 (submit, fill: every job a different payload of
+//          random letters and digits, which compresses poorly, instead of
+//          one repeated byte; for journals that compress, like PostgreSQL's
+//          TOAST)
 //          --host-header NAME (the TLS name to verify; default localhost)
 //          failover: --port2 P --kill-pid PID --kill-after-ms MS --retry-ms MS
 //          --request-timeout-ms MS
@@ -49,6 +53,7 @@
 #include <iterator>
 #include <functional>
 #include <memory>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -77,6 +82,7 @@ struct args {
   long count = 100000, server_pid = 0;
   int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
   bool resume = false;      // handshake: offer the last session ticket
+  bool random_payload = false;
   // failover
   uint16_t port2 = 0;
   long kill_pid = 0;
@@ -184,6 +190,15 @@ class bench_run {
   // One job's payload: a JSON string of --payload-bytes bytes, quotes
   // included, starting with `marker`.
   std::string payload_json(const std::string& marker = {}) const {
+    if (_a.random_payload) {
+      static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+      std::string p = marker;
+      while (p.size() < _payload.size()) {
+        uint64_t r = _rng();
+        for (int i = 0; i < 10 && p.size() < _payload.size(); ++i, r >>= 6) p += alphabet[(r & 63) % 62];
+      }
+      return "\"" + p + "\"";
+    }
     return "\"" + marker + _payload.substr(std::min(marker.size(), _payload.size())) + "\"";
   }
 
@@ -198,7 +213,7 @@ class bench_run {
     }
     r.batch = true;
     r.payload = "[";
-    for (int i = 0; i < n; ++i) r.payload += (i ? "," : "") + one;
+    for (int i = 0; i < n; ++i) r.payload += (i ? "," : "") + (_a.random_payload && i ? payload_json(marker) : one);
     r.payload += "]";
     return r;
   }
@@ -297,7 +312,7 @@ class bench_run {
       std::function<void(relay::v1::client*)> next = [&](relay::v1::client* c) {
         if (!more()) return;
         uint64_t sent = now_ns();
-        c->submit(req, [&, c, sent](const relay::v1::error& e, relay::v1::submitted& s) {
+        c->submit(_a.random_payload ? jobs(_a.batch) : req, [&, c, sent](const relay::v1::error& e, relay::v1::submitted& s) {
           --_in_flight;
           ++_requests;
           if (e) return error("submit", e);
@@ -713,6 +728,7 @@ class bench_run {
   int _in_flight = 0;
   bool _quiet = false;
   bench::log_histogram _latency;
+  mutable std::mt19937_64 _rng{std::random_device{}()};
 };
 
 }  // namespace
@@ -742,6 +758,7 @@ int main(int argc, char** argv) {
     else if (k == "--server-pid") a.server_pid = std::stol(v);
     else if (k == "--expect-status") a.expect_status = std::stoi(v);
     else if (k == "--resume") a.resume = v == "1" || v == "yes";
+    else if (k == "--random-payload") a.random_payload = v == "1" || v == "yes";
     else if (k == "--port2") a.port2 = static_cast<uint16_t>(std::stoi(v));
     else if (k == "--kill-pid") a.kill_pid = std::stol(v);
     else if (k == "--kill-after-ms") a.kill_after_ms = std::stoi(v);
