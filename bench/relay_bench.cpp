@@ -589,6 +589,7 @@ class bench_run {
     uint64_t start = now_ns(), kill_ns = 0, first_ack_ns = 0, last_ack_before_kill_ns = 0;
     uint64_t acks_before = 0, acks_after = 0, refused_503 = 0, refused_other = 0, transport = 0;
     uint16_t first_ack_port = 0, leader_port = 0;
+    int64_t kill_unix_ms = 0;  // to match the relays' logs
     bool done = false, gave_up = false;
     std::vector<size_t> waiting;  // producers to retry at the next tick
     std::function<void(size_t)> next = [&](size_t i) {
@@ -633,6 +634,8 @@ class bench_run {
           return;
         }
         kill_ns = now_ns();
+        kill_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()).count();
         return;  // (t is older than kill_ns)
       }
       if (!kill_ns && t - start >= static_cast<uint64_t>(_a.kill_after_ms + 30000) * 1000000) {
@@ -662,13 +665,14 @@ class bench_run {
     double failover_ms = first_ack_ns ? static_cast<double>(first_ack_ns - kill_ns) / 1e6 : -1;
     std::printf("scenario=failover connections=%d retry_ms=%d request_timeout_ms=%d leader_port=%u kill_pid=%ld "
                 "failover_ms=%.1f first_ack_port=%u last_ack_before_kill_ms=%.1f acks_before_kill=%llu "
-                "acks_after_kill=%llu refused_503=%llu refused_other=%llu transport_errors=%llu p50_us=%.1f p99_us=%.1f\n",
+                "acks_after_kill=%llu refused_503=%llu refused_other=%llu transport_errors=%llu p50_us=%.1f p99_us=%.1f "
+                "kill_unix_ms=%lld\n",
                 _a.connections, _a.retry_ms, _a.request_timeout_ms, leader_port, _a.kill_pid, failover_ms,
                 first_ack_port, kill_ns && last_ack_before_kill_ns ? static_cast<double>(kill_ns - last_ack_before_kill_ns) / 1e6 : -1,
                 static_cast<unsigned long long>(acks_before), static_cast<unsigned long long>(acks_after),
                 static_cast<unsigned long long>(refused_503), static_cast<unsigned long long>(refused_other),
                 static_cast<unsigned long long>(transport), static_cast<double>(_latency.quantile(0.5)) / 1000,
-                static_cast<double>(_latency.quantile(0.99)) / 1000);
+                static_cast<double>(_latency.quantile(0.99)) / 1000, static_cast<long long>(kill_unix_ms));
     std::fflush(stdout);
     return gave_up || !first_ack_ns ? 1 : 0;
   }
