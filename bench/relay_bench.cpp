@@ -22,15 +22,30 @@
 //   scale      submit cost as the queue grows (0, 100k, 1M queued), as the
 //              payload grows (100 B to ~1 MiB) and as connections grow (1 to
 //              1,024): one line per point
+//   failover   --connections producers on each of --port and --port2 (an
+//              active/standby pair) submitting one job at a time, retrying
+//              every --retry-ms after an error; after --kill-after-ms it
+//              SIGKILLs --kill-pid (the leader) and reports the time from
+//              the kill to the first 2xx answer to a submit sent after it
+//              (necessarily from the new leader); gives up --seconds after
+//              the kill (failover_ms=-1)
 //
 // options: --host H --queue Q --connections N --batch B --seconds S
 //          --payload-bytes N --count N --producers N --workers N
 //          --server-pid PID (adds server CPU per job, from /proc)
+//          --random-payload 1 (submit, fill: every job a different payload of
+//          random letters and digits, which compresses poorly, instead of
+//          one repeated byte; for journals that compress, like PostgreSQL's
+//          TOAST)
 //          --host-header NAME (the TLS name to verify; default localhost)
+//          failover: --port2 P --kill-pid PID --kill-after-ms MS --retry-ms MS
+//          --request-timeout-ms MS
 #include <uv.h>
 
 #include <chrono>
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -38,10 +53,12 @@
 #include <iterator>
 #include <functional>
 #include <memory>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <unistd.h>
+#include <utility>
 #include <vector>
 
 #include "relay/http_client.h"
@@ -65,6 +82,11 @@ struct args {
   long count = 100000, server_pid = 0;
   int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
   bool resume = false;      // handshake: offer the last session ticket
+  bool random_payload = false;
+  // failover
+  uint16_t port2 = 0;
+  long kill_pid = 0;
+  int kill_after_ms = 2000, retry_ms = 10, request_timeout_ms = 2000;
 };
 
 
@@ -101,6 +123,7 @@ class bench_run {
     else if (_a.mode == "idle") idle();
     else if (_a.mode == "handshake") handshake();
     else if (_a.mode == "scale") return scale(_a);
+    else if (_a.mode == "failover") return failover();
     else return usage();
     return _errors ? 1 : 0;
   }
@@ -125,10 +148,11 @@ class bench_run {
     return ctx;
   }
 
-  relay::http::client_conn::options conn_options(const std::shared_ptr<const relay::tls::context>& tls) const {
+  relay::http::client_conn::options conn_options(const std::shared_ptr<const relay::tls::context>& tls,
+                                                 uint16_t port = 0) const {
     relay::http::client_conn::options co;
     co.host = _a.host;
-    co.port = _a.port;
+    co.port = port ? port : _a.port;
     co.server_name = _a.server_name;
     co.tls = tls;
     co.connect_timeout_ms = 60000;
@@ -137,10 +161,12 @@ class bench_run {
 
   // One keep-alive connection speaking relay's v1 API (connected on its
   // first request).
-  relay::v1::client* connect(const std::shared_ptr<const relay::tls::context>& tls) {
+  relay::v1::client* connect(const std::shared_ptr<const relay::tls::context>& tls, uint16_t port = 0,
+                             uint32_t request_timeout_ms = 60000) {
     relay::v1::client::options o;
-    o.connection = conn_options(tls);
-    o.request_timeout_ms = 60000;  // a long poll's: its wait plus this
+    o.connection = conn_options(tls, port);
+    o.connection.connect_timeout_ms = std::min<uint32_t>(o.connection.connect_timeout_ms, request_timeout_ms);
+    o.request_timeout_ms = request_timeout_ms;  // a long poll's: its wait plus this
     _clients.push_back(std::make_unique<relay::v1::client>(&_loop, std::move(o)));
     return _clients.back().get();
   }
@@ -164,6 +190,15 @@ class bench_run {
   // One job's payload: a JSON string of --payload-bytes bytes, quotes
   // included, starting with `marker`.
   std::string payload_json(const std::string& marker = {}) const {
+    if (_a.random_payload) {
+      static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+      std::string p = marker;
+      while (p.size() < _payload.size()) {
+        uint64_t r = _rng();
+        for (int i = 0; i < 10 && p.size() < _payload.size(); ++i, r >>= 6) p += alphabet[(r & 63) % 62];
+      }
+      return "\"" + p + "\"";
+    }
     return "\"" + marker + _payload.substr(std::min(marker.size(), _payload.size())) + "\"";
   }
 
@@ -178,7 +213,7 @@ class bench_run {
     }
     r.batch = true;
     r.payload = "[";
-    for (int i = 0; i < n; ++i) r.payload += (i ? "," : "") + one;
+    for (int i = 0; i < n; ++i) r.payload += (i ? "," : "") + (_a.random_payload && i ? payload_json(marker) : one);
     r.payload += "]";
     return r;
   }
@@ -277,7 +312,7 @@ class bench_run {
       std::function<void(relay::v1::client*)> next = [&](relay::v1::client* c) {
         if (!more()) return;
         uint64_t sent = now_ns();
-        c->submit(req, [&, c, sent](const relay::v1::error& e, relay::v1::submitted& s) {
+        c->submit(_a.random_payload ? jobs(_a.batch) : req, [&, c, sent](const relay::v1::error& e, relay::v1::submitted& s) {
           --_in_flight;
           ++_requests;
           if (e) return error("submit", e);
@@ -531,6 +566,117 @@ class bench_run {
     report(" unit=handshake resumed=" + std::to_string(resumed));
   }
 
+  // ---- failover ----
+  // Producers on both addresses of an active/standby pair. Only the leader
+  // listens on its API port, so before the kill the submits to the
+  // standby's port fail to connect and are retried every --retry-ms; after
+  // it, those to the dead leader's port do. A 2xx answer to a submit sent
+  // after the kill can only come from the new leader.
+  int failover() {
+    struct producer {
+      relay::v1::client* client;
+      uint16_t port;
+    };
+    std::vector<producer> producers;
+    for (uint16_t port : {_a.port, _a.port2}) {
+      if (!port) continue;
+      for (int i = 0; i < _a.connections; ++i) {
+        auto* c = connect(_producer_tls, port, static_cast<uint32_t>(_a.request_timeout_ms));
+        producers.push_back({c, port});
+      }
+    }
+    const relay::v1::submit_request req = jobs(1);
+    uint64_t start = now_ns(), kill_ns = 0, first_ack_ns = 0, last_ack_before_kill_ns = 0;
+    uint64_t acks_before = 0, acks_after = 0, refused_503 = 0, refused_other = 0, transport = 0;
+    uint16_t first_ack_port = 0, leader_port = 0;
+    int64_t kill_unix_ms = 0;  // to match the relays' logs
+    bool done = false, gave_up = false;
+    std::vector<size_t> waiting;  // producers to retry at the next tick
+    std::function<void(size_t)> next = [&](size_t i) {
+      if (done) return;
+      uint64_t sent = now_ns();
+      ++_in_flight;
+      producers[i].client->submit(req, [&, i, sent](const relay::v1::error& e, relay::v1::submitted&) {
+        --_in_flight;
+        ++_requests;
+        uint64_t t = now_ns();
+        if (e) {
+          if (e.what == relay::v1::error::kind::refused) ++(e.status == 503 ? refused_503 : refused_other);
+          else ++transport;
+          if (e.what == relay::v1::error::kind::transport) producers[i].client->reset();
+          waiting.push_back(i);
+          return;
+        }
+        ++_jobs;
+        _latency.add(t - sent);
+        if (!kill_ns) {
+          ++acks_before;
+          last_ack_before_kill_ns = t;
+          leader_port = producers[i].port;
+        } else if (sent >= kill_ns) {
+          ++acks_after;
+          if (!first_ack_ns) {
+            first_ack_ns = t;
+            first_ack_port = producers[i].port;
+          }
+        }
+        next(i);
+      });
+    };
+    uv_timer_t tick{};
+    uv_timer_init(&_loop, &tick);
+    std::function<void()> on_tick = [&] {
+      uint64_t t = now_ns();
+      if (!kill_ns && acks_before > 0 && t - start >= static_cast<uint64_t>(_a.kill_after_ms) * 1000000) {
+        if (::kill(static_cast<pid_t>(_a.kill_pid), SIGKILL) != 0) {
+          std::fprintf(stderr, "relay_bench: kill %ld: %s\n", _a.kill_pid, std::strerror(errno));
+          gave_up = done = true;
+          return;
+        }
+        kill_ns = now_ns();
+        kill_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()).count();
+        return;  // (t is older than kill_ns)
+      }
+      if (!kill_ns && t - start >= static_cast<uint64_t>(_a.kill_after_ms + 30000) * 1000000) {
+        std::fprintf(stderr, "relay_bench: no submit was acknowledged in %d ms; not killing\n", _a.kill_after_ms + 30000);
+        gave_up = done = true;
+        return;
+      }
+      // Keep submitting for a moment after the first acknowledgement, so
+      // that every producer of the new leader has reconnected.
+      if (first_ack_ns && t - first_ack_ns >= 500000000) done = true;
+      if (kill_ns && !first_ack_ns && t - kill_ns >= static_cast<uint64_t>(_a.seconds * 1e9)) gave_up = done = true;
+      if (done) return;
+      auto retry = std::exchange(waiting, {});
+      for (size_t i : retry) next(i);
+    };
+    tick.data = &on_tick;
+    uv_timer_start(&tick, [](uv_timer_t* h) { (*static_cast<std::function<void()>*>(h->data))(); },
+                   static_cast<uint64_t>(_a.retry_ms), static_cast<uint64_t>(_a.retry_ms));
+    for (size_t i = 0; i < producers.size(); ++i) next(i);
+    run_until([&] { return done; });
+    uv_timer_stop(&tick);
+    uv_close(reinterpret_cast<uv_handle_t*>(&tick), nullptr);
+    _quiet = true;
+    _clients.clear();  // outstanding callbacks never run
+    _in_flight = 0;
+    uv_run(&_loop, UV_RUN_NOWAIT);
+    double failover_ms = first_ack_ns ? static_cast<double>(first_ack_ns - kill_ns) / 1e6 : -1;
+    std::printf("scenario=failover connections=%d retry_ms=%d request_timeout_ms=%d leader_port=%u kill_pid=%ld "
+                "failover_ms=%.1f first_ack_port=%u last_ack_before_kill_ms=%.1f acks_before_kill=%llu "
+                "acks_after_kill=%llu refused_503=%llu refused_other=%llu transport_errors=%llu p50_us=%.1f p99_us=%.1f "
+                "kill_unix_ms=%lld\n",
+                _a.connections, _a.retry_ms, _a.request_timeout_ms, leader_port, _a.kill_pid, failover_ms,
+                first_ack_port, kill_ns && last_ack_before_kill_ns ? static_cast<double>(kill_ns - last_ack_before_kill_ns) / 1e6 : -1,
+                static_cast<unsigned long long>(acks_before), static_cast<unsigned long long>(acks_after),
+                static_cast<unsigned long long>(refused_503), static_cast<unsigned long long>(refused_other),
+                static_cast<unsigned long long>(transport), static_cast<double>(_latency.quantile(0.5)) / 1000,
+                static_cast<double>(_latency.quantile(0.99)) / 1000, static_cast<long long>(kill_unix_ms));
+    std::fflush(stdout);
+    return gave_up || !first_ack_ns ? 1 : 0;
+  }
+
   // Each point is its own run (fresh connections), printed as it completes.
   static int scale(const args& base) {
     int failures = 0;
@@ -586,6 +732,7 @@ class bench_run {
   int _in_flight = 0;
   bool _quiet = false;
   bench::log_histogram _latency;
+  mutable std::mt19937_64 _rng{std::random_device{}()};
 };
 
 }  // namespace
@@ -594,7 +741,7 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);  // a write to a closed connection fails, not kills
   args a;
   if (argc < 2) {
-    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake --port P --pki DIR [options]\n");
+    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake|scale|failover --port P --pki DIR [options]\n");
     return 2;
   }
   a.mode = argv[1];
@@ -615,6 +762,12 @@ int main(int argc, char** argv) {
     else if (k == "--server-pid") a.server_pid = std::stol(v);
     else if (k == "--expect-status") a.expect_status = std::stoi(v);
     else if (k == "--resume") a.resume = v == "1" || v == "yes";
+    else if (k == "--random-payload") a.random_payload = v == "1" || v == "yes";
+    else if (k == "--port2") a.port2 = static_cast<uint16_t>(std::stoi(v));
+    else if (k == "--kill-pid") a.kill_pid = std::stol(v);
+    else if (k == "--kill-after-ms") a.kill_after_ms = std::stoi(v);
+    else if (k == "--retry-ms") a.retry_ms = std::max(1, std::stoi(v));
+    else if (k == "--request-timeout-ms") a.request_timeout_ms = std::max(100, std::stoi(v));
     else {
       std::fprintf(stderr, "relay_bench: unknown option %s\n", k.c_str());
       return 2;
