@@ -18,7 +18,7 @@
 // after its successor died (leads again from the database, new epoch);
 // fault 3 the leader cut from PostgreSQL by tests/wan_proxy (503s, takeover,
 // back as standby; then it leads again and replays what the held commits
-// left); fault 3c SIGTERM on a cut leader (may_fail: a known defect); fault
+// left); fault 3c SIGTERM on a cut leader; fault
 // 3b the leader's database connections reset twelve times (commits of
 // unknown outcome); fault 4 the primary killed, its data directory deleted,
 // the standby promoted (within the lease, and after two); fault 5 rolling
@@ -485,12 +485,9 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
   proxy.wait(5000);
 }
 
-// Known defect (reported to the lead, issue 12): a leader that loses its
-// lease while draining after SIGTERM re-execs itself as a standby and runs
-// on; the SIGTERM is forgotten (until the second SIGTERM or a SIGKILL from
-// the supervisor). may_fail until the fix lands: then drop the decorator.
-TEST_CASE("fault 3c: SIGTERM on a leader that is cut from PostgreSQL: it still ends, acknowledges nothing uncommitted" *
-          doctest::may_fail()) {
+// A leader that loses its lease while draining after SIGTERM used to re-exec
+// itself as a standby and run on: the SIGTERM was forgotten.
+TEST_CASE("fault 3c: SIGTERM on a leader that is cut from PostgreSQL: it still ends, acknowledges nothing uncommitted") {
   pair_setup s({"cutterm", 1200, 300});
   test::tmpdir pdir;
   test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
