@@ -141,6 +141,47 @@ class dir_lock {
   int _fd = -1;
 };
 
+// The answers waiting for a backend to make their records durable: FIFO,
+// each run from the loop -- from the backend's report, or from an idle
+// handle while the front is due already -- never inside the call that
+// queued it. Both backends keep their waiters here.
+class answer_queue {
+ public:
+  // `durable()` is the batch up to which everything is durable. `may_succeed`
+  // runs before an answer of true is given; false holds it back (the
+  // backend has just failed everything: its lease ran out).
+  answer_queue(std::function<uint64_t()> durable, std::function<bool()> may_succeed = {})
+      : _durable(std::move(durable)), _may_succeed(std::move(may_succeed)) {}
+  void start(uv_loop_t* loop);
+  // Due once batch `seq` is durable (0: at once); `failed`: answer false.
+  void push(uint64_t seq, bool failed, std::function<void(bool ok)> fn);
+  // Every queued answer becomes false (the write failed, the lease is gone).
+  void fail_all();
+  // Those not durable yet become false (the backend has stopped).
+  void fail_undurable();
+  // Runs up to `limit` due answers from the front, then keeps the idle
+  // handle running exactly while the front is due.
+  void run(size_t limit);
+  void run_all() { run(_waiters.size()); }
+  bool empty() const { return _waiters.empty(); }
+  void close();
+
+ private:
+  struct waiter {
+    uint64_t seq;
+    bool failed;
+    std::function<void(bool)> fn;
+  };
+  bool front_due() const;
+  static void on_idle(uv_idle_t* h);
+
+  std::function<uint64_t()> _durable;
+  std::function<bool()> _may_succeed;
+  std::deque<waiter> _waiters;
+  uv_idle_t _idle{};
+  bool _started = false;
+};
+
 // What the queue core, the API and compaction need of a journal, whichever
 // backend holds it: the segment files below (writer), or PostgreSQL
 // (relay/journal_postgres.h). Every method runs on the loop thread.
@@ -235,22 +276,11 @@ class writer final : public backend {
     uint64_t roll_to = 0;         // start this segment before writing
     uint64_t delete_before = 0;   // then delete older segments
   };
-  struct waiter {
-    uint64_t seq;  // due once this batch is durable (0: at once)
-    bool failed;   // answer false: the write failed or writes were failing
-    std::function<void(bool)> fn;
-  };
-
   void hand_off();
   void publish();
   static void on_check(uv_check_t* h);
   static void on_async(uv_async_t* h);
   static void on_batch_timer(uv_timer_t* t);
-  static void on_idle(uv_idle_t* h);
-  bool front_due() const;
-  // Runs up to `limit` due callbacks from the front of the queue, then
-  // keeps the idle handle running exactly while the front is due.
-  void run_due(size_t limit);
   void run();  // the writer thread
   bool write_batch(batch& b, std::string& error);
   bool sync(std::string& error);
@@ -265,7 +295,6 @@ class writer final : public backend {
   uv_prepare_t _prepare{};
   uv_async_t _async{};
   uv_timer_t _batch_timer{};
-  uv_idle_t _idle{};
   bool _open = false;
   bool _closed = false;
   dir_lock _lock;
@@ -280,7 +309,7 @@ class writer final : public backend {
   std::deque<std::pair<uint64_t, uint64_t>> _batch_ends;
   uint64_t _durable_records = 0;
   uint64_t _unwritten_bytes = 0;
-  std::deque<waiter> _waiters;
+  answer_queue _answers;
   bool _failing = false;
   std::string _failure;
   uint64_t _next_segment = 1;

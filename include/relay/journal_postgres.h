@@ -194,16 +194,11 @@ class journal final : public backend {
     uint64_t roll_to = 0;        // start this segment (a partition) first
     uint64_t delete_before = 0;  // then drop older segments
   };
-  struct waiter {
-    uint64_t seq;
-    bool failed;
-    std::function<void(bool)> fn;
-  };
   static void on_async(uv_async_t* h);
-  static void on_idle(uv_idle_t* h);
   void hand_off();
-  bool front_due() const;
-  void run_due(size_t limit);
+  // Before an answer of true: false (and every answer failed) once the
+  // leadership deadline has passed, committed or not.
+  bool may_acknowledge();
   void apply_replayed();
   void run(uint64_t epoch);  // the thread
 
@@ -211,7 +206,6 @@ class journal final : public backend {
   options _o;
   deadline& _deadline;
   uv_async_t _async{};
-  uv_idle_t _idle{};
   uv_check_t _check{};
   uv_prepare_t _prepare{};
   bool _handles = false;
@@ -229,7 +223,7 @@ class journal final : public backend {
   uint64_t _durable_records = 0;
   uint64_t _unwritten_bytes = 0;
   uint64_t _next_segment = 0;
-  std::deque<waiter> _waiters;
+  answer_queue _answers;
   bool _failing = false;
   std::string _failure;
   std::function<bool(const queue::record&)> _apply;

@@ -338,6 +338,12 @@ journal::journal(uv_loop_t* loop, options o, deadline& d, ops::registry& m)
       _o(std::move(o)),
       _deadline(d),
       _current(std::make_unique<batch>()),
+      _answers(
+          [this] {
+            std::lock_guard lock(_mu);
+            return _committed_seq;
+          },
+          [this] { return may_acknowledge(); }),
       _records(m.get_counter("relay_journal_records_total", "Records appended to the journal.")),
       _commits(m.get_counter("relay_journal_commits_total", "Transactions committed to PostgreSQL (one a group-commit batch).")),
       _commit_errors(m.get_counter("relay_journal_write_errors_total", "Failed journal writes or fsyncs.")),
@@ -358,8 +364,7 @@ void journal::open(uint64_t epoch, std::function<bool(const queue::record&)> app
   _done = std::move(done);
   uv_async_init(_loop, &_async, on_async);
   _async.data = this;
-  uv_idle_init(_loop, &_idle);
-  _idle.data = this;
+  _answers.start(_loop);
   uv_check_init(_loop, &_check);
   _check.data = this;
   uv_prepare_init(_loop, &_prepare);
@@ -393,37 +398,16 @@ bool journal::accepting() const {
 
 void journal::when_durable(std::function<void(bool)> fn) {
   assert(!_closed && "when_durable() after close()");
-  _waiters.push_back({_last_record_seq, _failing || _fenced || !_open, std::move(fn)});
-  if (_waiters.size() == 1 && front_due()) uv_idle_start(&_idle, on_idle);
+  _answers.push(_last_record_seq, _failing || _fenced || !_open, std::move(fn));
 }
 
-bool journal::front_due() const {
-  const waiter& w = _waiters.front();
-  if (w.failed || w.seq == 0) return true;
-  std::lock_guard lock(_mu);
-  return w.seq <= _committed_seq;
-}
-
-void journal::run_due(size_t limit) {
-  while (limit-- > 0 && !_waiters.empty() && front_due()) {
-    // Nothing is acknowledged past the leadership deadline, committed or
-    // not: another relay may lead by now.
-    if (!_waiters.front().failed && !_fenced && !_deadline.valid()) {
-      fence("the leadership lease ran out before the commit was acknowledged");
-      return;
-    }
-    bool ok = !_waiters.front().failed && !_fenced;
-    auto fn = std::move(_waiters.front().fn);
-    _waiters.pop_front();
-    fn(ok);
-  }
-  if (!_waiters.empty() && front_due()) uv_idle_start(&_idle, on_idle);
-  else uv_idle_stop(&_idle);
-}
-
-void journal::on_idle(uv_idle_t* h) {
-  auto* self = static_cast<journal*>(h->data);
-  self->run_due(self->_waiters.size());
+bool journal::may_acknowledge() {
+  // Nothing is acknowledged past the leadership deadline, committed or not:
+  // another relay may lead by now.
+  if (_fenced) return false;
+  if (_deadline.valid()) return true;
+  fence("the leadership lease ran out before the commit was acknowledged");
+  return false;
 }
 
 void journal::hand_off() {
@@ -465,8 +449,7 @@ void journal::fence(const std::string& reason) {
     _todo.clear();
   }
   _wake.notify_all();
-  for (auto& w : _waiters) w.failed = true;
-  if (!_waiters.empty()) uv_idle_start(&_idle, on_idle);
+  _answers.fail_all();
   if (_on_fenced) _on_fenced(reason);
 }
 
@@ -550,7 +533,7 @@ void journal::on_async(uv_async_t* h) {
     self->fence(fenced);
     return;
   }
-  self->run_due(self->_waiters.size());
+  self->_answers.run_all();
   if (failing && !self->_failing) {
     self->_failing = true;
     // Clients see this; the server's own words go only to the log.
@@ -582,21 +565,15 @@ void journal::close() {
   if (_handles) {
     // What the thread committed before it stopped is answered as such.
     on_async(&_async);
-    while (!_waiters.empty()) {
-      {
-        std::lock_guard lock(_mu);
-        for (auto& w : _waiters)
-          if (w.seq > _committed_seq) w.failed = true;
-      }
-      run_due(_waiters.size());
-      if (_fenced)
-        for (auto& w : _waiters) w.failed = true;
+    while (!_answers.empty()) {
+      _answers.fail_undurable();
+      _answers.run_all();
     }
-    uv_idle_stop(&_idle);
+    _answers.close();
     uv_check_stop(&_check);
     uv_prepare_stop(&_prepare);
-    for (auto* h : {reinterpret_cast<uv_handle_t*>(&_async), reinterpret_cast<uv_handle_t*>(&_idle),
-                    reinterpret_cast<uv_handle_t*>(&_check), reinterpret_cast<uv_handle_t*>(&_prepare)})
+    for (auto* h : {reinterpret_cast<uv_handle_t*>(&_async), reinterpret_cast<uv_handle_t*>(&_check),
+                    reinterpret_cast<uv_handle_t*>(&_prepare)})
       uv_close(h, nullptr);
   }
   _open = false;

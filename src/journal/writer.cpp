@@ -71,6 +71,7 @@ writer::writer(uv_loop_t* loop, options o, ops::registry& m)
     : _loop(loop),
       _o(std::move(o)),
       _current(std::make_unique<batch>()),
+      _answers([this] { return _durable_seq.load(std::memory_order_acquire); }),
       _ring(new batch*[ring_size]),
       _records(m.get_counter("relay_journal_records_total", "Records appended to the journal.")),
       _fsyncs(m.get_counter("relay_journal_fsyncs_total", "fsync calls on journal segments.")),
@@ -116,8 +117,7 @@ bool writer::open(uint64_t first_segment, std::string& error) {
   _async.data = this;
   uv_timer_init(_loop, &_batch_timer);
   _batch_timer.data = this;
-  uv_idle_init(_loop, &_idle);
-  _idle.data = this;
+  _answers.start(_loop);
   if (_o.fsync == fsync_mode::batch)
     uv_timer_start(&_batch_timer, on_batch_timer, _o.batch_interval_ms, _o.batch_interval_ms);
   _open = true;
@@ -145,19 +145,43 @@ void writer::when_durable(std::function<void(bool)> fn) {
   // (on_async when the writer reports, on_idle when it is due already). In
   // batch and off modes an answer does not wait for the disk (seq 0).
   uint64_t seq = _o.fsync == fsync_mode::always ? _last_record_seq : 0;
-  _waiters.push_back({seq, _failing, std::move(fn)});
+  _answers.push(seq, _failing, std::move(fn));
+}
+
+// ---- The answers waiting for the journal ----
+
+void answer_queue::start(uv_loop_t* loop) {
+  uv_idle_init(loop, &_idle);
+  _idle.data = this;
+  _started = true;
+}
+
+void answer_queue::push(uint64_t seq, bool failed, std::function<void(bool)> fn) {
+  _waiters.push_back({seq, failed, std::move(fn)});
   if (_waiters.size() == 1 && front_due()) uv_idle_start(&_idle, on_idle);
 }
 
-bool writer::front_due() const {
-  const waiter& w = _waiters.front();
-  return w.failed || w.seq <= _durable_seq.load(std::memory_order_acquire);
+void answer_queue::fail_all() {
+  for (auto& w : _waiters) w.failed = true;
+  if (!_waiters.empty()) uv_idle_start(&_idle, on_idle);
 }
 
-void writer::run_due(size_t limit) {
-  // FIFO: the first one not yet due holds back those behind it (in always
-  // mode seqs only grow, so they would not be due either).
+void answer_queue::fail_undurable() {
+  uint64_t durable = _durable();
+  for (auto& w : _waiters)
+    if (w.seq > durable) w.failed = true;
+}
+
+bool answer_queue::front_due() const {
+  const waiter& w = _waiters.front();
+  return w.failed || w.seq == 0 || w.seq <= _durable();
+}
+
+void answer_queue::run(size_t limit) {
+  // FIFO: the first one not yet due holds back those behind it (seqs only
+  // grow, so they would not be due either).
   while (limit-- > 0 && !_waiters.empty() && front_due()) {
+    if (!_waiters.front().failed && _may_succeed && !_may_succeed()) return;  // it failed them all: next turn
     bool ok = !_waiters.front().failed;
     auto fn = std::move(_waiters.front().fn);
     _waiters.pop_front();
@@ -169,10 +193,17 @@ void writer::run_due(size_t limit) {
   else uv_idle_stop(&_idle);
 }
 
-void writer::on_idle(uv_idle_t* h) {
-  auto* w = static_cast<writer*>(h->data);
+void answer_queue::on_idle(uv_idle_t* h) {
+  auto* q = static_cast<answer_queue*>(h->data);
   // Only those queued before this turn: one queued meanwhile runs next turn.
-  w->run_due(w->_waiters.size());
+  q->run(q->_waiters.size());
+}
+
+void answer_queue::close() {
+  if (!_started) return;
+  _started = false;
+  uv_idle_stop(&_idle);
+  uv_close(reinterpret_cast<uv_handle_t*>(&_idle), nullptr);
 }
 
 uint64_t writer::roll() {
@@ -229,7 +260,7 @@ void writer::on_async(uv_async_t* h) {
        !w->_batch_ends.empty() && w->_batch_ends.front().first <= done; w->_batch_ends.pop_front())
     w->_durable_records = w->_batch_ends.front().second;
   // Those made durable first (before any failure this report brings).
-  w->run_due(w->_waiters.size());
+  w->_answers.run_all();
   if (failing) {
     if (!w->_failing) {
       while (w->_error_lock.test_and_set(std::memory_order_acquire)) {
@@ -242,8 +273,8 @@ void writer::on_async(uv_async_t* h) {
       if (w->_o.fsync != fsync_mode::batch) uv_timer_start(&w->_batch_timer, on_batch_timer, w->_o.retry_ms, w->_o.retry_ms);
     }
     // Nothing appended so far can be promised: the answers say so.
-    for (auto& x : w->_waiters) x.failed = true;
-    w->run_due(w->_waiters.size());
+    w->_answers.fail_all();
+    w->_answers.run_all();
   } else if (w->_failing) {
     w->_failing = false;
     w->_failing_gauge.set(0);
@@ -273,14 +304,12 @@ void writer::close() {
   on_async(&_async);
   // The writer is gone: what is still queued (queued by the callbacks just
   // run, or not durable) is answered now, as durable or not.
-  while (!_waiters.empty()) {
-    for (auto& x : _waiters)
-      if (x.seq > _durable_seq.load(std::memory_order_acquire)) x.failed = true;
-    run_due(_waiters.size());
+  while (!_answers.empty()) {
+    _answers.fail_undurable();
+    _answers.run_all();
   }
   _closed = true;
-  uv_idle_stop(&_idle);
-  uv_close(reinterpret_cast<uv_handle_t*>(&_idle), nullptr);
+  _answers.close();
   uv_check_stop(&_check);
   uv_prepare_stop(&_prepare);
   uv_timer_stop(&_batch_timer);

@@ -46,7 +46,7 @@ TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered
   CHECK_EQ(first.status, 503);
   // The leader gave the shard up and started over (on another port: the
   // test's relay listens on port 0); no hang either way.
-  CHECK(r.proc->wait_for_line("leadership_lost", 0).has_value());
+  CHECK(r.proc->wait_for_line("leadership_lost", 10000).has_value());
   auto second = r.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload": 3})", {"--max-time", "10"});
   CHECK_MESSAGE((second.curl_exit == 7 || second.status == 503),
                 "curl exit " << second.curl_exit << ", status " << second.status);
