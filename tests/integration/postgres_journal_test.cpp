@@ -42,10 +42,7 @@ struct pg_setup {
   }
 
   std::vector<std::string> relay_args(std::vector<std::string> more = {}) const {
-    std::vector<std::string> a{"--set", "journal.backend=postgres", "--set", "journal.postgres.dsn_file=" + dsn_file,
-                               "--set", "journal.postgres.lease_ms=1500", "--set", "journal.postgres.renew_ms=300"};
-    a.insert(a.end(), more.begin(), more.end());
-    return a;
+    return test::postgres_relay_args(dsn_file, std::move(more));
   }
   // A relay whose start the test watches itself (relay_process waits for
   // its API listener), its config and log in `d`.

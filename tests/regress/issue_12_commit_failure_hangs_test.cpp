@@ -18,19 +18,10 @@
 #include "../support/postgres.h"
 #include "../support/relay_fixture.h"
 
-TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered 503 within a few leases" * doctest::skip(!RELAY_WITH_POSTGRES)) {
-  if (auto why = test::postgres_cluster::unavailable_reason()) {
-    MESSAGE("skipped: " << *why);
-    return;
-  }
-  test::postgres_cluster pg;
-  pg.start();
-  test::tmpdir secrets;
-  std::string dsn_file = secrets / "dsn";
-  test::write_file(dsn_file, pg.primary_dsn() + "\n");
-  ::chmod(dsn_file.c_str(), 0600);
-  test::relay_process r({"--set", "journal.backend=postgres", "--set", "journal.postgres.dsn_file=" + dsn_file,
-                         "--set", "journal.postgres.lease_ms=1500", "--set", "journal.postgres.renew_ms=300"});
+TEST_CASE("issue 12: a change whose commit PostgreSQL keeps refusing is answered 503 within a few leases" * doctest::skip(!test::postgres_backend_testable())) {
+  test::postgres_backend backend;
+  auto& pg = backend.pg;
+  test::relay_process r(backend.relay_args());
   auto ok = r.curl("producer", "POST", "/v1/queues/work/jobs", R"({"payload": 1})");
   REQUIRE_MESSAGE(ok.status == 201, ok.body);
 

@@ -18,20 +18,10 @@
 
 namespace {
 
-struct pg_shards {
-  test::postgres_cluster pg;
-  test::tmpdir secrets;
-  std::string dsn_file;
-  pg_shards() {
-    pg.start();
-    dsn_file = secrets / "dsn";
-    test::write_file(dsn_file, pg.primary_dsn() + "\n");
-    ::chmod(dsn_file.c_str(), 0600);
-  }
+// The backend's fixture, with one relay's arguments per shard.
+struct pg_shards : test::postgres_backend {
   std::vector<std::string> args(const std::string& shard) const {
-    return {"--set", "journal.backend=postgres", "--set", "journal.postgres.dsn_file=" + dsn_file,
-            "--set", "journal.postgres.shard=" + shard, "--set", "journal.postgres.lease_ms=1500",
-            "--set", "journal.postgres.renew_ms=300"};
+    return relay_args({"--set", "journal.postgres.shard=" + shard});
   }
 };
 
@@ -42,11 +32,7 @@ void stop(test::relay_process& r) {
 
 }  // namespace
 
-TEST_CASE("issue 12: shards whose names differ by a _<digits> suffix do not share tables" * doctest::skip(!RELAY_WITH_POSTGRES)) {
-  if (auto why = test::postgres_cluster::unavailable_reason()) {
-    MESSAGE("skipped: " << *why);
-    return;
-  }
+TEST_CASE("issue 12: shards whose names differ by a _<digits> suffix do not share tables" * doctest::skip(!test::postgres_backend_testable())) {
   pg_shards s;
 
   SUBCASE("x_1 first, then x: x can commit") {

@@ -69,6 +69,7 @@
 #include <vector>
 
 #include "process.h"
+#include "tmpdir.h"
 
 extern char** environ;
 
@@ -591,6 +592,44 @@ class postgres_cluster {
   std::string _tls_cert, _tls_key;  // use_tls()
   node _primary;
   node _standby;
+};
+
+// Whether a test of the postgres journal backend can run here: the backend
+// is built (RELAY_WITH_POSTGRES, the OpenSSL build) and PostgreSQL can be
+// started. A case that cannot is reported skipped, never passed:
+//   TEST_CASE("..." * doctest::skip(!test::postgres_backend_testable()))
+inline bool postgres_backend_testable() {
+#if defined(RELAY_WITH_POSTGRES) && RELAY_WITH_POSTGRES
+  return !postgres_cluster::unavailable_reason();
+#else
+  return false;
+#endif
+}
+
+// relay's arguments for the backend with the DSN in `dsn_file` (lease
+// 1.5 s, renewals every 0.3 s), then `more`.
+inline std::vector<std::string> postgres_relay_args(const std::string& dsn_file, std::vector<std::string> more = {}) {
+  std::vector<std::string> a{"--set", "journal.backend=postgres", "--set", "journal.postgres.dsn_file=" + dsn_file,
+                             "--set", "journal.postgres.lease_ms=1500", "--set", "journal.postgres.renew_ms=300"};
+  a.insert(a.end(), more.begin(), more.end());
+  return a;
+}
+
+// What a test of the backend starts from: a running cluster, and a DSN file
+// (mode 0600, as a secret should be) naming its primary.
+struct postgres_backend {
+  postgres_cluster pg;
+  tmpdir secrets;
+  std::string dsn_file = secrets / "dsn";
+
+  postgres_backend() {
+    pg.start();
+    write_file(dsn_file, pg.primary_dsn() + "\n");
+    ::chmod(dsn_file.c_str(), 0600);
+  }
+  std::vector<std::string> relay_args(std::vector<std::string> more = {}) const {
+    return postgres_relay_args(dsn_file, std::move(more));
+  }
 };
 
 }  // namespace test
