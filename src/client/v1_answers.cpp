@@ -212,6 +212,18 @@ bool parse_heartbeat_answer(std::string_view body, int64_t& expires_ms, std::str
   return true;
 }
 
+namespace {
+
+// A job's state is one of relay's seven (DESIGN.md); anything else -- the
+// empty string among them -- is not a job view.
+bool known_state(std::string_view s) {
+  for (std::string_view k : {"queued", "delayed", "leased", "succeeded", "failed", "dead", "cancelled"})
+    if (s == k) return true;
+  return false;
+}
+
+}  // namespace
+
 bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
   out = {};
   simdjson::padded_string padded;
@@ -235,7 +247,7 @@ bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
     bool ok = true;
     if (key == "id") ok = has_id = read_string(field.value(), out.id) && valid_job_id(out.id);
     else if (key == "queue") ok = read_string(field.value(), out.queue);
-    else if (key == "state") ok = has_state = read_string(field.value(), out.state);
+    else if (key == "state") ok = has_state = read_string(field.value(), out.state) && known_state(out.state);
     else if (key == "attempts") ok = read_int(field.value(), 0, max_attempt, n);
     else if (key == "created_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.created_ms);
     else if (key == "updated_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.updated_ms);
