@@ -41,6 +41,27 @@ namespace {
 std::string primary_only_dsn(const test::postgres_cluster& pg) {
   return dsn("127.0.0.1", std::to_string(pg.primary_port()), pg.user_name(), pg.passfile_path(), pg.dbname());
 }
+// A wan_proxy in front of the primary (SIGUSR1 cuts, SIGUSR2 restores,
+// SIGHUP resets), and the DSN that reaches the primary through it.
+struct db_proxy {
+  test::tmpdir dir;
+  std::unique_ptr<test::child> proc;
+  std::string dsn_via;
+
+  explicit db_proxy(const test::postgres_cluster& pg) {
+    proc = std::make_unique<test::child>(
+        std::vector<std::string>{test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0",
+                                 "127.0.0.1:" + std::to_string(pg.primary_port()), "0"},
+        dir / "proxy.log");
+    auto listening = proc->wait_for_line("proxy_listening");
+    REQUIRE(listening.has_value());
+    std::string addr = test::json_field(*listening, "addr");
+    dsn_via = dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), pg.user_name(), pg.passfile_path(), pg.dbname());
+  }
+  void signal(int sig) const { proc->signal(sig); }
+  int wait(int timeout_ms) { return proc->wait(timeout_ms); }
+};
+
 // Both servers; libpq picks the one that takes writes.
 std::string both_hosts_dsn(const test::postgres_cluster& pg) {
   return dsn("127.0.0.1,127.0.0.1", std::to_string(pg.primary_port()) + "," + std::to_string(pg.standby_port()),
@@ -422,15 +443,8 @@ TEST_CASE("fault 2b: the paused leader wakes up after the relay that replaced it
 
 TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut relay comes back as standby") {
   pair_setup s({"cut", 1200, 300});
-  test::tmpdir pdir;
-  test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
-                    pdir / "proxy.log");
-  auto listening = proxy.wait_for_line("proxy_listening");
-  REQUIRE(listening.has_value());
-  std::string addr = test::json_field(*listening, "addr");
-  std::string via_proxy = dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), s.pg.user_name(), s.pg.passfile_path(),
-                              s.pg.dbname());
-  s.make_relays(via_proxy, primary_only_dsn(s.pg));
+  db_proxy proxy(s.pg);
+  s.make_relays(proxy.dsn_via, primary_only_dsn(s.pg));
   s.start_pair();
   s.start_load("cut", 3);
   s.run_for(2000);
@@ -489,14 +503,8 @@ TEST_CASE("fault 3: cut the leader from PostgreSQL; 503s, takeover, the cut rela
 // itself as a standby and run on: the SIGTERM was forgotten.
 TEST_CASE("fault 3c: SIGTERM on a leader that is cut from PostgreSQL: it still ends, acknowledges nothing uncommitted") {
   pair_setup s({"cutterm", 1200, 300});
-  test::tmpdir pdir;
-  test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
-                    pdir / "proxy.log");
-  auto listening = proxy.wait_for_line("proxy_listening");
-  REQUIRE(listening.has_value());
-  std::string addr = test::json_field(*listening, "addr");
-  s.make_relays(dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), s.pg.user_name(), s.pg.passfile_path(), s.pg.dbname()),
-                primary_only_dsn(s.pg));
+  db_proxy proxy(s.pg);
+  s.make_relays(proxy.dsn_via, primary_only_dsn(s.pg));
   s.start_pair();
   s.start_load("cutterm", 3);
   s.run_for(1500);
@@ -522,15 +530,8 @@ TEST_CASE("fault 3c: SIGTERM on a leader that is cut from PostgreSQL: it still e
 
 TEST_CASE("fault 3b: the leader's connections to PostgreSQL are reset again and again: commits of unknown outcome retried") {
   pair_setup s({"reset", 1200, 300});
-  test::tmpdir pdir;
-  test::child proxy({test::env_or_fail("WAN_PROXY_BIN"), "127.0.0.1:0", "127.0.0.1:" + std::to_string(s.pg.primary_port()), "0"},
-                    pdir / "proxy.log");
-  auto listening = proxy.wait_for_line("proxy_listening");
-  REQUIRE(listening.has_value());
-  std::string addr = test::json_field(*listening, "addr");
-  std::string via_proxy = dsn("127.0.0.1", addr.substr(addr.rfind(':') + 1), s.pg.user_name(), s.pg.passfile_path(),
-                              s.pg.dbname());
-  s.make_relays(via_proxy, primary_only_dsn(s.pg));
+  db_proxy proxy(s.pg);
+  s.make_relays(proxy.dsn_via, primary_only_dsn(s.pg));
   s.start_pair();
   s.start_load("reset", 3);
   s.run_for(1500);
