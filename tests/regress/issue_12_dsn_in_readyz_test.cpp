@@ -22,16 +22,7 @@ struct refused_start {
   std::string log;
 
   explicit refused_start(const std::string& dsn) {
-    const std::string& p = test::pki();
-    test::write_file(dir / "dsn", dsn + "\n");
-    ::chmod((dir / "dsn").c_str(), 0600);
-    test::write_file(dir / "policy.json", test::default_policy());
-    test::write_file(dir / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
-      "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
-                                              R"(/ca.crt"},
-      "policy": "policy.json", "journal": {"backend": "postgres", "postgres": {"dsn_file": ")" +
-                                              (dir / "dsn") + R"(", "lease_ms": 1500, "renew_ms": 300}}})");
-    std::vector<std::string> argv{test::env_or_fail("RELAY_BIN"), "--config", dir / "relay.json"};
+    std::vector<std::string> argv{test::env_or_fail("RELAY_BIN"), "--config", test::postgres_relay_config(dir, dsn)};
     test::child c(argv, dir / "relay.log");
     exit_code = c.wait(15000);
     log = c.log();

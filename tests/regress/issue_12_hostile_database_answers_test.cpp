@@ -88,17 +88,10 @@ TEST_CASE("issue 12: a database answer of an unexpected shape does not crash rel
   });
 
   test::tmpdir dir;
-  const std::string& p = test::pki();
-  test::write_file(dir / "dsn", "host=127.0.0.1 port=" + std::to_string(port) + " user=relay dbname=relay sslmode=disable\n");
-  ::chmod((dir / "dsn").c_str(), 0600);
-  test::write_file(dir / "policy.json", test::default_policy());
-  test::write_file(dir / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
-    "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
-                                           R"(/ca.crt"},
-    "policy": "policy.json", "journal": {"backend": "postgres", "postgres": {"dsn_file": ")" +
-                                           (dir / "dsn") + R"(", "lease_ms": 1500, "renew_ms": 300}}})");
+  std::string config = test::postgres_relay_config(
+      dir, "host=127.0.0.1 port=" + std::to_string(port) + " user=relay dbname=relay sslmode=disable");
   {
-    test::child relay({test::env_or_fail("RELAY_BIN"), "--config", dir / "relay.json"}, dir / "relay.log");
+    test::child relay({test::env_or_fail("RELAY_BIN"), "--config", config}, dir / "relay.log");
     REQUIRE(relay.wait_for_line("\"listener\":\"ops\"").has_value());
     // Several connection attempts' worth of time.
     int rc = relay.wait(3000);

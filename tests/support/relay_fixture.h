@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <uv.h>
 
 #include <memory>
@@ -68,6 +69,22 @@ inline std::string policy_with_grant(const std::string& grant) {
   const std::string anchor = "\"grants\": [";
   policy.insert(policy.find(anchor) + anchor.size(), grant + ",");
   return policy;
+}
+
+// A relay configuration in `dir` for the postgres journal backend with
+// `dsn` (its file mode 0600, as a secret's), the test PKI and the default
+// policy, listening on free ports; returns the configuration's path.
+inline std::string postgres_relay_config(const tmpdir& dir, const std::string& dsn) {
+  const std::string& p = pki();
+  write_file(dir / "dsn", dsn + "\n");
+  ::chmod((dir / "dsn").c_str(), 0600);
+  write_file(dir / "policy.json", default_policy());
+  write_file(dir / "relay.json", R"({"listen": "127.0.0.1:0", "ops_listen": "127.0.0.1:0",
+    "tls": {"cert": ")" + p + R"(/server.crt", "key": ")" + p + R"(/server.key", "client_ca": ")" + p +
+                                     R"(/ca.crt"},
+    "policy": "policy.json", "journal": {"backend": "postgres", "postgres": {"dsn_file": ")" +
+                                     (dir / "dsn") + R"(", "lease_ms": 1500, "renew_ms": 300}}})");
+  return dir / "relay.json";
 }
 
 struct http_result {
