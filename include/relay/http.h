@@ -5,11 +5,14 @@
 #pragma once
 
 #include <llhttp.h>
+#include <uv.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "relay/api_error.h"
 
@@ -27,6 +30,35 @@ struct limits {
 // Bytes of slack kept after a body so that simdjson may read past its end.
 inline constexpr size_t body_padding = 64;
 
+// A large value cut out of a spooled body (see body_spool).
+struct spooled_value {
+  uint32_t item = 0;     // index in the body's top-level array; 0 for a single object
+  std::string_view key;  // "payload" or "result" (static storage)
+  uint64_t offset = 0;   // where its bytes start in the spool file
+  uint64_t length = 0;   // the value's raw JSON bytes, exactly as received
+  uint32_t crc32c = 0;   // relay::journal::crc32c() of those bytes
+};
+
+// A body too large to hold: its large values went to a file as they arrived
+// (limits.spill_threshold_bytes). Whoever stores a reference to the file
+// sets `keep`; otherwise the destructor unlinks the file, asynchronously (on
+// libuv's threadpool when `loop` is set), so it never blocks the loop.
+struct body_spool {
+  body_spool() = default;
+  body_spool(const body_spool&) = delete;
+  body_spool& operator=(const body_spool&) = delete;
+  ~body_spool();
+
+  uint64_t file = 0;   // the file is <dir>/<file as %016x>
+  std::string dir;     // the blobs directory
+  uint64_t bytes = 0;  // bytes in the file: every value back to back
+  std::vector<spooled_value> values;  // in body order
+  bool keep = false;
+  uv_loop_t* loop = nullptr;
+
+  std::string path() const;
+};
+
 struct request {
   method verb = method::other;
   std::string target;  // as sent: path and query
@@ -37,6 +69,10 @@ struct request {
   bool expect_continue = false;
   bool chunked = false;         // the body is chunked (its length is unknown up front)
   uint64_t content_length = 0;  // as announced; 0 when none or chunked
+  // Set when the body was spooled: `body` then holds its skeleton, each cut
+  // value replaced by `null`. Null for every body held whole, so a client
+  // cannot forge a spooled value.
+  std::shared_ptr<body_spool> spool;
 
   std::string_view path() const;
   std::string_view query() const;

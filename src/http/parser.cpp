@@ -62,6 +62,7 @@ void request::clear() {
   expect_continue = false;
   chunked = false;
   content_length = 0;
+  spool.reset();
 }
 
 request_parser::request_parser(const limits& l) : _limits(l) {
