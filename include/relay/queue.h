@@ -104,6 +104,69 @@ class compact_string {
   char* _p = nullptr;
 };
 
+// Where a value's bytes are kept when they are not held in memory: a range
+// of a blob file, <journal.dir>/blobs/<file as %016x> (relay/blob_store.h),
+// with the CRC32C of the range, checked whenever it is read back. A JSON
+// value has at least one byte, so length 0 means "no reference".
+struct blob_ref {
+  uint64_t file = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint32_t crc32c = 0;
+  bool valid() const { return length != 0; }
+  friend bool operator==(const blob_ref&, const blob_ref&) = default;
+};
+
+// A job's payload or outcome: its bytes inline, or a blob_ref. One pointer,
+// as compact_string (a heap block [u32 word][bytes], the word's top bit
+// saying "reference", then a packed blob_ref): a million small jobs cost
+// what they cost before references existed, and only spilled values pay
+// for the 28 bytes of a reference.
+class held_value {
+ public:
+  held_value() = default;
+  held_value(const held_value&) = delete;
+  held_value& operator=(const held_value&) = delete;
+  held_value(held_value&& o) noexcept : _p(o._p) { o._p = nullptr; }
+  held_value& operator=(held_value&& o) noexcept {
+    std::swap(_p, o._p);
+    return *this;
+  }
+  ~held_value() { delete[] _p; }
+
+  void assign(std::string_view s);
+  void assign(const blob_ref& r);
+  void clear() {
+    delete[] _p;
+    _p = nullptr;
+  }
+  bool empty() const { return _p == nullptr; }
+  bool is_ref() const { return _p && (word() & ref_bit); }
+  // The reference; meaningful only when is_ref().
+  blob_ref ref() const;
+  // The value's size in bytes, wherever it is kept: what limits.max_held_bytes
+  // and a lease's max_bytes count.
+  size_t size() const { return is_ref() ? ref().length : (_p ? word() : 0); }
+  // The bytes of an inline value; empty for a reference, whose bytes must be
+  // read back from its blob file (never shown as empty by mistake: callers
+  // that show values check is_ref() first).
+  std::string_view view() const {
+    return _p && !(word() & ref_bit) ? std::string_view(_p + sizeof(uint32_t), word()) : std::string_view();
+  }
+  operator std::string_view() const { return view(); }
+  friend bool operator==(const held_value& a, std::string_view b) { return !a.is_ref() && a.view() == b; }
+  friend std::ostream& operator<<(std::ostream& os, const held_value& s) { return os << s.view(); }
+
+ private:
+  static constexpr uint32_t ref_bit = 0x80000000u;
+  uint32_t word() const {
+    uint32_t n = 0;
+    std::memcpy(&n, _p, sizeof n);
+    return n;
+  }
+  char* _p = nullptr;
+};
+
 class job_queue;
 
 struct job {
@@ -123,8 +186,8 @@ struct job {
   principal_ref lease_owner = nullptr;
   job* prev = nullptr;  // intrusive links: ready FIFO or dead list
   job* next = nullptr;
-  compact_string payload;  // raw JSON as received
-  compact_string outcome;  // succeeded: raw result JSON; failed/dead: error message
+  held_value payload;  // raw JSON as received (inline or a reference)
+  held_value outcome;  // succeeded: raw result JSON (inline or a reference); failed/dead: error message
   compact_string idempotency_key;
   uint64_t record_no = 0;  // the sink's number of this job's latest record (record_sink::appended)
 };
@@ -136,9 +199,10 @@ struct job {
 // change here must bump the journal's record-format version.
 enum class record_type : uint8_t {
   submit = 1,     // id, queue, priority, max_attempts, lease_ms, due (ready at), idempotency_key, payload
+                  // (or payload_ref)
   lease = 2,      // id, lease, owner, due (lease expiry)
   heartbeat = 3,  // id, lease, due (new expiry)
-  complete = 4,   // id, lease, text (result JSON)
+  complete = 4,   // id, lease, text (result JSON) or text_ref
   fail = 5,       // id, lease, text (error), due (retry at)
   cancel = 6,     // id
   expire = 7,     // id: the lease ran out
@@ -165,6 +229,11 @@ struct record {
   std::string_view idempotency_key;
   std::string_view payload;
   std::string_view text;
+  // A payload / text kept in a blob file instead (journal format 3): when
+  // valid, the view beside it is empty. Only submit, complete and snapshot
+  // records carry them.
+  blob_ref payload_ref;
+  blob_ref text_ref;
 };
 
 class record_sink {
@@ -305,6 +374,7 @@ enum class op_error : uint8_t {
 struct submit_params {
   std::string_view queue;
   std::string_view payload;  // raw JSON, already validated
+  blob_ref payload_ref;      // or, when valid, the payload's bytes in a blob file (payload then empty)
   std::string_view idempotency_key;
   uint8_t priority = default_priority;
   time_ms delay_ms = 0;
@@ -357,8 +427,10 @@ class broker {
   };
   heartbeat_result heartbeat(job_id id, const lease_token& t, principal_ref who, uint32_t extend_ms,
                              time_ms now);
+  // `result_ref`, when valid, holds the result in a blob file (`result`
+  // is then empty).
   op_error complete(job_id id, const lease_token& t, principal_ref who, std::string_view result,
-                    time_ms now);
+                    time_ms now, const blob_ref& result_ref = {});
   // retry_delay_ms is the backoff base: the wait before the next attempt is
   // base * 2^(attempts-1), capped at limits.max_backoff_ms.
   op_error fail(job_id id, const lease_token& t, principal_ref who, std::string_view error,
@@ -390,6 +462,22 @@ class broker {
   record snapshot_of(const job& j) const;
   record meta_record(time_ms now) const;
 
+  // Blob files. The broker counts, per file, the held values that reference
+  // it; `fn` runs (inside the mutation that dropped it, so it must only
+  // schedule work) when a file's count falls to zero: nothing held names it
+  // any more and it may be deleted. Set it after replay: files unreferenced
+  // during replay are left to the orphan sweep.
+  void on_blob_unreferenced(std::function<void(uint64_t file)> fn) { _on_unreferenced = std::move(fn); }
+  bool blob_referenced(uint64_t file) const { return _blob_counts.count(file) != 0; }
+  size_t blob_files() const { return _blob_counts.size(); }
+  // Every held job with a reference, with each reference (payload, then
+  // outcome): replay's checks.
+  void for_each_blob_ref(const std::function<void(const job&, const blob_ref&)>& fn) const;
+  // Removes a job without a record. Only for replay's checks: a job whose
+  // blob file was lost in the window batch/off fsync modes may lose; the
+  // next replay drops it again, and compaction then forgets it.
+  bool drop(job_id id);
+
   const job* find(job_id id) const;
   // Queues that hold at least one job (in any state); the others are not
   // shown.
@@ -400,6 +488,9 @@ class broker {
   std::vector<const job*> dead_jobs(std::string_view queue, size_t limit) const;
   size_t job_count() const { return _jobs.size(); }
   size_t held_bytes() const { return _held_bytes; }
+  // The part of held_bytes() kept in blob files rather than in memory (and
+  // the journal).
+  size_t referenced_bytes() const { return _referenced_bytes; }
   // Whether `jobs` more jobs carrying `bytes` of payload fit the limits
   // (and the ids left).
   bool has_room(size_t jobs, size_t bytes) const {
@@ -439,7 +530,10 @@ class broker {
   // Leases ready jobs of `q` into `out` within the bounds (see lease()).
   void take(job_queue& q, size_t max, size_t max_bytes, const answer_size& size, uint32_t lease_ms,
             principal_ref owner, time_ms now, std::vector<job*>& out);
-  void set_outcome(job& j, std::string_view text);
+  void set_outcome(job& j, std::string_view text, const blob_ref& ref = {});
+  // Counts a reference taken or dropped (see on_blob_unreferenced).
+  void hold_blob(const held_value& v);
+  void release_blob(const held_value& v);
   bool apply_snapshot(const record& r);
   // A job created from a submit or snapshot record: its queue, identity,
   // limits, payload and idempotency key, counted and indexed; the caller
@@ -468,6 +562,10 @@ class broker {
   std::vector<std::pair<time_ms, job_id>> _retention;
   void retain(time_ms due, job_id id);
   std::unordered_map<job_id, std::vector<job_watcher*>> _watchers;
+  // Held values per blob file; only spilled values have entries.
+  std::unordered_map<uint64_t, uint32_t> _blob_counts;
+  std::function<void(uint64_t)> _on_unreferenced;
+  size_t _referenced_bytes = 0;
 };
 
 }  // namespace relay::queue

@@ -126,6 +126,42 @@ void compact_string::assign(std::string_view s) {
   std::memcpy(_p + sizeof n, s.data(), s.size());
 }
 
+void held_value::assign(std::string_view s) {
+  clear();
+  if (s.empty()) return;
+  // Bodies are bounded far below 2 GiB (limits.max_body_bytes), so an
+  // inline length never reaches the reference bit.
+  assert(s.size() < ref_bit);
+  auto n = static_cast<uint32_t>(s.size());
+  _p = new char[sizeof n + s.size()];
+  std::memcpy(_p, &n, sizeof n);
+  std::memcpy(_p + sizeof n, s.data(), s.size());
+}
+
+void held_value::assign(const blob_ref& r) {
+  clear();
+  if (!r.valid()) return;
+  uint32_t tag = ref_bit;
+  _p = new char[sizeof tag + 8 + 8 + 8 + 4];
+  char* p = _p;
+  std::memcpy(p, &tag, sizeof tag);
+  std::memcpy(p += sizeof tag, &r.file, 8);
+  std::memcpy(p += 8, &r.offset, 8);
+  std::memcpy(p += 8, &r.length, 8);
+  std::memcpy(p += 8, &r.crc32c, 4);
+}
+
+blob_ref held_value::ref() const {
+  blob_ref r;
+  if (!is_ref()) return r;
+  const char* p = _p + sizeof(uint32_t);
+  std::memcpy(&r.file, p, 8);
+  std::memcpy(&r.offset, p + 8, 8);
+  std::memcpy(&r.length, p + 16, 8);
+  std::memcpy(&r.crc32c, p + 24, 4);
+  return r;
+}
+
 std::string_view to_string(job_state s) {
   switch (s) {
     case job_state::queued: return "queued";
@@ -309,7 +345,7 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
   }
   // Never wrap: an id is handed out once, or not at all.
   if (_next_id > max_job_id) return {op_error::ids_exhausted, nullptr, false};
-  if (!has_room(1, p.payload.size())) return {op_error::queue_full, nullptr, false};
+  if (!has_room(1, p.payload.size() + p.payload_ref.length)) return {op_error::queue_full, nullptr, false};
   if (!has_depth_room(p.queue, 1, p.max_depth)) return {op_error::queue_depth, nullptr, false};
   op_error err;
   job_queue* q = queue_for(p.queue, open_mode::create, err);
@@ -326,6 +362,7 @@ submit_result broker::submit(const submit_params& p, time_ms now) {
   r.lease_ms = p.lease_ms;
   r.idempotency_key = p.idempotency_key;
   r.payload = p.payload;
+  r.payload_ref = p.payload_ref;
   commit(r);
   dispatch(*q, now);
   return {op_error::none, find(r.id), true};
@@ -462,7 +499,7 @@ broker::heartbeat_result broker::heartbeat(job_id id, const lease_token& t, prin
 }
 
 op_error broker::complete(job_id id, const lease_token& t, principal_ref who, std::string_view result,
-                          time_ms now) {
+                          time_ms now, const blob_ref& result_ref) {
   job* j = find_mutable(id);
   op_error err = check_lease(j, t, who);
   if (err != op_error::none) return err;
@@ -473,6 +510,7 @@ op_error broker::complete(job_id id, const lease_token& t, principal_ref who, st
   r.at = now;
   r.lease = t;
   r.text = result;
+  r.text_ref = result_ref;
   commit(r);
   return op_error::none;
 }
@@ -659,18 +697,54 @@ void broker::finish(job& j, job_state terminal, time_ms at) {
   }
 }
 
-void broker::set_outcome(job& j, std::string_view text) {
-  _held_bytes = _held_bytes - j.outcome.size() + text.size();
-  if (text.empty()) {
-    j.outcome.clear();
-    return;
+void broker::set_outcome(job& j, std::string_view text, const blob_ref& ref) {
+  _held_bytes -= j.outcome.size();
+  release_blob(j.outcome);
+  if (ref.valid()) j.outcome.assign(ref);
+  else j.outcome.assign(text);
+  _held_bytes += j.outcome.size();
+  hold_blob(j.outcome);
+}
+
+void broker::hold_blob(const held_value& v) {
+  if (!v.is_ref()) return;
+  blob_ref r = v.ref();
+  ++_blob_counts[r.file];
+  _referenced_bytes += r.length;
+}
+
+void broker::release_blob(const held_value& v) {
+  if (!v.is_ref()) return;
+  blob_ref r = v.ref();
+  uint64_t file = r.file;
+  _referenced_bytes -= r.length;
+  auto it = _blob_counts.find(file);
+  assert(it != _blob_counts.end());
+  if (it == _blob_counts.end() || --it->second > 0) return;
+  _blob_counts.erase(it);
+  if (_on_unreferenced) _on_unreferenced(file);
+}
+
+void broker::for_each_blob_ref(const std::function<void(const job&, const blob_ref&)>& fn) const {
+  if (_blob_counts.empty()) return;  // the common case: nothing spilled, no walk over every job
+  for (const auto& [id, j] : _jobs) {
+    if (j.payload.is_ref()) fn(j, j.payload.ref());
+    if (j.outcome.is_ref()) fn(j, j.outcome.ref());
   }
-  j.outcome.assign(text);
+}
+
+bool broker::drop(job_id id) {
+  job* j = find_mutable(id);
+  if (!j) return false;
+  forget(*j);
+  return true;
 }
 
 void broker::forget(job& j) {
   remove_from_container(j);
   _held_bytes -= j.payload.size() + j.outcome.size();
+  release_blob(j.payload);
+  release_blob(j.outcome);
   --j.queue->_counts[static_cast<size_t>(j.state)];
   if (!j.idempotency_key.empty()) {
     auto it = _idempotency.find(idempotency_slot(j.queue->name(), j.idempotency_key));
@@ -753,7 +827,7 @@ bool broker::apply(const record& r) {
       break;
     case record_type::complete:
       remove_from_container(j);
-      set_outcome(j, r.text);
+      set_outcome(j, r.text, r.text_ref);
       ++j.queue->_counters.completed;
       finish(j, job_state::succeeded, r.at);
       break;
@@ -848,8 +922,10 @@ bool broker::apply_snapshot(const record& r) {
   j.due_ms = r.due;
   j.lease = r.lease;
   j.lease_owner = r.state == job_state::leased ? intern(r.owner) : nullptr;
-  j.outcome.assign(r.text);
+  if (r.text_ref.valid()) j.outcome.assign(r.text_ref);
+  else j.outcome.assign(r.text);
   _held_bytes += j.outcome.size();
+  hold_blob(j.outcome);
   place(j);
   return true;
 }
@@ -864,8 +940,10 @@ job& broker::restore_job(const record& r) {
   j.priority = r.priority;
   j.max_attempts = r.max_attempts;
   j.lease_ms = r.lease_ms;
-  j.payload.assign(r.payload);
+  if (r.payload_ref.valid()) j.payload.assign(r.payload_ref);
+  else j.payload.assign(r.payload);
   _held_bytes += j.payload.size();
+  hold_blob(j.payload);
   j.idempotency_key.assign(r.idempotency_key);
   _next_id = std::max(_next_id, r.id + 1);
   if (!r.idempotency_key.empty()) _idempotency[idempotency_slot(r.queue, r.idempotency_key)] = r.id;
@@ -896,8 +974,12 @@ record broker::snapshot_of(const job& j) const {
   r.lease = j.lease;
   r.owner = j.lease_owner ? std::string_view(*j.lease_owner) : std::string_view();
   r.idempotency_key = j.idempotency_key;
-  r.payload = j.payload;
-  r.text = j.outcome;
+  r.payload = j.payload.view();
+  r.text = j.outcome.view();
+  // Compaction carries references, never the bytes: the blob file stays
+  // where it is and the snapshot names it.
+  r.payload_ref = j.payload.ref();
+  r.text_ref = j.outcome.ref();
   return r;
 }
 
