@@ -16,10 +16,20 @@
 //   body     = u8 type u64 id i64 at i64 due i64 created u8 priority u8 state
 //              u16 max_attempts u16 attempts u32 lease_ms 16B lease
 //              (u32 length, bytes) × queue owner idempotency_key payload text
+//              [u8 refs  (blob_ref: u64 file u64 offset u64 length u32 crc32c)
+//               × payload_ref if refs & 1, text_ref if refs & 2]   version 3
 // All integers little-endian. A segment holds records of its header's
 // version only; the writer writes the current version.
 //
-// Version 2 (current):
+// Version 3 (current, issue 13): a payload or result too large to hold in
+// memory is kept in a blob file (relay/blob_store.h) and the record names
+// it: the refs byte and the references follow the body. They are written
+// only when there are any, so a record without them is the version 2 body
+// byte for byte; only submit (payload), complete (text) and snapshot (both)
+// carry them, and a referenced field's inline bytes are empty. Framing as
+// version 2. Compaction's snapshots carry references, never the bytes.
+//
+// Version 2:
 //   record   = u32 length · u32 crc32c(body) · u32 crc32c(length · body crc) · body[length]
 //   The header checksum covers the length word, so a damaged length is
 //   detected before it is used: it can no longer pass for a record that runs
@@ -58,7 +68,7 @@
 
 namespace relay::journal {
 
-inline constexpr uint32_t format_version = 2;
+inline constexpr uint32_t format_version = 3;
 inline constexpr uint32_t oldest_format_version = 1;
 inline constexpr size_t segment_header_bytes = 16;
 inline constexpr size_t record_header_bytes = 12;     // version 2
@@ -69,8 +79,10 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
 // Appends `r` as one framed record of the current version.
 void encode(const queue::record& r, std::string& out);
-// Decodes a record body (views point into `body`). False if malformed.
-bool decode(std::string_view body, queue::record& r);
+// Decodes a record body of format `version` (views point into `body`).
+// False if malformed. Versions 1 and 2 have no references: bytes after the
+// text are malformed there.
+bool decode(std::string_view body, queue::record& r, uint32_t version = format_version);
 // Why a decoded record cannot have been written by relay (empty if it
 // can): ids outside 1..queue::max_job_id (the id counter of a meta record:
 // up to max_job_id + 1), which would otherwise wrap the id counter.
@@ -99,7 +111,8 @@ struct options {
   uint32_t retry_ms = 1000;               // after a failed write, try again this often
   // Test hook, called on the writer thread before each write, fsync and
   // truncate (the cut of a failed write) with "write", "fsync" or
-  // "truncate"; a non-zero errno makes that operation fail.
+  // "truncate", and before the sync of a batch's new blob files with
+  // "blob_sync"; a non-zero errno makes that operation fail.
   std::function<int(std::string_view op)> fault;
 };
 
@@ -275,6 +288,10 @@ class writer final : public backend {
     std::string bytes;
     uint64_t roll_to = 0;         // start this segment before writing
     uint64_t delete_before = 0;   // then delete older segments
+    // Blob files first named by a record of this batch: in always mode
+    // they are fdatasynced, and the blobs directory fsynced, before the
+    // batch is written, so no durable record names bytes that are not.
+    std::vector<uint64_t> blobs;
   };
   void hand_off();
   void publish();
@@ -283,6 +300,7 @@ class writer final : public backend {
   static void on_batch_timer(uv_timer_t* t);
   void run();  // the writer thread
   bool write_batch(batch& b, std::string& error);
+  bool sync_blobs(batch& b, std::string& error);
   bool sync(std::string& error);
   // Cuts the segment back to _segment_size (what was written whole).
   bool cut(std::string& error);

@@ -1,3 +1,4 @@
+#include <bit>
 #include <cstring>
 
 #include "relay/journal.h"
@@ -95,9 +96,19 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   return ~crc;
 }
 
+namespace {
+constexpr size_t ref_bytes = 8 + 8 + 8 + 4;
+constexpr uint8_t has_payload_ref = 1, has_text_ref = 2;
+}  // namespace
+
 void encode(const queue::record& r, std::string& out) {
   constexpr size_t fixed = 1 + 8 + 8 + 8 + 8 + 1 + 1 + 2 + 2 + 4 + 16 + 5 * 4;
-  size_t len = fixed + r.queue.size() + r.owner.size() + r.idempotency_key.size() + r.payload.size() + r.text.size();
+  // Version 3's references follow the version 2 body only when there are
+  // any: a record without them is byte for byte what version 2 wrote, so
+  // small jobs pay nothing for the format change.
+  uint8_t refs = static_cast<uint8_t>((r.payload_ref.valid() ? has_payload_ref : 0) | (r.text_ref.valid() ? has_text_ref : 0));
+  size_t len = fixed + r.queue.size() + r.owner.size() + r.idempotency_key.size() + r.payload.size() + r.text.size() +
+               (refs ? 1 + ref_bytes * static_cast<size_t>(std::popcount(refs)) : 0);
   size_t start = out.size();
   out.resize(start + record_header_bytes + len);
   writer_cursor w{out.data() + start + record_header_bytes};
@@ -118,6 +129,16 @@ void encode(const queue::record& r, std::string& out) {
   w.put_bytes(r.idempotency_key);
   w.put_bytes(r.payload);
   w.put_bytes(r.text);
+  if (refs) {
+    w.put(refs);
+    for (const queue::blob_ref* ref : {&r.payload_ref, &r.text_ref}) {
+      if (!ref->valid()) continue;
+      w.put(ref->file);
+      w.put(ref->offset);
+      w.put(ref->length);
+      w.put(ref->crc32c);
+    }
+  }
   uint32_t crc = crc32c(out.data() + start + record_header_bytes, len);
   writer_cursor h{out.data() + start};
   h.put(static_cast<uint32_t>(len));
@@ -135,7 +156,7 @@ std::string_view invalid_reason(const queue::record& r) {
   return {};
 }
 
-bool decode(std::string_view body, queue::record& r) {
+bool decode(std::string_view body, queue::record& r, uint32_t version) {
   reader in{body};
   auto type = static_cast<uint8_t>(in.get(1));
   if (type < static_cast<uint8_t>(queue::record_type::submit) || type > static_cast<uint8_t>(queue::record_type::meta))
@@ -156,6 +177,28 @@ bool decode(std::string_view body, queue::record& r) {
   r.idempotency_key = in.bytes();
   r.payload = in.bytes();
   r.text = in.bytes();
+  r.payload_ref = {};
+  r.text_ref = {};
+  if (in.ok && version >= 3 && in.pos < body.size()) {
+    auto refs = static_cast<uint8_t>(in.get(1));
+    // Only the bits the writer sets, never none (it writes no byte then),
+    // and only on the records that can carry each.
+    if (refs == 0 || (refs & ~(has_payload_ref | has_text_ref))) return false;
+    bool snapshot = r.type == queue::record_type::snapshot;
+    if ((refs & has_payload_ref) && (!r.payload.empty() || !(snapshot || r.type == queue::record_type::submit)))
+      return false;
+    if ((refs & has_text_ref) && (!r.text.empty() || !(snapshot || r.type == queue::record_type::complete)))
+      return false;
+    for (queue::blob_ref* ref : {&r.payload_ref, &r.text_ref}) {
+      if (!(refs & (ref == &r.payload_ref ? has_payload_ref : has_text_ref))) continue;
+      ref->file = in.get(8);
+      ref->offset = in.get(8);
+      ref->length = in.get(8);
+      ref->crc32c = static_cast<uint32_t>(in.get(4));
+      // A value has at least one byte, and its range must not wrap.
+      if (ref->length == 0 || ref->offset + ref->length < ref->offset) return false;
+    }
+  }
   return in.ok && in.pos == body.size();
 }
 

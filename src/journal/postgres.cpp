@@ -15,6 +15,12 @@
 namespace relay::journal::postgres {
 namespace {
 
+// The format its rows are written in. Its records never carry blob
+// references, and a version 3 record without them is the version 2 body
+// byte for byte: writing 2 lets relays of the previous release, which read
+// only 2, share a shard during a rolling upgrade. Rows of 2 or 3 are read.
+constexpr uint16_t postgres_format_version = 2;
+
 using std::chrono::milliseconds;
 
 // The schema is created once by whichever relay gets there first; two
@@ -382,6 +388,9 @@ void journal::append(const queue::record& r) {
   // Once fenced nothing is written (and nothing acknowledged): the process
   // is on its way to restart as a standby.
   if (!_open || _fenced) return;
+  // Bodies never spill with this backend (the threshold is forced to 0), so
+  // its records never carry blob references: rows stay format 2 (below).
+  assert(!r.payload_ref.valid() && !r.text_ref.valid());
   size_t before = _current->bytes.size();
   encode(r, _current->bytes);
   ++_current->records;
@@ -623,9 +632,10 @@ void journal::run(uint64_t epoch) {
         }
         auto format = static_cast<uint16_t>(static_cast<uint8_t>(PQgetvalue(r, 0, 3)[0]) << 8 |
                                             static_cast<uint8_t>(PQgetvalue(r, 0, 3)[1]));
-        if (format != format_version) {
+        if (format < postgres_format_version || format > format_version) {
           error = "a journal row of shard " + _o.shard + " has record format " + std::to_string(format) +
-                  "; this relay reads format " + std::to_string(format_version);
+                  "; this relay reads formats " + std::to_string(postgres_format_version) + " to " +
+                  std::to_string(format_version);
           return false;
         }
         std::string row;
@@ -786,7 +796,7 @@ void journal::run(uint64_t epoch) {
     }
     if (!body.empty()) {
       const std::string seg_text = std::to_string(segment), seq_text = std::to_string(seq),
-                        format_text = std::to_string(format_version), records_text = std::to_string(records);
+                        format_text = std::to_string(postgres_format_version), records_text = std::to_string(records);
       std::vector<param> p = {
           {_o.shard.c_str(), static_cast<int>(_o.shard.size())},
           {epoch_text.c_str(), static_cast<int>(epoch_text.size())},

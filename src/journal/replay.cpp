@@ -156,7 +156,7 @@ bool replay(const std::string& dir, bool repair, const std::function<bool(const 
       // A checksum that holds says relay wrote these bytes: a record that
       // then does not decode or cannot be valid is never a torn write.
       queue::record r;
-      if (!decode(body, r)) {
+      if (!decode(body, r, version)) {
         bad = {pos, "a record whose checksum holds but which does not decode", false};
         break;
       }

@@ -3,9 +3,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cassert>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #include "journal/segment.h"
@@ -130,6 +132,16 @@ bool writer::open(uint64_t first_segment, std::string& error) {
 void writer::append(const queue::record& r) {
   size_t before = _current->bytes.size();
   encode(r, _current->bytes);
+  // A submit or complete names the blob file its request spooled: new to
+  // the journal, so not yet known durable. (Snapshots name files that
+  // earlier records made durable.) A batch submit names one file for many
+  // jobs: consecutive repeats are skipped, and any left are harmless.
+  if (r.type == queue::record_type::submit || r.type == queue::record_type::complete) {
+    for (const queue::blob_ref* ref : {&r.payload_ref, &r.text_ref}) {
+      if (ref->valid() && (_current->blobs.empty() || _current->blobs.back() != ref->file))
+        _current->blobs.push_back(ref->file);
+    }
+  }
   ++_current->records;
   ++_appended;
   _last_record_seq = _current->seq;
@@ -376,6 +388,42 @@ bool writer::write_batch(batch& b, std::string& error) {
   return true;
 }
 
+bool writer::sync_blobs(batch& b, std::string& error) {
+  if (b.blobs.empty() || _o.fsync != fsync_mode::always) return true;
+  if (_o.fault) {
+    if (int e = _o.fault("blob_sync")) {
+      error = "fsync of blob files in " + _o.dir + "/blobs: " + std::strerror(e);
+      return false;
+    }
+  }
+  std::string dir = _o.dir + "/blobs";
+  std::sort(b.blobs.begin(), b.blobs.end());
+  b.blobs.erase(std::unique(b.blobs.begin(), b.blobs.end()), b.blobs.end());
+  for (uint64_t file : b.blobs) {
+    char name[24];
+    std::snprintf(name, sizeof name, "/%016llx", static_cast<unsigned long long>(file));
+    std::string path = dir + name;
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || ::fdatasync(fd) != 0) {
+      error = "fsync " + path + ": " + std::strerror(errno);
+      if (fd >= 0) ::close(fd);
+      return false;
+    }
+    ::close(fd);
+  }
+  // The files' names: a file whose directory entry is lost is lost.
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0 || ::fsync(dfd) != 0) {
+    error = "fsync " + dir + ": " + std::strerror(errno);
+    if (dfd >= 0) ::close(dfd);
+    return false;
+  }
+  ::close(dfd);
+  _fsyncs.inc();
+  b.blobs.clear();  // a retry after a later failure need not sync them again
+  return true;
+}
+
 bool writer::sync(std::string& error) {
   if (_o.fault) {
     if (int e = _o.fault("fsync")) {
@@ -481,6 +529,9 @@ void writer::run() {
         unsynced.clear();
         if (!(ok = open_segment(b.roll_to, error))) break;
       }
+      // Nothing of the batch is written yet if this fails: nothing to cut;
+      // the batch stays at the front and is retried like a failed write.
+      if (!(ok = sync_blobs(b, error))) break;
       if (!b.bytes.empty()) {
         ok = write_batch(b, error);
         if (!ok) {
