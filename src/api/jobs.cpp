@@ -8,7 +8,8 @@
 
 namespace relay::api {
 
-void append_job_json(std::string& out, const queue::job& j) {
+void append_job_json(journal::answer_template& a, const queue::job& j) {
+  std::string& out = a.text;
   out += "{\"id\":\"";
   queue::append_job_id(out, j.id);
   out += "\",\"queue\":";
@@ -22,12 +23,15 @@ void append_job_json(std::string& out, const queue::job& j) {
   out += ",\"priority\":";
   json::append_uint(out, j.priority);
   out += ",\"payload\":";
-  out += j.payload;
+  if (j.payload.is_ref()) a.hole(j.payload.ref());
+  else out += j.payload.view();
   out += ",\"result\":";
-  if (j.state == queue::job_state::succeeded) out += j.outcome;
-  else out += "null";
+  if (j.state != queue::job_state::succeeded) out += "null";
+  else if (j.outcome.is_ref()) a.hole(j.outcome.ref());
+  else out += j.outcome.view();
   out += ",\"error\":";
-  if (j.state != queue::job_state::succeeded && !j.outcome.empty()) json::append_string(out, j.outcome);
+  // Only results are ever kept by reference; an error message is inline.
+  if (j.state != queue::job_state::succeeded && !j.outcome.empty()) json::append_string(out, j.outcome.view());
   else out += "null";
   out += ",\"created_ms\":";
   json::append_int(out, j.created_ms);
@@ -46,6 +50,16 @@ void service::submit(context& c) {
     respond_error(c, err.kind, err.message);
     return;
   }
+  if (!take_spooled(c, items.size(), "payload", [&](size_t i, const queue::blob_ref& r) {
+        // The skeleton holds `null` where the value was cut. Anything else
+        // means a later duplicate key won (the decoder takes the last one,
+        // as it does for a body held whole): the cut value is not the
+        // payload then.
+        if (items[i].payload != "null") return;
+        items[i].payload = {};
+        items[i].payload_ref = r;
+      }))
+    return;
   // A batch is accepted whole or not at all: every limit is checked for
   // all of it before the first job goes in.
   size_t n = items.size();
@@ -56,7 +70,7 @@ void service::submit(context& c) {
     return;
   }
   size_t bytes = 0;
-  for (const auto& it : items) bytes += it.payload.size();
+  for (const auto& it : items) bytes += it.payload.size() + it.payload_ref.length;
   if (!_broker.has_room(n, bytes)) {
     respond_error(c, api_error::queue_full);
     return;
@@ -109,6 +123,9 @@ void service::submit(context& c) {
       return;
     }
     all_created = all_created && r.created;
+    // A job now names the spool file: it must outlive the request. (A
+    // repeated idempotency key stores nothing: the file goes with it.)
+    if (r.created && p.payload_ref.valid()) c.req.spool->keep = true;
     if (batch) {
       if (i) body += ',';
       body += '"';
@@ -152,9 +169,9 @@ void service::get_job(context& c) {
     respond_error(c, api_error::unavailable, "the job's latest change is not durable yet; retry later");
     return;
   }
-  std::string body;
+  journal::answer_template body;
   append_job_json(body, *j);
-  respond(c, 200, std::move(body));
+  send_filled(c.conn, c.match.which, 200, std::move(body));
 }
 
 void service::cancel_job(context& c) {

@@ -36,12 +36,18 @@ size_t leased_job_bytes(const queue::job& j, uint32_t attempt, queue::time_ms ex
 
 const queue::answer_size lease_answer_size{answer::open.size() + answer::close.size(), leased_job_bytes};
 
-std::string leased_jobs_json(const std::vector<queue::job*>& jobs) {
-  // One allocation, of the exact size.
+journal::answer_template leased_jobs_json(const std::vector<queue::job*>& jobs) {
+  // One allocation, of the exact size (less the referenced payloads, read
+  // back into the answer's final buffer by the blob store).
   size_t size = lease_answer_size.empty;
-  for (size_t i = 0; i < jobs.size(); ++i) size += leased_job_bytes(*jobs[i], jobs[i]->attempts, jobs[i]->due_ms, i == 0);
-  std::string body;
-  body.reserve(size);
+  size_t refs = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    size += leased_job_bytes(*jobs[i], jobs[i]->attempts, jobs[i]->due_ms, i == 0);
+    if (jobs[i]->payload.is_ref()) refs += jobs[i]->payload.size();
+  }
+  journal::answer_template out;
+  std::string& body = out.text;
+  body.reserve(size - refs);
   body += answer::open;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const queue::job& j = *jobs[i];
@@ -55,13 +61,14 @@ std::string leased_jobs_json(const std::vector<queue::job*>& jobs) {
     body += answer::expires;
     json::append_int(body, j.due_ms);
     body += answer::payload;
-    body += j.payload;
+    if (j.payload.is_ref()) out.hole(j.payload.ref());
+    else body += j.payload.view();
     body += answer::end;
   }
   body += answer::close;
   // Ensures: the measure the broker bounded the lease by is the size sent.
-  assert(body.size() == size);
-  return body;
+  assert(out.size() == size);
+  return out;
 }
 
 namespace {
@@ -101,7 +108,7 @@ void service::lease(context& c) {
   std::vector<queue::job*> jobs;
   _broker.lease(q, args.max, args.max_bytes, lease_answer_size, args.lease_ms, c.conn.principal, now(), jobs);
   if (!jobs.empty() || args.wait_ms == 0 || _draining) {
-    respond(c, 200, leased_jobs_json(jobs));
+    send_filled(c.conn, c.match.which, 200, leased_jobs_json(jobs));
     return;
   }
   auto* w = new lease_wait(*this, c.conn);
@@ -150,14 +157,25 @@ void service::complete_or_fail(context& c, bool fail) {
     respond_error(c, err.kind, err.message);
     return;
   }
+  queue::blob_ref result_ref;
+  // A failure's body carries no result: a spooled one is refused.
+  if (!take_spooled(c, 1, fail ? std::string_view() : "result",
+                    [&](size_t, const queue::blob_ref& r) {
+                      // `null` marks the cut; else a later duplicate key won.
+                      if (args.result == "null") result_ref = r;
+                    }))
+    return;
   queue::time_ms t = now();
   queue::op_error e = fail ? _broker.fail(j->id, args.lease, c.conn.principal, args.error, args.retry_delay_ms, t)
-                           : _broker.complete(j->id, args.lease, c.conn.principal, args.result, t);
+                           : _broker.complete(j->id, args.lease, c.conn.principal,
+                                              result_ref.valid() ? std::string_view() : std::string_view(args.result), t,
+                                              result_ref);
   if (e != queue::op_error::none) {
     if (e == queue::op_error::wrong_owner) deny(c, auth::permission::consume, j->queue->name(), "lease of another principal");
     else respond_error(c, lease_error(e), lease_error_detail(e));
     return;
   }
+  if (result_ref.valid()) c.req.spool->keep = true;  // the job names the file now
   std::string body = "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"state\":\"" +
                      std::string(queue::to_string(j->state)) + "\"";
   if (j->state == queue::job_state::failed) body += ",\"retry_at_ms\":" + std::to_string(j->due_ms);
@@ -176,6 +194,12 @@ void service::results(context& c) {
     respond_error(c, err.kind, err.message);
     return;
   }
+  std::vector<queue::blob_ref> refs;
+  if (c.req.spool) refs.resize(items.size());
+  if (!take_spooled(c, items.size(), "result", [&](size_t i, const queue::blob_ref& r) {
+        if (!items[i].failed && items[i].result == "null") refs[i] = r;  // see complete_or_fail()
+      }))
+    return;
   queue::time_ms t = now();
   std::string body;
   body.reserve(16 + items.size() * 64);  // {"id":"…","status":200,"state":"succeeded"}
@@ -191,8 +215,11 @@ void service::results(context& c) {
       status = 404;
       e = api_error::not_found;
     } else {
+      queue::blob_ref ref = refs.empty() ? queue::blob_ref{} : refs[i];
       queue::op_error r = a.failed ? _broker.fail(a.id, a.lease, c.conn.principal, a.error, a.retry_delay_ms, t)
-                                   : _broker.complete(a.id, a.lease, c.conn.principal, a.result, t);
+                                   : _broker.complete(a.id, a.lease, c.conn.principal,
+                                                      ref.valid() ? std::string_view() : std::string_view(a.result), t, ref);
+      if (r == queue::op_error::none && ref.valid()) c.req.spool->keep = true;
       if (r != queue::op_error::none) {
         e = lease_error(r);
         status = describe(e).status;

@@ -65,7 +65,8 @@ void service::respond(context& c, int status, std::string body, std::string_view
   send(c.conn, c.match.which, status, std::move(body), extra);
 }
 
-void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra) {
+void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra,
+                   journal::blob_store::reservation reserved) {
   // While the journal fails, changes are refused up front; reads go on
   // being served (they can show nothing that was acknowledged and lost).
   bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
@@ -79,8 +80,9 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
     route r;
     int status;
     std::string body, extra;
+    journal::blob_store::reservation reserved;  // given back with h
   };
-  auto* h = new held{&conn, r, status, std::move(body), std::string(extra)};
+  auto* h = new held{&conn, r, status, std::move(body), std::string(extra), std::move(reserved)};
   // If the client goes away first, the answer is dropped, not sent.
   conn.set_abandon_hook([h] { h->conn = nullptr; });
   _journal->when_durable([this, h](bool ok) {
@@ -96,6 +98,58 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
     }
     delete h;
   });
+}
+
+void service::send_filled(net::server_conn& conn, route r, int status, journal::answer_template answer) {
+  if (answer.complete()) {
+    send(conn, r, status, std::move(answer.text));
+    return;
+  }
+  if (!_blobs) {
+    // Only a relay with a blob store makes references: unreachable.
+    send(conn, r, 500, api_error_body(api_error::internal, "a stored value is kept in a blob file, and no blob store is open"));
+    return;
+  }
+  // The connection may go while the values are read: the answer is then
+  // dropped (its reservation with it).
+  auto alive = std::make_shared<net::server_conn*>(&conn);
+  conn.set_abandon_hook([alive] { *alive = nullptr; });
+  _blobs->fill(std::move(answer), [this, alive, r, status](std::string body, std::string error,
+                                                            journal::blob_store::reservation reserved) {
+    net::server_conn* c = *alive;
+    if (!c) return;
+    if (!error.empty()) {
+      // The blob store logged the file and the problem; the client learns
+      // that the value cannot be served, never wrong bytes.
+      send(*c, r, 500,
+           api_error_body(api_error::internal,
+                          "a stored payload or result could not be read back intact (its blob file is missing, "
+                          "short or corrupt; the relay log names it)"));
+      return;
+    }
+    send(*c, r, status, std::move(body), {}, std::move(reserved));
+  });
+}
+
+bool service::take_spooled(context& c, size_t items, std::string_view key,
+                           const std::function<void(size_t item, const queue::blob_ref& r)>& take) {
+  if (!c.req.spool) return true;
+  const http::body_spool& sp = *c.req.spool;
+  if (!_blobs || sp.dir != _blobs->dir()) {
+    // The upload path spools only where the blob store keeps its files.
+    respond_error(c, api_error::internal, "the body was spooled where no blob store keeps its files");
+    return false;
+  }
+  for (const http::spooled_value& v : sp.values) {
+    if (key.empty() || v.key != key || v.item >= items || v.length == 0 || v.offset + v.length > sp.bytes ||
+        v.offset + v.length < v.offset) {
+      respond_error(c, api_error::invalid_field,
+                    key.empty() ? "this request takes no large value" : "a large value is not where this request takes one");
+      return false;
+    }
+  }
+  for (const http::spooled_value& v : sp.values) take(v.item, {sp.file, v.offset, v.length, v.crc32c});
+  return true;
 }
 
 void service::respond_error(context& c, api_error e, std::string_view detail) {

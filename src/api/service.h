@@ -19,6 +19,7 @@
 #include "api/router.h"
 #include "relay/api_keys.h"
 #include "relay/auth.h"
+#include "relay/blob_store.h"
 #include "relay/journal.h"
 #include "relay/metrics.h"
 #include "relay/queue.h"
@@ -72,6 +73,9 @@ class service final : public net::request_handler {
   void drain();
   // Stops the clock; the loop must then run to close its handle.
   void close();
+  // Where referenced payloads and results are read back from (file
+  // backend); without one, no request may carry spooled values.
+  void set_blob_store(journal::blob_store* blobs) { _blobs = blobs; }
   size_t parked() const { return _lease_waits.size() + _job_waits.size(); }
 
   static queue::time_ms now();
@@ -131,7 +135,21 @@ class service final : public net::request_handler {
   // Every answer goes out through here: while records appended so far are
   // not yet durable, the answer waits for them (so that no client ever sees
   // a change a crash could undo), and becomes a 503 if writing them failed.
-  void send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra = {});
+  // `held`: the share of the blob store's read bound this answer's bytes
+  // took, given back once the answer is handed to its connection.
+  void send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra = {},
+            journal::blob_store::reservation held = {});
+  // send() for an answer that shows referenced values: they are read back
+  // on the threadpool (CRC checked) first; a read that fails answers 500
+  // and is logged with its file. An answer without holes is sent at once.
+  void send_filled(net::server_conn& conn, route r, int status, journal::answer_template answer);
+  // The values of a spooled request body cut out under `key`, handed to
+  // `take(item, ref)` for items below `items`: each a reference into the
+  // spool file. False, with 400 sent, if a value names an item the body
+  // does not have (the decoder's items and the scanner's disagree), or a
+  // key the route does not take.
+  bool take_spooled(context& c, size_t items, std::string_view key,
+                    const std::function<void(size_t item, const queue::blob_ref& r)>& take);
   void respond_error(context& c, api_error e, std::string_view detail = {});
   void count(route r, int status);
   // The job a /v1/jobs/{id} route names, after checking `p` on its queue;
@@ -164,6 +182,7 @@ class service final : public net::request_handler {
   uv_loop_t* _loop;
   queue::broker& _broker;
   journal::backend* _journal;
+  journal::blob_store* _blobs = nullptr;
   policy_source _policy;
   ops::registry& _metrics;
   decoder _decoder;
@@ -182,7 +201,8 @@ class service final : public net::request_handler {
   rate_limiter _rate;
 };
 
-// JSON for a job as GET /v1/jobs/{id} returns it.
-void append_job_json(std::string& out, const queue::job& j);
+// JSON for a job as GET /v1/jobs/{id} returns it; referenced values are
+// holes to fill from the blob store.
+void append_job_json(journal::answer_template& out, const queue::job& j);
 
 }  // namespace relay::api

@@ -12,7 +12,8 @@
 namespace relay::api {
 
 // {"jobs":[{"id","attempt","lease","lease_expires_ms","payload"},...]}
-std::string leased_jobs_json(const std::vector<queue::job*>& jobs);
+// Referenced payloads are holes to fill from the blob store.
+journal::answer_template leased_jobs_json(const std::vector<queue::job*>& jobs);
 // The bytes one job adds to that answer, leased as `attempt` until
 // `expires`; `first`: no separator before it. lease_answer_size is this and
 // the empty answer's size, the measure lease requests' max_bytes bounds.
@@ -31,7 +32,9 @@ struct service::lease_wait final : queue::lease_waiter {
   }
   void on_leased(const std::vector<queue::job*>& jobs) override {
     svc.finish_lease_wait(this);
-    svc.send(conn, route::lease, 200, leased_jobs_json(jobs));
+    // Starts the reads of referenced payloads at most; the answer itself
+    // goes out from the loop later (send_filled, when_durable).
+    svc.send_filled(conn, route::lease, 200, leased_jobs_json(jobs));
   }
   void expire() {
     svc._broker.unpark(*this);
@@ -77,9 +80,9 @@ struct service::job_wait final : queue::job_watcher {
   void answer(const queue::job* j) {
     svc.finish_job_wait(this);
     if (j) {
-      std::string body;
+      journal::answer_template body;
       append_job_json(body, *j);
-      svc.send(conn, route::get_job, 200, std::move(body));
+      svc.send_filled(conn, route::get_job, 200, std::move(body));
     } else {
       svc.send(conn, route::get_job, 404, api_error_body(api_error::not_found, "no such job"));
     }

@@ -2,10 +2,13 @@
 
 #include <pthread.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 
@@ -203,6 +206,7 @@ bool relay_server::start(std::string& error) {
   authn.failure_window_ms = _cfg.auth.failure_window_ms;
   _api = std::make_unique<api::service>(_loop, *_broker, [this] { return _policy; }, _metrics, _journal.get(),
                                         std::move(authn));
+  _api->set_blob_store(_blobs.get());
   _ops = std::make_unique<ops::ops_handler>(_metrics, [this] { return readiness(); });
 
   net::listener_options ops_opts;
@@ -314,7 +318,56 @@ bool relay_server::open_journal(std::string& error) {
   _journal->append(_broker->meta_record(api::service::now()));
   // Leases that ran out while relay was down expire now, as records.
   _broker->advance(api::service::now());
+  if (!open_blobs(error)) return false;
   uv_timer_start(&_compact_timer, on_compact_tick, 1000, 1000);
+  return true;
+}
+
+bool relay_server::open_blobs(std::string& error) {
+  std::string dir = _cfg.journal.dir + "/blobs";
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    error = "journal.dir " + _cfg.journal.dir + ": cannot create " + dir + ": " + std::strerror(errno);
+    return false;
+  }
+  // Enough for the largest single answer and a few more in flight; one is
+  // always let through whatever its size.
+  constexpr size_t max_reading_bytes = size_t{512} << 20;
+  _blobs = std::make_unique<journal::blob_store>(_loop, dir, max_reading_bytes, _metrics);
+  // Every job still held after replay and advance must be able to show its
+  // values. In always mode a record was written only after its blob file
+  // was synced, so a missing or short file is corruption; in batch and off
+  // modes the file may be part of the window a crash is allowed to lose,
+  // so the job goes, as its records could have.
+  bool always = _cfg.journal.fsync == "always";
+  std::vector<std::pair<queue::job_id, std::string>> lost;
+  _broker->for_each_blob_ref([&](const queue::job& j, const queue::blob_ref& r) {
+    std::string why = _blobs->check(r);
+    if (!why.empty() && (lost.empty() || lost.back().first != j.id)) lost.emplace_back(j.id, std::move(why));
+  });
+  for (const auto& [id, why] : lost) {
+    std::string job = queue::format_job_id(id);
+    if (always && !_repair_journal) {
+      error = "journal " + _cfg.journal.dir + " is corrupt: job " + job + " names a blob file that cannot hold its value (" +
+              why + "); with journal.fsync always that file was synced before the record. Start with "
+              "--repair-journal to drop the job.";
+      return false;
+    }
+    log::warn("blob_missing_job_dropped")
+        .str("job", job)
+        .str("problem", why)
+        .str("why", always ? "--repair-journal" : "journal.fsync " + _cfg.journal.fsync + " may lose the last window");
+    _broker->drop(id);
+  }
+  // Files no held job names: uploads a crash cut off, jobs forgotten while
+  // relay was down. Deleted before serving, so disk follows live data.
+  size_t swept = _blobs->sweep([this](uint64_t file) { return _broker->blob_referenced(file); });
+  log::info("blobs_checked")
+      .str("dir", dir)
+      .num("files", static_cast<int64_t>(_broker->blob_files()))
+      .num("bytes", static_cast<int64_t>(_broker->referenced_bytes()))
+      .num("jobs_dropped", static_cast<int64_t>(lost.size()))
+      .num("orphans_deleted", static_cast<int64_t>(swept));
+  _broker->on_blob_unreferenced([this](uint64_t file) { _blobs->release(file); });
   return true;
 }
 
@@ -474,7 +527,9 @@ void relay_server::on_compact_tick(uv_timer_t* t) {
   }
   // Compact when the journal is large both in absolute terms and against
   // what is live (payloads, results and per-job overhead).
-  uint64_t live = self->_broker->held_bytes() + self->_broker->job_count() * 160;
+  // Values kept in blob files are not in the journal (snapshots carry
+  // their references): they do not count towards what it should hold.
+  uint64_t live = self->_broker->held_bytes() - self->_broker->referenced_bytes() + self->_broker->job_count() * 160;
   uint64_t disk = self->_journal->disk_bytes();
   if (disk < self->_cfg.journal.compact_min_bytes || disk < 2 * live) return;
   self->_compact_bytes_before = disk;
@@ -724,6 +779,7 @@ void relay_server::stop() {
     for (uv_signal_t* s : {&_sigterm, &_sigint, &_sighup}) uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
   }
   for (size_t i = 0; i < _file_watch_count; ++i) uv_close(reinterpret_cast<uv_handle_t*>(&_file_watches[i]), nullptr);
+  if (_blobs) _blobs->close();  // reads in flight answer nobody now
   if (_api) _api->close();
   if (_api_listener) _api_listener->close();
   if (_ops_listener) _ops_listener->close();

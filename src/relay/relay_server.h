@@ -9,6 +9,7 @@
 #include <string>
 
 #include "api/service.h"
+#include "relay/blob_store.h"
 #include "relay/api_keys.h"
 #include "relay/auth.h"
 #include "relay/config.h"
@@ -61,6 +62,9 @@ class relay_server {
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
+  // After replay: checks held jobs' blob references, sweeps orphan files,
+  // and opens the blob store (file backend).
+  bool open_blobs(std::string& error);
   // Opens the API listener and announces the relay as serving.
   bool serve(std::string& error);
   // The postgres backend: start as a standby; lead once the shard is ours.
@@ -93,6 +97,8 @@ class relay_server {
   std::shared_ptr<const auth::api_keys> _api_keys;  // null in mtls mode
   std::unique_ptr<queue::broker> _broker;
   std::unique_ptr<journal::backend> _journal;
+  // Spilled payloads and results (file backend only).
+  std::unique_ptr<journal::blob_store> _blobs;
   // The postgres backend (null with files): leadership, and its deadline,
   // past which nothing is acknowledged.
 #if RELAY_WITH_POSTGRES
