@@ -335,28 +335,40 @@ bool relay_server::open_blobs(std::string& error) {
   _blobs = std::make_unique<journal::blob_store>(_loop, dir, max_reading_bytes, _metrics);
   // Every job still held after replay and advance must be able to show its
   // values. In always mode a record was written only after its blob file
-  // was synced, so a missing or short file is corruption; in batch and off
-  // modes the file may be part of the window a crash is allowed to lose,
-  // so the job goes, as its records could have.
+  // was synced, so a missing or short file of an unfinished job is
+  // corruption. Two cases are not: in batch and off modes the file may be
+  // part of the window a crash is allowed to lose, so the job goes, as its
+  // records could have; and a finished job's files are deleted once its
+  // result retention ends, which a replay under a longer
+  // limits.result_ttl_ms (or a clock set back) does not reproduce -- that
+  // job was already forgotten, and is again.
   bool always = _cfg.journal.fsync == "always";
-  std::vector<std::pair<queue::job_id, std::string>> lost;
+  struct lost_job {
+    queue::job_id id;
+    bool finished;
+    std::string why;
+  };
+  std::vector<lost_job> lost;
   _broker->for_each_blob_ref([&](const queue::job& j, const queue::blob_ref& r) {
     std::string why = _blobs->check(r);
-    if (!why.empty() && (lost.empty() || lost.back().first != j.id)) lost.emplace_back(j.id, std::move(why));
+    if (!why.empty() && (lost.empty() || lost.back().id != j.id))
+      lost.push_back({j.id, queue::is_terminal(j.state), std::move(why)});
   });
-  for (const auto& [id, why] : lost) {
-    std::string job = queue::format_job_id(id);
-    if (always && !_repair_journal) {
+  for (const auto& l : lost) {
+    std::string job = queue::format_job_id(l.id);
+    if (always && !l.finished && !_repair_journal) {
       error = "journal " + _cfg.journal.dir + " is corrupt: job " + job + " names a blob file that cannot hold its value (" +
-              why + "); with journal.fsync always that file was synced before the record. Start with "
+              l.why + "); with journal.fsync always that file was synced before the record. Start with "
               "--repair-journal to drop the job.";
       return false;
     }
     log::warn("blob_missing_job_dropped")
         .str("job", job)
-        .str("problem", why)
-        .str("why", always ? "--repair-journal" : "journal.fsync " + _cfg.journal.fsync + " may lose the last window");
-    _broker->drop(id);
+        .str("problem", l.why)
+        .str("why", l.finished ? "a finished job whose retention ended before (its files were deleted then)"
+                    : always   ? "--repair-journal"
+                               : "journal.fsync " + _cfg.journal.fsync + " may lose the last window");
+    _broker->drop(l.id);
   }
   // Files no held job names: uploads a crash cut off, jobs forgotten while
   // relay was down. Deleted before serving, so disk follows live data.

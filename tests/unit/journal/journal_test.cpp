@@ -387,7 +387,8 @@ TEST_CASE("version 1 segments still replay; their torn tail is cut, a length abo
   b = replay_dir(dir.path(), res, error);
   REQUIRE_MESSAGE(b, error);
   CHECK_EQ(b->job_count(), 6u);
-  CHECK_EQ(test::read_bytes(journal::segment_path(dir.path(), 2)).substr(4, 1), std::string(1, '\2'));
+  CHECK_EQ(test::read_bytes(journal::segment_path(dir.path(), 2)).substr(4, 1),
+           std::string(1, static_cast<char>(journal::format_version)));
 }
 
 TEST_CASE("a failed fsync whose cut fails too writes every record exactly once after recovery") {
