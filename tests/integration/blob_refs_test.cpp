@@ -276,7 +276,7 @@ TEST_CASE("a held job whose blob file is missing: corruption in always mode, dro
   }
 }
 
-TEST_CASE("2,000 jobs of 1 MiB held by reference cost relay far less memory than their bytes") {
+TEST_CASE("two thousand jobs of 1 MiB held by reference cost relay far less memory than their bytes") {
   test::tmpdir jdir;
   std::string blobs = jdir / "blobs";
   // One 1 MiB value per 100 jobs (the disk of the test machine is shared):
@@ -292,12 +292,16 @@ TEST_CASE("2,000 jobs of 1 MiB held by reference cost relay far less memory than
       relay::journal::options o;
       o.fsync = relay::journal::fsync_mode::off;
       return o;
+    }(), 1, [] {
+      relay::queue::broker_limits l;
+      l.max_held_bytes = size_t{4} << 30;
+      return l;
     }());
     for (int i = 0; i < 2000; ++i) submit_ref(*j.b, "work", refs[static_cast<size_t>(i % 20)]);
     REQUIRE(j.sync());
   }
   relay_process relay(on_journal(jdir.path(), "always", {"--set", "limits.max_held_bytes=4294967296"}));
-  auto q = relay.curl("ops", "GET", "/v1/queues/work");
+  auto q = relay.curl("admin", "GET", "/v1/queues/work");
   REQUIRE_EQ(q.status, 200);
   CHECK_NE(q.body.find("\"queued\":2000,"), std::string::npos);
   // Lease and read back 40 of them (40 MiB through the answers).
