@@ -28,6 +28,10 @@
 // byte for byte; only submit (payload), complete (text) and snapshot (both)
 // carry them, and a referenced field's inline bytes are empty. Framing as
 // version 2. Compaction's snapshots carry references, never the bytes.
+// Durability of the files (the writer thread): in `always` mode each new
+// blob file is fdatasynced, and the blobs directory fsynced, before the
+// batch whose records first name it is written; in `batch` mode they are
+// synced at the periodic fsync, just before the segment; `off` syncs none.
 //
 // Version 2:
 //   record   = u32 length · u32 crc32c(body) · u32 crc32c(length · body crc) · body[length]
@@ -300,7 +304,10 @@ class writer final : public backend {
   static void on_batch_timer(uv_timer_t* t);
   void run();  // the writer thread
   bool write_batch(batch& b, std::string& error);
+  // Always mode: syncs the batch's new blob files before it is written;
+  // batch mode: sets them aside for the next periodic fsync.
   bool sync_blobs(batch& b, std::string& error);
+  bool sync_blob_files(std::vector<uint64_t>& files, std::string& error);
   bool sync(std::string& error);
   // Cuts the segment back to _segment_size (what was written whole).
   bool cut(std::string& error);
@@ -347,6 +354,7 @@ class writer final : public backend {
   uint64_t _segment_size = 0;     // bytes written to the current segment
   uint64_t _synced_size = 0;      // bytes of it known to be on disk
   bool _cut_pending = false;      // a failed write or fsync left bytes past _segment_size
+  std::vector<uint64_t> _unsynced_blobs;  // batch mode: blob files named by written, unsynced records
 
   // Writer → loop.
   std::atomic<uint64_t> _durable_seq{0};

@@ -125,7 +125,7 @@ void service::submit(context& c) {
     all_created = all_created && r.created;
     // A job now names the spool file: it must outlive the request. (A
     // repeated idempotency key stores nothing: the file goes with it.)
-    if (r.created && p.payload_ref.valid()) c.req.spool->keep = true;
+    if (r.created && p.payload_ref.valid()) c.spool->keep = true;
     if (batch) {
       if (i) body += ',';
       body += '"';

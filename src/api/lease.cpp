@@ -175,7 +175,7 @@ void service::complete_or_fail(context& c, bool fail) {
     else respond_error(c, lease_error(e), lease_error_detail(e));
     return;
   }
-  if (result_ref.valid()) c.req.spool->keep = true;  // the job names the file now
+  if (result_ref.valid()) c.spool->keep = true;  // the job names the file now
   std::string body = "{\"id\":\"" + queue::format_job_id(j->id) + "\",\"state\":\"" +
                      std::string(queue::to_string(j->state)) + "\"";
   if (j->state == queue::job_state::failed) body += ",\"retry_at_ms\":" + std::to_string(j->due_ms);
@@ -195,7 +195,7 @@ void service::results(context& c) {
     return;
   }
   std::vector<queue::blob_ref> refs;
-  if (c.req.spool) refs.resize(items.size());
+  if (c.spool) refs.resize(items.size());
   if (!take_spooled(c, items.size(), "result", [&](size_t i, const queue::blob_ref& r) {
         if (!items[i].failed && items[i].result == "null") refs[i] = r;  // see complete_or_fail()
       }))
@@ -219,7 +219,7 @@ void service::results(context& c) {
       queue::op_error r = a.failed ? _broker.fail(a.id, a.lease, c.conn.principal, a.error, a.retry_delay_ms, t)
                                    : _broker.complete(a.id, a.lease, c.conn.principal,
                                                       ref.valid() ? std::string_view() : std::string_view(a.result), t, ref);
-      if (r == queue::op_error::none && ref.valid()) c.req.spool->keep = true;
+      if (r == queue::op_error::none && ref.valid()) c.spool->keep = true;
       if (r != queue::op_error::none) {
         e = lease_error(r);
         status = describe(e).status;

@@ -133,8 +133,8 @@ void service::send_filled(net::server_conn& conn, route r, int status, journal::
 
 bool service::take_spooled(context& c, size_t items, std::string_view key,
                            const std::function<void(size_t item, const queue::blob_ref& r)>& take) {
-  if (!c.req.spool) return true;
-  const http::body_spool& sp = *c.req.spool;
+  if (!c.spool) return true;
+  const http::body_spool& sp = *c.spool;
   if (!_blobs || sp.dir != _blobs->dir()) {
     // The upload path spools only where the blob store keeps its files.
     respond_error(c, api_error::internal, "the body was spooled where no blob store keeps its files");
@@ -377,7 +377,7 @@ bool service::on_headers(net::server_conn& conn, http::request& req) {
 }
 
 void service::on_request(net::server_conn& conn, http::request& req) {
-  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr};
+  context c{conn, req, match_route(req.verb, req.path()), _policy(), nullptr, nullptr, std::move(req.spool)};
   if (!admit(c)) return;
   if (!charged_at_headers(req) && !within_request_rate(c)) return;
   bool changes = c.match.which != route::get_job && c.match.which != route::list_queues &&

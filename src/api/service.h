@@ -92,6 +92,11 @@ class service final : public net::request_handler {
     // The API key that authenticated the request (key modes), valid while
     // the request is handled.
     const auth::api_key* key = nullptr;
+    // The request's spooled values, taken from it: the spool lives exactly
+    // as long as the request is handled, so a file no job came to name
+    // (a refused or stale request) is removed at once, not when the
+    // connection reuses or frees the request.
+    std::shared_ptr<http::body_spool> spool;
   };
   // How long a long poll of `c` may wait: `asked`, cut short where the
   // credentials it was authorised by end first (the key's not_after, the

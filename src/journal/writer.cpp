@@ -388,8 +388,8 @@ bool writer::write_batch(batch& b, std::string& error) {
   return true;
 }
 
-bool writer::sync_blobs(batch& b, std::string& error) {
-  if (b.blobs.empty() || _o.fsync != fsync_mode::always) return true;
+bool writer::sync_blob_files(std::vector<uint64_t>& files, std::string& error) {
+  if (files.empty()) return true;
   if (_o.fault) {
     if (int e = _o.fault("blob_sync")) {
       error = "fsync of blob files in " + _o.dir + "/blobs: " + std::strerror(e);
@@ -397,9 +397,9 @@ bool writer::sync_blobs(batch& b, std::string& error) {
     }
   }
   std::string dir = _o.dir + "/blobs";
-  std::sort(b.blobs.begin(), b.blobs.end());
-  b.blobs.erase(std::unique(b.blobs.begin(), b.blobs.end()), b.blobs.end());
-  for (uint64_t file : b.blobs) {
+  std::sort(files.begin(), files.end());
+  files.erase(std::unique(files.begin(), files.end()), files.end());
+  for (uint64_t file : files) {
     char name[24];
     std::snprintf(name, sizeof name, "/%016llx", static_cast<unsigned long long>(file));
     std::string path = dir + name;
@@ -420,7 +420,17 @@ bool writer::sync_blobs(batch& b, std::string& error) {
   }
   ::close(dfd);
   _fsyncs.inc();
-  b.blobs.clear();  // a retry after a later failure need not sync them again
+  files.clear();  // a retry after a later failure need not sync them again
+  return true;
+}
+
+bool writer::sync_blobs(batch& b, std::string& error) {
+  if (b.blobs.empty()) return true;
+  if (_o.fsync == fsync_mode::always) return sync_blob_files(b.blobs, error);
+  // Batch mode: synced with the segment, at the periodic fsync (so a record
+  // made durable there never names bytes that are not); off mode: never.
+  if (_o.fsync == fsync_mode::batch) _unsynced_blobs.insert(_unsynced_blobs.end(), b.blobs.begin(), b.blobs.end());
+  b.blobs.clear();
   return true;
 }
 
@@ -521,7 +531,7 @@ void writer::run() {
       if (b.roll_to && b.roll_to != _segment) {
         // The old segment is complete on disk before the next one exists,
         // in every mode: replay takes only the newest segment's tail for torn.
-        if (_segment_size != _synced_size && !(ok = sync(error))) {
+        if (_segment_size != _synced_size && !(ok = sync_blob_files(_unsynced_blobs, error) && sync(error))) {
           sync_failed();
           break;
         }
@@ -547,7 +557,7 @@ void writer::run() {
       if (b.delete_before) {
         // Deleting is safe only once everything before it is on disk (in
         // every mode: the snapshots replace what is deleted).
-        if (_segment_size != _synced_size && !(ok = sync(error))) {
+        if (_segment_size != _synced_size && !(ok = sync_blob_files(_unsynced_blobs, error) && sync(error))) {
           sync_failed();
           break;
         }
@@ -567,7 +577,10 @@ void writer::run() {
     }
     bool want_sync = _o.fsync == fsync_mode::always || (_o.fsync == fsync_mode::batch && (nudged || stopping));
     if (ok && want_sync && _segment_size != _synced_size) {
-      ok = sync(error);
+      // Batch mode: the blob files its records name first (nothing to cut
+      // if this fails: the segment is simply not synced yet).
+      ok = sync_blob_files(_unsynced_blobs, error);
+      if (ok) ok = sync(error);
       if (ok) _records_per_fsync.observe(static_cast<double>(records));
       else sync_failed();
     }

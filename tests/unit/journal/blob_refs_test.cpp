@@ -314,6 +314,25 @@ TEST_CASE("in always mode a batch naming a new blob file is written only after t
   CHECK_NE(j.w->failure().find(journal::blob_store::name(0x42)), std::string::npos);
 }
 
+TEST_CASE("in batch mode the blob files a batch names are synced at the periodic fsync, before the segment") {
+  test::tmpdir dir;
+  journal::options o;
+  o.fsync = journal::fsync_mode::batch;
+  o.batch_interval_ms = 20;
+  std::atomic<int> blob_syncs{0}, segment_syncs_after{0};
+  o.fault = [&](std::string_view op) {
+    if (op == "blob_sync") ++blob_syncs;
+    if (op == "fsync" && blob_syncs > 0) ++segment_syncs_after;
+    return 0;
+  };
+  test::journaled j(dir.path(), o);
+  blob_ref r = test::write_blob(dir / "blobs", std::string(100, 'y'));
+  submit_ref(*j.b, r);
+  CHECK(j.sync());  // batch mode: at once
+  REQUIRE(j.run_until([&] { return segment_syncs_after > 0; }));
+  CHECK_EQ(blob_syncs.load(), 1);
+}
+
 TEST_CASE("the blob store reads values back checked, bounds what it holds, and deletes what nothing pins") {
   test::tmpdir dir;
   uv_loop_t loop;
