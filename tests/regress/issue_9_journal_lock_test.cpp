@@ -10,10 +10,12 @@
 
 namespace {
 
-// Every file in `dir` with its size.
+// Every file in `dir` with its size (a directory, such as blobs/ since
+// issue 13, as 0).
 std::map<std::string, uintmax_t> listing(const std::string& dir) {
   std::map<std::string, uintmax_t> out;
-  for (auto& e : std::filesystem::directory_iterator(dir)) out[e.path().filename()] = e.file_size();
+  for (auto& e : std::filesystem::directory_iterator(dir))
+    out[e.path().filename()] = e.is_regular_file() ? e.file_size() : 0;
   return out;
 }
 
