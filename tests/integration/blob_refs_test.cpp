@@ -125,8 +125,8 @@ TEST_CASE("spilled payloads and results: lease, GET, restart, corruption, orphan
     REQUIRE_NE(second, std::string::npos);
     CHECK(l.body.substr(first + 11, second - first - 11) == p1);
     CHECK(raw_between(l.body.substr(second), ",\"payload\":", "}]}") == p2);
-    // A lease bounded in bytes counts the reference's length.
-    // (Both are leased now; the bound is checked by the unit tests.)
+    // (A lease bounded in bytes counts the reference's length: unit tests
+    // and the RSS case below.)
 
     // Complete a with an inline result; GET shows both, the payload still
     // read back from its file.
@@ -172,10 +172,7 @@ TEST_CASE("spilled payloads and results: lease, GET, restart, corruption, orphan
     // The other jobs are still served.
     g = relay.curl("producer", "GET", "/v1/jobs/" + a_id);
     CHECK(raw_between(g.body, ",\"payload\":", ",\"result\":") == p1);
-
-    // GC: b cancelled... it is leased; cancel refuses. Expire its results
-    // instead: covered by the next case. Here: a file is deleted once the
-    // last job naming it goes (result TTL, next case).
+    // (Deletion once no job names a file: the next case.)
   }
 }
 
