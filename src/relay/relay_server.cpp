@@ -2,10 +2,13 @@
 
 #include <pthread.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <unistd.h>
 
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 
@@ -234,6 +237,10 @@ bool relay_server::serve(std::string& error) {
   api_opts.address = _cfg.listen;
   api_opts.tls = [this] { return _tls; };
   api_opts.conn = conn_options(_cfg);
+  if (_cfg.limits.spill_threshold_bytes > 0) {
+    api_opts.conn.spill_threshold = _cfg.limits.spill_threshold_bytes;
+    api_opts.conn.spool_dir = blobs_dir();
+  }
   api_opts.max_connections = _cfg.limits.max_connections;
   api_opts.max_connections_per_ip = _cfg.limits.max_connections_per_ip;
   api_opts.max_pending_body_bytes = _cfg.limits.max_pending_body_bytes;
@@ -265,6 +272,27 @@ bool relay_server::serve(std::string& error) {
   return true;
 }
 
+// Spooled request values land here (issue 13). Owner-only: they are job
+// data. An existing directory is made 0700 too, so that a umask or a hand
+// that made it looser does not leave payloads readable.
+bool relay_server::make_blobs_dir(std::string& error) {
+  std::string dir = blobs_dir();
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    error = "journal.dir " + _cfg.journal.dir + ": cannot create " + dir + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    error = "journal.dir " + _cfg.journal.dir + ": " + dir + " is not a directory";
+    return false;
+  }
+  if ((st.st_mode & 07777) != 0700 && ::chmod(dir.c_str(), 0700) != 0) {
+    error = "journal.dir " + _cfg.journal.dir + ": cannot make " + dir + " 0700: " + std::strerror(errno);
+    return false;
+  }
+  return true;
+}
+
 bool relay_server::open_journal(std::string& error) {
   journal::options o;
   o.dir = _cfg.journal.dir;
@@ -277,6 +305,7 @@ bool relay_server::open_journal(std::string& error) {
   // One relay per journal.dir, locked before replay: replay may cut a tail
   // that another relay is still writing.
   if (!writer->lock(error)) return false;
+  if (_cfg.limits.spill_threshold_bytes > 0 && !make_blobs_dir(error)) return false;
   // Replay first: nothing listens until the queues are what they were.
   auto t0 = std::chrono::steady_clock::now();
   journal::replay_result res;

@@ -61,6 +61,8 @@ class relay_server {
   static void on_drain_tick(uv_timer_t* t);
   std::string readiness() const;
   bool open_journal(std::string& error);
+  bool make_blobs_dir(std::string& error);
+  std::string blobs_dir() const { return _cfg.journal.dir + "/blobs"; }
   // Opens the API listener and announces the relay as serving.
   bool serve(std::string& error);
   // The postgres backend: start as a standby; lead once the shard is ours.
