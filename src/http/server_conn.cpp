@@ -328,7 +328,12 @@ void server_conn::on_upload_event() {
     if (_upload->done()) deliver_spooled();
     return;
   }
-  if (_state == state::reading_body) process();
+  if (_state == state::reading_body) {
+    // Time spent waiting on the disk is not the peer's stall: the stall and
+    // rate checks measure from here.
+    _body_last_progress = uv_now(_stream->loop());
+    process();
+  }
 }
 
 void server_conn::refuse_upload() {

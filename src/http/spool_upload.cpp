@@ -48,6 +48,12 @@ void spool_upload::on_cut_begin(uint32_t item, std::string_view key) {
   // The file is made when the first value is cut, not for every large
   // body: one whose members are all small needs none.
   if (_fd < 0 && !_opening && _spool->dir.empty()) open_file();
+  if (_fill.capacity() < buffer_bytes) {
+    // Sized once, with room for the read that passes the mark, so that
+    // appending never doubles a buffer (the budget counts capacity).
+    _fill.reserve(buffer_bytes + buffer_slack);
+    _flight.reserve(buffer_bytes + buffer_slack);
+  }
   _spool->values.push_back({item, key, _spool->bytes, 0, 0});
   _crc = 0;
 }

@@ -21,6 +21,7 @@ class spool_upload final : public body_sink, private json_scanner::sink {
   // buffer fills while the other is written, so an upload holds at most
   // about twice this (plus one read) of value bytes.
   static constexpr size_t buffer_bytes = 256 * 1024;
+  static constexpr size_t buffer_slack = 64 * 1024;
   static constexpr size_t max_skeleton_bytes = 8u << 20;
 
   // `on_event` runs from a libuv callback (never from a call into this
