@@ -231,8 +231,9 @@ TEST_CASE("spool: relay's RSS during a 256 MiB upload stays far below the body")
   std::printf("spool_rss: upload_s=%.2f rss_before_mib=%ld rss_peak_mib=%ld cpu_us_per_kb=%.3f\n", secs,
               watch.before() / 1024, watch.peak() / 1024, us_per_kb);
   // Far below the body: the skeleton, two 256 KiB buffers, TLS and socket
-  // buffers. 48 MiB of growth leaves room for allocator slack.
-  CHECK_LT(watch.growth(), 48 * 1024);
+  // buffers. 48 MiB of growth leaves room for allocator slack. (Not under a
+  // sanitizer: see hostile::rss_bounds_apply.)
+  if (hostile::rss_bounds_apply) CHECK_LT(watch.growth(), 48 * 1024);
   std::remove(file.c_str());
 }
 
