@@ -72,7 +72,11 @@ struct relay_config {
     } postgres;
   } journal;
   struct {
-    uint64_t max_body_bytes = 1048576;
+    uint64_t max_body_bytes = 1048576;  // up to 256 MiB (64 MiB with journal.backend postgres)
+    // A body above this is not held in RAM: its payload/result values of at
+    // least this size go to files in <journal.dir>/blobs as they arrive. 0:
+    // never; forced to 0 with journal.backend postgres.
+    uint64_t spill_threshold_bytes = 65536;
     uint64_t max_connections = 10000;
     uint64_t header_timeout_ms = 10000;
     uint64_t idle_timeout_ms = 120000;

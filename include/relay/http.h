@@ -81,6 +81,15 @@ struct request {
   void clear();
 };
 
+// Where the bytes of a body go instead of request::body once the
+// connection decides to spool it (see body_spool). Called from inside
+// request_parser::execute().
+class body_sink {
+ public:
+  virtual ~body_sink() = default;
+  virtual bool feed(const char* data, size_t len) = 0;
+};
+
 // Incremental request parser. Feed bytes with execute(); it stops after each
 // complete request (so that pipelined requests are answered one at a time and
 // in order) and after the headers of a request that has a body (so that the
@@ -110,6 +119,11 @@ class request_parser {
   request& current() { return _req; }
   // Call after handling a complete request, before parsing the next.
   void next();
+  // From now until the request ends, body bytes go to `sink` (null: to
+  // request::body, the default for every request).
+  void set_body_sink(body_sink* sink) { _sink = sink; }
+  // Body bytes of the current request received so far (wherever they went).
+  uint64_t body_received() const { return _body_received; }
 
   bool started() const { return _started; }  // bytes of a request seen
   bool headers_complete() const { return _headers_done; }
@@ -137,6 +151,8 @@ class request_parser {
   std::string _value;
   size_t _header_bytes = 0;
   size_t _header_count = 0;
+  body_sink* _sink = nullptr;
+  uint64_t _body_received = 0;
   bool _started = false;
   bool _headers_done = false;
   bool _complete = false;

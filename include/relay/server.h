@@ -28,6 +28,10 @@
 #include "relay/stream.h"
 #include "relay/tls.h"
 
+namespace relay::http {
+class spool_upload;
+}
+
 namespace relay::net {
 
 class listener;
@@ -77,6 +81,13 @@ struct conn_options {
   // included -- is never cut. 0: no limit. With TLS, a connection is also
   // retired so once its peer certificate's notAfter has passed.
   uint64_t max_age_ms = 0;
+  // Spooling (issue 13): a body longer than this (by Content-Length, or a
+  // chunked one once it passes it) is validated as it arrives and its
+  // payload/result values of at least this many bytes are written to a
+  // file in spool_dir; the request then carries a body_spool and its
+  // skeleton. 0 or no spool_dir: every body is held in RAM.
+  uint64_t spill_threshold = 0;
+  std::string spool_dir;
 };
 
 class server_conn final : private stream_handler {
@@ -127,6 +138,7 @@ class server_conn final : private stream_handler {
     idle,                // between requests
     reading_headers,     // a request's first bytes seen, headers not complete
     reading_body,        // headers accepted, body arriving
+    spooling,            // a spooled body is whole; its last writes are going to disk
     handling,            // a complete request is with the handler
     closing_after_write, // a final answer is being written; then lingering close
     closed,
@@ -154,6 +166,15 @@ class server_conn final : private stream_handler {
   bool output_full() const;
   void release_body_budget();
   bool reserve_body_budget(size_t bytes);
+  // The reservation becomes exactly `bytes` (a spooled body's RAM goes
+  // down as well as up); false if growing it would pass the budget.
+  bool set_body_budget(size_t bytes);
+  // Spooled bodies.
+  void start_upload();
+  void on_upload_event();
+  void refuse_upload();
+  void deliver_spooled();
+  void drop_upload();
   // Retirement (conn_options::max_age_ms, the certificate's notAfter).
   bool retire_due() const;
   void count_retired();
@@ -175,6 +196,7 @@ class server_conn final : private stream_handler {
   uint64_t _body_last_progress = 0;
   size_t _body_seen = 0;       // body bytes received so far
   size_t _body_reserved = 0;   // bytes of the listener's body budget this request holds
+  http::spool_upload* _upload = nullptr;  // the body being spooled; it frees itself (abandon, hand_over)
   std::function<void()> _abandon;
   std::string _ip;             // the per-address count this connection holds (empty: none)
   // The generation of the TLS context the peer was last verified against

@@ -34,7 +34,8 @@ const schema& relay_schema() {
       {"journal.postgres.lease_ms", kind::number, field<c>([](c& x) { return &x.journal.postgres.lease_ms; }), {}, 500, 600000},
       {"journal.postgres.renew_ms", kind::number, field<c>([](c& x) { return &x.journal.postgres.renew_ms; }), {}, 50, 200000},
       {"journal.postgres.max_batch_records", kind::number, field<c>([](c& x) { return &x.journal.postgres.max_batch_records; }), {}, 1, 1000000},
-      {"limits.max_body_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_body_bytes; }), {}, 1, 64ull << 20},
+      {"limits.max_body_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_body_bytes; }), {}, 1, 256ull << 20},
+      {"limits.spill_threshold_bytes", kind::number, field<c>([](c& x) { return &x.limits.spill_threshold_bytes; }), {}, 0, 64ull << 20},
       {"limits.max_connections", kind::number, field<c>([](c& x) { return &x.limits.max_connections; }), {}, 1, 1000000},
       {"limits.header_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.header_timeout_ms; }), {}, 100, 600000},
       {"limits.idle_timeout_ms", kind::number, field<c>([](c& x) { return &x.limits.idle_timeout_ms; }), {}, 100, 3600000},
@@ -91,6 +92,17 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
               "), so that a renewal can fail twice before the lease runs out";
       return false;
     }
+    // Rows of a PostgreSQL journal carry whole values (no blob store beside
+    // them), and a record is bounded at 64 MiB.
+    if (cfg.limits.max_body_bytes > (64ull << 20)) {
+      error = where + ": \"limits.max_body_bytes\" (" + std::to_string(cfg.limits.max_body_bytes) +
+              ") must be at most 67108864 (64 MiB) when \"journal.backend\" is \"postgres\" (large values are "
+              "spooled to files beside a file journal only)";
+      return false;
+    }
+    // Nothing spills: a spooled value would live in a file on one
+    // machine, which a standby taking over could not read.
+    cfg.limits.spill_threshold_bytes = 0;
   }
   out = std::move(cfg);
   return true;

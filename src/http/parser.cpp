@@ -99,6 +99,8 @@ int request_parser::on_message_begin(llhttp_t* p) {
   s->_complete = false;
   s->_header_bytes = 0;
   s->_header_count = 0;
+  s->_sink = nullptr;
+  s->_body_received = 0;
   s->_field.clear();
   s->_value.clear();
   return 0;
@@ -176,9 +178,16 @@ int request_parser::on_headers_complete(llhttp_t* p) {
 int request_parser::on_body(llhttp_t* p, const char* at, size_t len) {
   auto* s = self(p);
   // Content-Length was checked up front; this bounds chunked bodies.
-  if (s->_req.body.size() + len > s->_limits.max_body_bytes)
+  if (s->_body_received + len > s->_limits.max_body_bytes)
     return s->reject(api_error::payload_too_large, "the request body is larger than " +
                                                        std::to_string(s->_limits.max_body_bytes) + " bytes");
+  s->_body_received += len;
+  if (s->_sink) {
+    // A refusal is the sink's to report (the connection asks it after
+    // execute()); the rest of the body is still parsed, and ignored.
+    s->_sink->feed(at, len);
+    return 0;
+  }
   if (s->_req.body.empty() && s->_req.content_length > 0)
     s->_req.body.reserve(static_cast<size_t>(s->_req.content_length) + body_padding);
   s->_req.body.append(at, len);
@@ -221,6 +230,7 @@ void request_parser::next() {
   // An answered request's body is not kept while the connection idles
   // (it counted against the body budget only until the answer).
   if (_req.body.capacity() > 16 * 1024) std::string().swap(_req.body);
+  _sink = nullptr;
   _started = false;
   _headers_done = false;
   _complete = false;

@@ -1,9 +1,11 @@
 #include <algorithm>
 #include <cassert>
+#include <utility>
 
 #include "relay/audit.h"
 #include "relay/log.h"
 #include "relay/server.h"
+#include "spool_upload.h"
 
 namespace relay::net {
 namespace {
@@ -82,6 +84,9 @@ void server_conn::process() {
       held_back = true;
       break;
     }
+    // A spooled body waits for the disk: its next bytes stay unparsed (and
+    // reading pauses, update_reading) until a write completes.
+    if (_upload && _upload->full()) break;
     if (_state == state::idle) {
       // Still evictable, and no younger: a request that is never finished
       // must not protect its slot.
@@ -119,21 +124,56 @@ void server_conn::process() {
       _body_seen = 0;
       _body_last_progress = _body_started;
       _stream->arm_timer(body_check_ms);
+      if (o.spill_threshold > 0 && !o.spool_dir.empty() && req.content_length > o.spill_threshold) start_upload();
       if (req.expect_continue) _stream->write("HTTP/1.1 100 Continue\r\n\r\n");
       continue;
     }
     if (_state == state::reading_body) {
-      if (req.body.size() > _body_seen) {
-        _body_seen = req.body.size();
+      if (_parser.body_received() > _body_seen) {
+        _body_seen = _parser.body_received();
         _body_last_progress = uv_now(_stream->loop());
       }
-      if (req.body.size() > _body_reserved && !reserve_body_budget(req.body.size())) {
+      if (!_upload && req.chunked && o.spill_threshold > 0 && !o.spool_dir.empty() &&
+          req.body.size() > o.spill_threshold) {
+        // A chunked body announces no length: it is spooled once it passes
+        // the threshold, starting with what it holds so far.
+        start_upload();
+        _upload->feed(req.body.data(), req.body.size());
+        std::string().swap(req.body);
+      }
+      if (_upload) {
+        if (_upload->failed()) {
+          refuse_upload();
+          break;
+        }
+        if (!set_body_budget(_upload->held_bytes())) {
+          _owner._body_refused.inc();
+          reject(api_error::unavailable, "too many request bodies in progress; retry later");
+          break;
+        }
+      } else if (req.body.size() > _body_reserved && !reserve_body_budget(req.body.size())) {
         _owner._body_refused.inc();
         reject(api_error::unavailable, "too many request bodies in progress; retry later");
         break;
       }
     }
     if (r.what == http::request_parser::event::need_more) break;
+    if (_upload) {
+      if (!_upload->finish()) {
+        refuse_upload();
+        break;
+      }
+      if (!_upload->done()) {
+        // Answered once the last value bytes are on disk (on_upload_event).
+        _state = state::spooling;
+        _owner.evictable_remove(this);
+        _stream->arm_timer(0);
+        break;
+      }
+      _parser.set_body_sink(nullptr);
+      auto* u = std::exchange(_upload, nullptr);
+      u->hand_over(req);
+    }
     release_body_budget();
     _state = state::handling;
     _owner.evictable_remove(this);
@@ -214,6 +254,7 @@ void server_conn::reject(api_error e, std::string_view detail) {
   const auto& info = describe(e);
   http::write_response(_stream->write_buffer(), info.status, "application/json", api_error_body(e, detail),
                        api_error_headers(e), true);
+  drop_upload();
   _parser.next();
   release_body_budget();
   end_with_final_answer();
@@ -235,7 +276,8 @@ void server_conn::update_reading() {
   // on a parked long poll is noticed at once; stop only when too much input
   // or output is waiting.
   size_t held = _stream->input().size() - _in_offset;
-  _stream->set_reading(held < _owner._options.conn.max_pending_input && !output_full());
+  _stream->set_reading(held < _owner._options.conn.max_pending_input && !output_full() &&
+                       !(_upload && _upload->full()));
 }
 
 void server_conn::on_drained(stream&) {
@@ -256,6 +298,75 @@ bool server_conn::reserve_body_budget(size_t bytes) {
   _owner._body_bytes += more;
   _body_reserved = bytes;
   return true;
+}
+
+bool server_conn::set_body_budget(size_t bytes) {
+  if (bytes >= _body_reserved) return reserve_body_budget(bytes);
+  _owner._body_bytes -= _body_reserved - bytes;
+  _body_reserved = bytes;
+  return true;
+}
+
+// ---- Spooled bodies ----
+
+void server_conn::start_upload() {
+  const conn_options& o = _owner._options.conn;
+  _upload = http::spool_upload::create(_stream->loop(), o.spool_dir, o.spill_threshold, [this] { on_upload_event(); });
+  _parser.set_body_sink(_upload);
+}
+
+void server_conn::on_upload_event() {
+  // From a threadpool completion on the loop, this connection's own
+  // callback: a write made room, the body is wholly on disk, or the disk
+  // failed.
+  if (!_upload) return;
+  if (_upload->failed()) {
+    refuse_upload();
+    return;
+  }
+  if (_state == state::spooling) {
+    if (_upload->done()) deliver_spooled();
+    return;
+  }
+  if (_state == state::reading_body) {
+    // Time spent waiting on the disk is not the peer's stall: the stall and
+    // rate checks measure from here.
+    _body_last_progress = uv_now(_stream->loop());
+    process();
+  }
+}
+
+void server_conn::refuse_upload() {
+  api_error e = api_error::invalid_json;
+  std::string detail;
+  if (!_upload->disk_error().empty()) {
+    e = api_error::unavailable;
+    detail = _upload->disk_error();
+  } else if (_upload->scanner_status() == http::json_scanner::status::skeleton_large) {
+    e = api_error::payload_too_large;
+    detail = _upload->scanner().error();
+  } else {
+    // What the decoder says of an in-memory body, with where it went wrong.
+    detail = "the body is not valid JSON: " + _upload->scanner().error();
+  }
+  _owner._handler.on_rejected(*this, e);
+  reject(e, detail);  // drops the upload: its file is removed
+}
+
+void server_conn::deliver_spooled() {
+  http::request& req = _parser.current();
+  _parser.set_body_sink(nullptr);
+  auto* u = std::exchange(_upload, nullptr);
+  u->hand_over(req);
+  release_body_budget();
+  _state = state::handling;
+  _owner._handler.on_request(*this, req);  // may answer now; the pipeline then continues from the loop
+}
+
+void server_conn::drop_upload() {
+  if (!_upload) return;
+  _parser.set_body_sink(nullptr);
+  std::exchange(_upload, nullptr)->abandon();
 }
 
 void server_conn::release_body_budget() {
@@ -338,6 +449,7 @@ void server_conn::on_timeout(stream&) {
       }
       close();
       break;
+    case state::spooling:  // the disk's writes, not the peer, decide
     case state::handling:
     case state::closing_after_write:
     case state::closed:
@@ -361,6 +473,8 @@ void server_conn::close() {
 
 void server_conn::mark_closed() {
   _state = state::closed;
+  // An unfinished spooled body: its file goes (once no write is in flight).
+  drop_upload();
   _owner.remove(this);
   // The handler forgets the request now, not at on_closed(): a waiter woken
   // in between would lease jobs to a connection that can no longer answer.

@@ -238,6 +238,10 @@ bool relay_server::serve(std::string& error) {
   api_opts.address = _cfg.listen;
   api_opts.tls = [this] { return _tls; };
   api_opts.conn = conn_options(_cfg);
+  if (_cfg.limits.spill_threshold_bytes > 0) {
+    api_opts.conn.spill_threshold = _cfg.limits.spill_threshold_bytes;
+    api_opts.conn.spool_dir = blobs_dir();
+  }
   api_opts.max_connections = _cfg.limits.max_connections;
   api_opts.max_connections_per_ip = _cfg.limits.max_connections_per_ip;
   api_opts.max_pending_body_bytes = _cfg.limits.max_pending_body_bytes;
@@ -266,6 +270,27 @@ bool relay_server::serve(std::string& error) {
   // The journal is replayed and both listeners are open: a Type=notify unit
   // counts as started only now.
   ops::notify_service_manager("READY=1\nSTATUS=serving");
+  return true;
+}
+
+// Spooled request values land here (issue 13). Owner-only: they are job
+// data. An existing directory is made 0700 too, so that a umask or a hand
+// that made it looser does not leave payloads readable.
+bool relay_server::make_blobs_dir(std::string& error) {
+  std::string dir = blobs_dir();
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    error = "journal.dir " + _cfg.journal.dir + ": cannot create " + dir + ": " + std::strerror(errno);
+    return false;
+  }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    error = "journal.dir " + _cfg.journal.dir + ": " + dir + " is not a directory";
+    return false;
+  }
+  if ((st.st_mode & 07777) != 0700 && ::chmod(dir.c_str(), 0700) != 0) {
+    error = "journal.dir " + _cfg.journal.dir + ": cannot make " + dir + " 0700: " + std::strerror(errno);
+    return false;
+  }
   return true;
 }
 
@@ -324,11 +349,8 @@ bool relay_server::open_journal(std::string& error) {
 }
 
 bool relay_server::open_blobs(std::string& error) {
-  std::string dir = _cfg.journal.dir + "/blobs";
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    error = "journal.dir " + _cfg.journal.dir + ": cannot create " + dir + ": " + std::strerror(errno);
-    return false;
-  }
+  std::string dir = blobs_dir();
+  if (!make_blobs_dir(error)) return false;
   // Enough for the largest single answer and a few more in flight; one is
   // always let through whatever its size.
   constexpr size_t max_reading_bytes = size_t{512} << 20;

@@ -65,6 +65,8 @@ class relay_server {
   // After replay: checks held jobs' blob references, sweeps orphan files,
   // and opens the blob store (file backend).
   bool open_blobs(std::string& error);
+  bool make_blobs_dir(std::string& error);
+  std::string blobs_dir() const { return _cfg.journal.dir + "/blobs"; }
   // Opens the API listener and announces the relay as serving.
   bool serve(std::string& error);
   // The postgres backend: start as a standby; lead once the shard is ours.

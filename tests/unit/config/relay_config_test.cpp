@@ -62,3 +62,29 @@ TEST_CASE("bad configuration is refused with the key named") {
   CHECK_FALSE(load(dir / "missing.json", {}, c, error));
   CHECK(error.find("missing.json: cannot open") != std::string::npos);
 }
+
+TEST_CASE("limits.spill_threshold_bytes and limits.max_body_bytes up to 256 MiB; postgres spills nothing") {
+  test::tmpdir dir;
+  relay_config c;
+  std::string error;
+  REQUIRE_MESSAGE(load(std::nullopt, {}, c, error), error);
+  CHECK_EQ(c.limits.spill_threshold_bytes, 65536u);
+  CHECK(to_json(c).find("\"spill_threshold_bytes\": 65536") != std::string::npos);
+  REQUIRE_MESSAGE(load(std::nullopt, {{"limits.max_body_bytes", "268435456"}, {"limits.spill_threshold_bytes", "0"}},
+                       c, error),
+                  error);
+  CHECK_EQ(c.limits.max_body_bytes, 268435456u);
+  CHECK_EQ(c.limits.spill_threshold_bytes, 0u);
+  CHECK_FALSE(load(std::nullopt, {{"limits.max_body_bytes", "268435457"}}, c, error));
+  CHECK(error.find("limits.max_body_bytes") != std::string::npos);
+
+  std::ofstream(dir / "dsn") << "host=/nonexistent\n";
+  std::ofstream(dir / "pg.json") << R"({"journal": {"backend": "postgres", "postgres": {"dsn_file": "dsn"}},
+                                        "limits": {"spill_threshold_bytes": 65536}})";
+  REQUIRE_MESSAGE(load(dir / "pg.json", {}, c, error), error);
+  CHECK_EQ(c.limits.spill_threshold_bytes, 0u);  // forced off: a standby could not read a spooled value
+  CHECK_FALSE(load(dir / "pg.json", {{"limits.max_body_bytes", "67108865"}}, c, error));
+  CHECK(error.find("\"limits.max_body_bytes\"") != std::string::npos);
+  CHECK(error.find("postgres") != std::string::npos);
+  CHECK(load(dir / "pg.json", {{"limits.max_body_bytes", "67108864"}}, c, error));
+}

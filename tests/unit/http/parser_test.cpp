@@ -191,3 +191,35 @@ TEST_CASE("error bodies come from the one table") {
   CHECK_EQ(api_error_body(api_error::forbidden, "no \"submit\" on q"),
            "{\"error\":{\"code\":\"forbidden\",\"message\":\"no \\\"submit\\\" on q\"}}");
 }
+
+TEST_CASE("a body sink takes the body instead of request::body; the size limit still counts every byte") {
+  struct collect : body_sink {
+    std::string got;
+    bool feed(const char* data, size_t len) override {
+      got.append(data, len);
+      return true;
+    }
+  } sink;
+  limits l = small_limits();
+  request_parser p(l);
+  std::string head = "POST /v1/queues/a/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+  auto r = p.execute(head.data(), head.size());
+  REQUIRE(r.what == event::headers_complete);
+  p.set_body_sink(&sink);
+  std::string body = "10\r\n{\"payload\":\"abc\"\r\n1\r\n}\r\n0\r\n\r\n";
+  auto b = p.execute(body.data(), body.size());
+  CHECK(b.what == event::request_complete);
+  CHECK_EQ(sink.got, "{\"payload\":\"abc\"}");
+  CHECK(p.current().body.empty());
+  CHECK_EQ(p.body_received(), 17u);
+  p.next();
+
+  // 32 bytes at most, counted whether or not they were held.
+  request_parser q(l);
+  r = q.execute(head.data(), head.size());
+  REQUIRE(r.what == event::headers_complete);
+  q.set_body_sink(&sink);
+  std::string big = "21\r\n" + std::string(33, 'x') + "\r\n";
+  CHECK(q.execute(big.data(), big.size()).what == event::error);
+  CHECK(q.error() == api_error::payload_too_large);
+}
