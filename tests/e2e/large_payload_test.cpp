@@ -124,11 +124,15 @@ std::unique_ptr<bunny_process> large_bunny(const relay_process& relay, const std
   o.queues = R"([")" + queue + R"("])";
   o.handler = handler;
   o.lease_ms = 120000;
-  o.extra_args = {"--set", std::string(large::bunny_max_output_key) + "=" + std::to_string(n + large::envelope_bytes),
-                  "--set", "poll.request_timeout_ms=300000"};
+  o.extra_args = {"--set", "poll.request_timeout_ms=300000"};
+  // With limits.max_job_bytes the handler's output follows it; without,
+  // only the handler's own limit is raised (up to 64 MiB).
   if (large::bunny_limit_configurable())
     o.extra_args.insert(o.extra_args.end(),
                         {"--set", std::string(large::bunny_max_job_key) + "=" + std::to_string(large::max_bytes)});
+  else
+    o.extra_args.insert(o.extra_args.end(), {"--set", std::string(large::bunny_max_output_key) + "=" +
+                                                          std::to_string(n + large::envelope_bytes)});
   return std::make_unique<bunny_process>(relay, o, name);
 }
 
