@@ -1,7 +1,8 @@
 // kill -9 with large payloads and results in flight (issue 13): producers
 // submit payloads of 1-16 MiB while a worker completes jobs with results
-// of 1-16 MiB, and relay is killed at a random moment, six times. After
-// every restart each payload and result relay acknowledged is there, byte
+// of 1-16 MiB, and relay is killed at a random moment, six times; then
+// every job is completed with a large result and relay is killed once
+// more. After every restart each payload and result relay acknowledged is there, byte
 // for byte. Payloads are made from seeds and results from job ids
 // (tests/support/large.h), so the test keeps seeds, not bytes.
 #include <doctest/doctest.h>
@@ -78,29 +79,55 @@ class load {
     uv_loop_close(&_loop);
   }
 
-  // Runs until `kill_after_ms`, then SIGKILLs `victim` and lets every
+  // Runs until `kill_after_ms` after relay's first acknowledgement in
+  // this cycle (so that a slow build gets as far as a fast one before the
+  // kill; at the latest 20 s in), then SIGKILLs `victim` and lets every
   // request still out fail.
   void run_and_kill(pid_t victim, uint64_t kill_after_ms) {
+    _victim = victim;
+    _kill_after_ms = kill_after_ms;
+    uv_timer_init(&_loop, &_kill);
+    _kill.data = this;
+    uv_timer_start(&_kill, on_kill, 20000, 0);
     for (size_t i = 0; i < _producers.size(); ++i) produce(i);
     work();
-    uv_timer_t t;
-    uv_timer_init(&_loop, &t);
-    t.data = this;
-    _victim = victim;
-    uv_timer_start(&t, [](uv_timer_t* h) {
-      auto* self = static_cast<load*>(h->data);
-      ::kill(self->_victim, SIGKILL);
-      self->_stopping = true;
-      uv_close(reinterpret_cast<uv_handle_t*>(h), nullptr);
-    }, kill_after_ms, 0);
-    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(40);
-    while (uv_run(&_loop, UV_RUN_ONCE) && std::chrono::steady_clock::now() < until) {
-      if (_stopping && _outstanding == 0) break;
+    run_until_stopped();
+  }
+
+  // The worker alone, without a kill, until a lease finds nothing to do
+  // (its wait is longer than a lease, so any job leased before the kill
+  // has come back by then) or 60 s have passed.
+  void drain() {
+    _draining = true;
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    work();
+    while (std::chrono::steady_clock::now() < until && _empty < 1 && uv_run(&_loop, UV_RUN_ONCE)) {
     }
+    _stopping = true;
+    while (_outstanding > 0) uv_run(&_loop, UV_RUN_ONCE);
   }
 
  private:
   static bool answered(const relay::v1::error& e) { return e.what != relay::v1::error::kind::transport; }
+
+  static void on_kill(uv_timer_t* h) {
+    auto* self = static_cast<load*>(h->data);
+    ::kill(self->_victim, SIGKILL);
+    self->_stopping = true;
+    uv_close(reinterpret_cast<uv_handle_t*>(h), nullptr);
+  }
+  // The first acknowledgement of the cycle sets the moment of the kill.
+  void acknowledged() {
+    if (_victim == 0 || _kill_armed || _stopping) return;
+    _kill_armed = true;
+    uv_timer_start(&_kill, on_kill, _kill_after_ms, 0);
+  }
+  void run_until_stopped() {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (uv_run(&_loop, UV_RUN_ONCE) && std::chrono::steady_clock::now() < until) {
+      if (_stopping && _outstanding == 0) break;
+    }
+  }
 
   void produce(size_t i) {
     if (_stopping || submitted >= _max_submits) return;
@@ -113,7 +140,10 @@ class load {
     ++_outstanding;
     _producers[i]->submit(r, [this, i, spec](const relay::v1::error& e, relay::v1::submitted& s) {
       --_outstanding;
-      if (!e && s.created && s.ids.size() == 1) acked_submits[s.ids[0]] = spec;
+      if (!e && s.created && s.ids.size() == 1) {
+        acked_submits[s.ids[0]] = spec;
+        acknowledged();
+      }
       if (answered(e)) produce(i);
     });
   }
@@ -122,19 +152,23 @@ class load {
     relay::v1::lease_request r;
     r.queue = "work";
     r.max = 1;
-    r.wait_ms = 200;
+    r.wait_ms = _draining ? 2500 : 200;
     r.lease_ms = 2000;
     ++_outstanding;
     _worker->lease(r, [this](const relay::v1::error& e, relay::v1::lease_answer& a) {
       --_outstanding;
       if (!answered(e)) return;
+      if (_draining) _empty = !e && a.jobs.empty() ? _empty + 1 : 0;
       if (e || a.jobs.empty()) return work();
       std::string id = a.jobs[0].id;
       ++_outstanding;
       _worker->complete(id, a.jobs[0].lease, result_for(id), [this, id](const relay::v1::error& ce) {
         --_outstanding;
         if (!answered(ce)) return;
-        if (!ce) acked_results.insert(id);
+        if (!ce) {
+          acked_results.insert(id);
+          acknowledged();
+        }
         work();
       });
     });
@@ -143,8 +177,13 @@ class load {
   std::mt19937_64& _rng;
   size_t _max_submits;
   uv_loop_t _loop;
+  uv_timer_t _kill;
   pid_t _victim = 0;
+  uint64_t _kill_after_ms = 0;
+  bool _kill_armed = false;
   bool _stopping = false;
+  bool _draining = false;
+  int _empty = 0;  // empty leases in a row, while draining
   int _outstanding = 0;
   std::vector<std::unique_ptr<relay::v1::client>> _producers;
   std::unique_ptr<relay::v1::client> _worker;
@@ -152,6 +191,7 @@ class load {
 
 struct verdict {
   size_t missing = 0, wrong_payload = 0, wrong_result = 0, results_seen = 0;
+  size_t unfinished = 0;  // acknowledged submits not succeeded (yet)
   std::string first_problem;
 };
 
@@ -181,6 +221,7 @@ verdict check_all(const relay_process& relay, const std::map<std::string, payloa
       }
     }
     bool must = results.count(id) > 0;
+    if (submits.count(id) && j.value.state != "succeeded") ++v.unfinished;
     if (j.value.state == "succeeded") {
       ++v.results_seen;
       std::string want = result_for(id);
@@ -206,29 +247,49 @@ TEST_CASE("crash loop with large payloads and results: kill -9 six times; every 
   size_t attempts = 0;
   std::mt19937_64 rng(20261207);
   const int cycles = 6;
-  for (int cycle = 0; cycle <= cycles; ++cycle) {
-    relay_process relay(relay_args(jdir.path()));
+  double checking_s = 0, drain_s = 0;
+  auto since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
+  auto check = [&](const relay_process& relay, const std::string& when) {
+    auto tc = std::chrono::steady_clock::now();
     verdict v = check_all(relay, submits, results);
-    INFO("cycle " << cycle << ": " << v.first_problem);
+    checking_s += since(tc);
+    INFO(when << ": " << v.first_problem);
     REQUIRE_EQ(v.missing, 0u);
     REQUIRE_EQ(v.wrong_payload, 0u);
     REQUIRE_EQ(v.wrong_result, 0u);
-    if (cycle == cycles) {
-      MESSAGE(cycles << " kills: " << submits.size() << " acknowledged payloads, " << results.size()
-                     << " acknowledged results (" << v.results_seen << " results held), " << attempts
-                     << " submits tried; all intact, in "
-                     << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() << " s");
-      CHECK_GT(submits.size(), 0u);
-      CHECK_GT(results.size(), 0u);
-      break;
-    }
+    return v;
+  };
+  for (int cycle = 0; cycle < cycles; ++cycle) {
+    relay_process relay(relay_args(jdir.path()));
+    check(relay, "after kill " + std::to_string(cycle));
     // At most three submits a cycle: what is checked after each restart
     // (every byte acknowledged so far) stays bounded.
     load l(relay, rng, 3);
-    l.run_and_kill(relay.proc->pid(), std::uniform_int_distribution<uint64_t>(100, 1500)(rng));
+    l.run_and_kill(relay.proc->pid(), std::uniform_int_distribution<uint64_t>(0, 1500)(rng));
     CHECK_EQ(relay.proc->wait(5000), 128 + SIGKILL);
     submits.insert(l.acked_submits.begin(), l.acked_submits.end());
     results.insert(l.acked_results.begin(), l.acked_results.end());
     attempts += l.submitted;
   }
+  // Then every job gets its large result, and those survive a last kill.
+  {
+    relay_process relay(relay_args(jdir.path()));
+    check(relay, "after kill " + std::to_string(cycles));
+    load l(relay, rng, 0);
+    auto td = std::chrono::steady_clock::now();
+    l.drain();
+    drain_s = since(td);
+    results.insert(l.acked_results.begin(), l.acked_results.end());
+    relay.proc->signal(SIGKILL);
+    CHECK_EQ(relay.proc->wait(5000), 128 + SIGKILL);
+  }
+  relay_process relay(relay_args(jdir.path()));
+  verdict v = check(relay, "after the last kill");
+  CHECK_EQ(v.unfinished, 0u);
+  CHECK_GT(submits.size(), static_cast<size_t>(cycles));
+  MESSAGE((cycles + 1) << " kills: " << submits.size() << " acknowledged 1-16 MiB payloads, " << results.size()
+                     << " acknowledged 1-16 MiB results (" << v.results_seen << " held), " << attempts << " submits tried; all intact, in "
+                     << since(t0) << " s (" << checking_s << " s reading back, " << drain_s << " s draining)");
 }
