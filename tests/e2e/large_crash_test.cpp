@@ -137,6 +137,9 @@ class load {
     r.queue = "work";
     r.payload = spec.make();
     r.lease_ms = 2000;  // a job leased before a kill comes back soon after
+    // Every kill and every lease that runs out under a slow (sanitizer)
+    // build costs an attempt: the job must not go dead for it.
+    r.max_attempts = 1000;
     ++_outstanding;
     _producers[i]->submit(r, [this, i, spec](const relay::v1::error& e, relay::v1::submitted& s) {
       --_outstanding;
@@ -153,7 +156,10 @@ class load {
     r.queue = "work";
     r.max = 1;
     r.wait_ms = _draining ? 2500 : 200;
-    r.lease_ms = 2000;
+    // Short while killing, so that a job leased before a kill comes back
+    // soon; long while draining, so that a slow build's large complete
+    // does not lose its lease.
+    r.lease_ms = _draining ? 60000 : 2000;
     ++_outstanding;
     _worker->lease(r, [this](const relay::v1::error& e, relay::v1::lease_answer& a) {
       --_outstanding;
@@ -198,8 +204,24 @@ struct verdict {
 // Reads back every acknowledged job: each payload as submitted; each
 // acknowledged result there; any result there (acknowledged or not) the
 // worker's.
+// What each job's payload and result must be, made once (a sanitizer
+// build is slow to make them again after every restart).
+struct expected_bytes {
+  std::map<std::string, std::string> payloads, results;
+  const std::string& payload(const std::string& id, const payload_spec& spec) {
+    auto [it, fresh] = payloads.try_emplace(id);
+    if (fresh) it->second = spec.make();
+    return it->second;
+  }
+  const std::string& result(const std::string& id) {
+    auto [it, fresh] = results.try_emplace(id);
+    if (fresh) it->second = result_for(id);
+    return it->second;
+  }
+};
+
 verdict check_all(const relay_process& relay, const std::map<std::string, payload_spec>& submits,
-                  const std::set<std::string>& results) {
+                  const std::set<std::string>& results, expected_bytes& expected) {
   verdict v;
   auto o = test::v1_options(relay.api_port, "producer");
   o.request_timeout_ms = 60000;
@@ -214,17 +236,21 @@ verdict check_all(const relay_process& relay, const std::map<std::string, payloa
       continue;
     }
     if (auto s = submits.find(id); s != submits.end()) {
-      std::string want = s->second.make();
+      const std::string& want = expected.payload(id, s->second);
       if (j.value.payload != want) {
         ++v.wrong_payload;
         if (v.first_problem.empty()) v.first_problem = id + " payload: " + large::first_difference(j.value.payload, want);
       }
     }
     bool must = results.count(id) > 0;
-    if (submits.count(id) && j.value.state != "succeeded") ++v.unfinished;
+    if (submits.count(id) && j.value.state != "succeeded") {
+      ++v.unfinished;
+      if (v.first_problem.empty())
+        v.first_problem = id + ": state " + j.value.state + " after " + std::to_string(j.value.attempts) + " attempts";
+    }
     if (j.value.state == "succeeded") {
       ++v.results_seen;
-      std::string want = result_for(id);
+      const std::string& want = expected.result(id);
       if (j.value.result != want) {
         ++v.wrong_result;
         if (v.first_problem.empty()) v.first_problem = id + " result: " + large::first_difference(j.value.result, want);
@@ -247,13 +273,14 @@ TEST_CASE("crash loop with large payloads and results: kill -9 six times; every 
   size_t attempts = 0;
   std::mt19937_64 rng(20261207);
   const int cycles = 6;
+  expected_bytes expected;
   double checking_s = 0, drain_s = 0;
   auto since = [](std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   };
   auto check = [&](const relay_process& relay, const std::string& when) {
     auto tc = std::chrono::steady_clock::now();
-    verdict v = check_all(relay, submits, results);
+    verdict v = check_all(relay, submits, results, expected);
     checking_s += since(tc);
     INFO(when << ": " << v.first_problem);
     REQUIRE_EQ(v.missing, 0u);
