@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -198,6 +199,23 @@ const char* why_not(uint64_t n) {
   return "";
 }
 
+// Under AddressSanitizer the largest case is estimated well over the
+// 60 s CI allows it (one 16 MiB-class round trip costs ~3 s in release and
+// ~2.5x that under ASan; 256 MiB is 16 of them): it is skipped there, the
+// other builds run it. RELAY_LARGE_MAX_UNDER_ASAN=1 runs it anyway, to
+// measure.
+#if defined(__SANITIZE_ADDRESS__)
+const bool max_case_skipped_by_build = std::getenv("RELAY_LARGE_MAX_UNDER_ASAN") == nullptr;
+#else
+const bool max_case_skipped_by_build = false;
+#endif
+
+const char* why_not_max() {
+  const char* why = why_not(large::max_bytes - large::envelope_bytes);
+  if (*why || !max_case_skipped_by_build) return why;
+  return "too slow under AddressSanitizer for CI's budget (estimated > 60 s); the other builds run it";
+}
+
 }  // namespace
 
 TEST_CASE("large payloads: the limits of the binaries built here (what the skipped cases wait for)") {
@@ -207,7 +225,7 @@ TEST_CASE("large payloads: the limits of the binaries built here (what the skipp
                                         << std::string(large::bunny_limit_configurable() ? "configurable" : "fixed")
                                         << "); relay spills to blobs: " << std::string(large::relay_spills() ? "yes" : "no"));
   for (uint64_t n : {1 * MiB, 16 * MiB, large::max_bytes - large::envelope_bytes}) {
-    std::string why = why_not(n);
+    std::string why = n == large::max_bytes - large::envelope_bytes ? why_not_max() : why_not(n);
     if (!why.empty()) MESSAGE("SKIPPED here: payloads of " << n << " bytes: " << why);
   }
 }
@@ -222,11 +240,12 @@ TEST_CASE("16 MiB payloads and results, string and structured, exec and http han
   four_round_trips(16 * MiB);
 }
 
+
 // One round trip (CI's budget): the largest payload whose bodies (the
 // submit, the lease answer, the complete) fit max_bytes.
 TEST_CASE("the largest payload and result, exec handler: byte for byte" *
-          doctest::skip(!large::round_trip_fits(large::max_bytes - large::envelope_bytes)) *
-          doctest::description(why_not(large::max_bytes - large::envelope_bytes))) {
+          doctest::skip(!large::round_trip_fits(large::max_bytes - large::envelope_bytes) || max_case_skipped_by_build) *
+          doctest::description(why_not_max())) {
   const uint64_t n = large::max_bytes - large::envelope_bytes;
   auto t0 = std::chrono::steady_clock::now();
   relay_process relay(relay_args());
