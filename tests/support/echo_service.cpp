@@ -33,6 +33,9 @@ int main(int argc, char** argv) {
   relay::net::listener_options o;
   o.name = "echo";
   o.address = argc > 1 ? argv[1] : "127.0.0.1:0";
+  // Payloads up to relay's ceiling reach it through bunny's http handler.
+  o.conn.http.max_body_bytes = size_t{256} << 20;
+  o.max_pending_body_bytes = size_t{600} << 20;
   relay::net::listener l(&loop, o, handler, metrics);
   std::string error;
   if (!l.start(error)) {
