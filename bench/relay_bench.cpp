@@ -485,6 +485,7 @@ class bench_run {
     std::vector<std::string> leased_ids;
     sequential(n, [&](long, std::function<void()> done) {
       relay::v1::lease_request r = lease_of(1, 0);
+      r.lease_ms = 3600000;  // held through every lease of the step (and a slow profiler)
       worker->lease(r, [&, done](const relay::v1::error& e, relay::v1::lease_answer& a) {
         if (e) return error("lease", e);
         if (!a.rejected.empty()) return error("lease", a);
