@@ -86,7 +86,10 @@ class stream {
   // kernel. EOF and resets are seen only while reading.
   void set_reading(bool on);
 
-  // Queues plaintext for the peer (see flush()).
+  // Queues plaintext for the peer (see flush()). With TLS, a large piece
+  // (an answer's body) is encrypted now, straight from `plain`, behind what
+  // was queued before it, rather than copied into the queue; it still goes
+  // to the socket only on flush().
   void write(std::string_view plain);
   // The same queue, for serialising an answer straight into it (no copy).
   // Appending after finish() or close() has no effect on the wire.

@@ -178,7 +178,10 @@ void server_conn::respond(int status, std::string_view body, std::string_view ex
     count_retired();
     close_after = true;
   }
-  http::write_response(_stream->write_buffer(), status, content_type, body, extra_headers, close_after);
+  // The body is handed over apart from the head: a large one is encrypted
+  // from where it lies, not copied behind the head first.
+  http::write_response_head(_stream->write_buffer(), status, content_type, body.size(), extra_headers, close_after);
+  _stream->write(body);
   finish_response(close_after);
 }
 

@@ -18,7 +18,9 @@ char* read_buffer() {
 
 struct write_req {
   uv_write_t req;
-  std::string data;
+  std::string data;  // data[0, offset) was taken by the try-write
+  size_t offset = 0;
+  size_t size() const { return data.size() - offset; }
 };
 
 }  // namespace
@@ -156,8 +158,7 @@ void stream::received(const char* data, size_t len) {
     if (_handler) _handler->on_input(*this);
     return;
   }
-  _tls->feed(data, len);
-  tls::session::status st = _tls->read(_input);
+  tls::session::status st = _tls->receive(data, len, _input);
   // Handshake messages, tickets, alerts: whatever the library wants sent.
   _tls->take_output(_out);
   send_bytes();
@@ -195,7 +196,21 @@ void stream::became_secure() {
 
 void stream::write(std::string_view plain) {
   if (_closing || _finishing) return;
-  _plain_out.append(plain);
+  // Below this a copy costs less than a record boundary and a separate
+  // encryption call; small answers keep one record run per flush.
+  constexpr size_t encrypt_in_place_bytes = 64 * 1024;
+  if (!_tls || plain.size() < encrypt_in_place_bytes || !_tls->handshake_complete()) {
+    _plain_out.append(plain);
+    return;
+  }
+  if ((!_plain_out.empty() && _tls->write(_plain_out) == tls::session::status::error) ||
+      _tls->write(plain) == tls::session::status::error) {
+    _plain_out.clear();
+    close();
+    return;
+  }
+  _plain_out.clear();
+  _tls->take_output(_out);
 }
 
 void stream::flush() {
@@ -237,17 +252,19 @@ void stream::send_bytes() {
   }
   size_t sent = n > 0 ? static_cast<size_t>(n) : 0;
   if (sent < _out.size()) {
+    // The buffer itself moves to the request: a large answer's rest is
+    // not copied again.
     auto* w = new write_req;
     w->req.data = this;
-    w->data.assign(_out, sent, std::string::npos);
-    uv_buf_t b = uv_buf_init(w->data.data(), static_cast<unsigned>(w->data.size()));
+    w->data.swap(_out);
+    w->offset = sent;
+    uv_buf_t b = uv_buf_init(w->data.data() + sent, static_cast<unsigned>(w->size()));
     if (uv_write(&w->req, reinterpret_cast<uv_stream_t*>(&_tcp), &b, 1, on_write_done) != 0) {
       delete w;  // the callback will not run
-      _out.clear();
       close();
       return;
     }
-    _in_flight += w->data.size();
+    _in_flight += w->size();
   }
   std::string().swap(_out);
   if (_in_flight == 0 && _finishing) maybe_finish_write_side();
@@ -256,7 +273,7 @@ void stream::send_bytes() {
 void stream::on_write_done(uv_write_t* req, int status) {
   auto* w = reinterpret_cast<write_req*>(req);
   auto* s = static_cast<stream*>(req->data);
-  s->_in_flight -= w->data.size();
+  s->_in_flight -= w->size();
   delete w;
   if (s->_closing) return;
   if (status < 0) {
