@@ -99,7 +99,11 @@ void encode(const queue::record& r, std::string& out) {
   constexpr size_t fixed = 1 + 8 + 8 + 8 + 8 + 1 + 1 + 2 + 2 + 4 + 16 + 5 * 4;
   size_t len = fixed + r.queue.size() + r.owner.size() + r.idempotency_key.size() + r.payload.size() + r.text.size();
   size_t start = out.size();
-  out.resize(start + record_header_bytes + len);
+  // The payload and the text are appended rather than copied over a
+  // zero-filled resize: for a 1 MiB payload the fill cost as much as the
+  // copy (callgrind, issue 13).
+  out.reserve(start + record_header_bytes + len);
+  out.resize(start + record_header_bytes + len - r.payload.size() - r.text.size() - 4);
   writer_cursor w{out.data() + start + record_header_bytes};
   w.put(static_cast<uint8_t>(r.type));
   w.put(r.id);
@@ -116,8 +120,12 @@ void encode(const queue::record& r, std::string& out) {
   w.put_bytes(r.queue);
   w.put_bytes(r.owner);
   w.put_bytes(r.idempotency_key);
-  w.put_bytes(r.payload);
-  w.put_bytes(r.text);
+  w.put(static_cast<uint32_t>(r.payload.size()));
+  out.append(r.payload);
+  size_t text_at = out.size();
+  out.resize(text_at + 4);
+  writer_cursor{out.data() + text_at}.put(static_cast<uint32_t>(r.text.size()));
+  out.append(r.text);
   uint32_t crc = crc32c(out.data() + start + record_header_bytes, len);
   writer_cursor h{out.data() + start};
   h.put(static_cast<uint32_t>(len));
