@@ -40,6 +40,17 @@
 //          --host-header NAME (the TLS name to verify; default localhost)
 //          failover: --port2 P --kill-pid PID --kill-after-ms MS --retry-ms MS
 //          --request-timeout-ms MS
+//   large      one keep-alive mTLS connection (a producer's, then a
+//              worker's, one request at a time) moving --count jobs of
+//              --payload-bytes each, in four steps: submit them all, lease
+//              them one by one, complete each with a result of the same
+//              size, GET each (the answer carries payload and result). One
+//              line per step: jobs/s, server CPU per KB of the step's value
+//              (from /proc, with --server-pid) and the server's RSS after it.
+//              With --expect-status other than 201 the server is not relay
+//              (bench/compare's nginx): steps `post` (a body to any location
+//              that reads it), then with --put-prefix P `put` (PUT P<i>, a
+//              WebDAV location that stores it) and `get` (GET P<i> back).
 #include <uv.h>
 
 #include <chrono>
@@ -83,6 +94,7 @@ struct args {
   int expect_status = 201;  // what a submit answers (nginx's `return 200` in bench/compare)
   bool resume = false;      // handshake: offer the last session ticket
   bool random_payload = false;
+  std::string put_prefix;   // large, not relay: where PUT stores bodies
   // failover
   uint16_t port2 = 0;
   long kill_pid = 0;
@@ -124,6 +136,7 @@ class bench_run {
     else if (_a.mode == "handshake") handshake();
     else if (_a.mode == "scale") return scale(_a);
     else if (_a.mode == "failover") return failover();
+    else if (_a.mode == "large") large();
     else return usage();
     return _errors ? 1 : 0;
   }
@@ -397,6 +410,158 @@ class bench_run {
     for (int i = 0; i < _a.workers; ++i) lease(connect(_worker_tls));
     run_until([&] { return _in_flight == 0; });
     report();
+  }
+
+  // ---- large ----
+  // One step of `large`: what it cost the server, per KB of the job's value.
+  struct step_meter {
+    const bench_run& run;
+    std::string name;
+    double cpu0;
+    clock_type::time_point t0;
+    step_meter(const bench_run& r, std::string n)
+        : run(r), name(std::move(n)), cpu0(server_cpu_seconds(r._a.server_pid)), t0(clock_type::now()) {}
+    void report(uint64_t jobs, uint64_t errors) const {
+      double elapsed = std::chrono::duration<double>(clock_type::now() - t0).count();
+      double cpu = server_cpu_seconds(run._a.server_pid) - cpu0;
+      double kb = static_cast<double>(jobs) * run._a.payload_bytes / 1024.0;
+      std::printf("scenario=large step=%s payload_bytes=%d jobs=%llu errors=%llu seconds=%.3f jobs_per_sec=%.1f "
+                  "mb_per_sec=%.1f",
+                  name.c_str(), run._a.payload_bytes, static_cast<unsigned long long>(jobs),
+                  static_cast<unsigned long long>(errors), elapsed, static_cast<double>(jobs) / elapsed,
+                  kb / 1024 / elapsed);
+      if (run._a.server_pid > 0)
+        std::printf(" server_cpu_s=%.3f server_cpu_us_per_job=%.1f server_cpu_us_per_kb=%.3f rss_kb=%ld", cpu,
+                    jobs ? cpu * 1e6 / static_cast<double>(jobs) : 0, kb > 0 ? cpu * 1e6 / kb : 0,
+                    server_rss_kb(run._a.server_pid));
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  };
+
+  // Runs `one(i, done)` for i in [0, count), one at a time.
+  void sequential(long count, const std::function<void(long, std::function<void()>)>& one) {
+    long i = 0;
+    std::function<void()> next = [&] {
+      if (i >= count) return;
+      ++_in_flight;
+      long me = i++;
+      one(me, [&] {
+        --_in_flight;
+        next();
+      });
+    };
+    next();
+    run_until([&] { return _in_flight == 0 || _errors > 0; });
+  }
+
+  void large() {
+    if (_a.expect_status != 201) return large_not_relay();
+    const long n = _a.count;
+    uint64_t before = _errors;
+    std::vector<std::string> ids, leases;
+    auto* producer = connect(_producer_tls, 0, 600000);
+    auto* worker = connect(_worker_tls, 0, 600000);
+    // Connected (and the payload made) before anything is measured.
+    relay::v1::submit_request req = jobs(1);
+    std::string result = payload_json("r");
+    bool ready = false;
+    producer->call("GET", "/v1/jobs/0000000000000000", "", [&](const relay::v1::error&, std::string&) {
+      worker->call("GET", "/v1/jobs/0000000000000000", "", [&](const relay::v1::error&, std::string&) { ready = true; });
+    });
+    run_until([&] { return ready; });
+
+    step_meter submit(*this, "submit");
+    sequential(n, [&](long, std::function<void()> done) {
+      producer->submit(req, [&, done](const relay::v1::error& e, relay::v1::submitted& s) {
+        if (e) return error("submit", e);
+        ids.push_back(s.ids.at(0));
+        done();
+      });
+    });
+    submit.report(ids.size(), _errors - before);
+
+    step_meter lease(*this, "lease");
+    std::vector<std::string> leased_ids;
+    sequential(n, [&](long, std::function<void()> done) {
+      relay::v1::lease_request r = lease_of(1, 0);
+      r.lease_ms = 3600000;  // held through every lease of the step (and a slow profiler)
+      worker->lease(r, [&, done](const relay::v1::error& e, relay::v1::lease_answer& a) {
+        if (e) return error("lease", e);
+        if (!a.rejected.empty()) return error("lease", a);
+        if (a.jobs.size() != 1 || a.jobs[0].payload.size() != req.payload.size()) {
+          relay::v1::error bad;
+          bad.what = relay::v1::error::kind::bad_answer;
+          bad.message = "lease answer without the job or with a payload of another size";
+          return error("lease", bad);
+        }
+        leased_ids.push_back(a.jobs[0].id);
+        leases.push_back(a.jobs[0].lease);
+        done();
+      });
+    });
+    lease.report(leases.size(), _errors - before);
+
+    step_meter complete(*this, "complete");
+    uint64_t completed = 0;
+    sequential(static_cast<long>(leases.size()), [&](long i, std::function<void()> done) {
+      worker->complete(leased_ids[static_cast<size_t>(i)], leases[static_cast<size_t>(i)], result,
+                       [&, done](const relay::v1::error& e) {
+                         if (e) return error("complete", e);
+                         ++completed;
+                         done();
+                       });
+    });
+    complete.report(completed, _errors - before);
+
+    step_meter get(*this, "get");
+    uint64_t got = 0;
+    sequential(static_cast<long>(leased_ids.size()), [&](long i, std::function<void()> done) {
+      producer->get_job(leased_ids[static_cast<size_t>(i)], 0, [&, done](const relay::v1::error& e, relay::v1::job_view& v) {
+        if (e) return error("get", e);
+        if (v.result.size() != result.size() || v.payload.size() != req.payload.size()) {
+          relay::v1::error bad;
+          bad.what = relay::v1::error::kind::bad_answer;
+          bad.message = "GET answer with a payload or result of another size";
+          return error("get", bad);
+        }
+        ++got;
+        done();
+      });
+    });
+    get.report(got, _errors - before);
+  }
+
+  // The same bodies to a server that is not relay (nginx): raw HTTP.
+  void large_not_relay() {
+    const long n = _a.count;
+    uint64_t before = _errors;
+    auto* c = connect_raw(_producer_tls);
+    std::string body = job_body(1);
+    auto step = [&](const std::string& name, const std::string& method, const std::function<std::string(long)>& target,
+                    const std::string& payload, const std::function<bool(int)>& ok) {
+      step_meter m(*this, name);
+      uint64_t done_jobs = 0;
+      sequential(n, [&](long i, std::function<void()> done) {
+        c->request(method, target(i), payload, [&, done](const relay::http::client_error& e, relay::http::client_response& r) {
+          if (e || !ok(r.status)) return error(name, e, r);
+          if (method == "GET" && r.body.size() != body.size()) return error(name + " (size)", e, r);
+          ++done_jobs;
+          done();
+        }, 600000);
+      });
+      m.report(done_jobs, _errors - before);
+    };
+    // Connected before anything is measured.
+    bool ready = false;
+    c->request("GET", "/", "", [&](const relay::http::client_error&, relay::http::client_response&) { ready = true; }, 60000);
+    run_until([&] { return ready; });
+    step("post", "POST", [&](long) { return "/v1/queues/" + _a.queue + "/jobs"; }, body,
+         [&](int s) { return s == _a.expect_status; });
+    if (_a.put_prefix.empty()) return;
+    step("put", "PUT", [&](long i) { return _a.put_prefix + std::to_string(i); }, body,
+         [](int s) { return s == 201 || s == 204; });
+    step("get", "GET", [&](long i) { return _a.put_prefix + std::to_string(i); }, "", [](int s) { return s == 200; });
   }
 
   // ---- e2e ----
@@ -741,7 +906,7 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);  // a write to a closed connection fails, not kills
   args a;
   if (argc < 2) {
-    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake|scale|failover --port P --pki DIR [options]\n");
+    std::fprintf(stderr, "usage: relay_bench submit|fill|drain|e2e|idle|handshake|scale|failover|large --port P --pki DIR [options]\n");
     return 2;
   }
   a.mode = argv[1];
@@ -763,6 +928,7 @@ int main(int argc, char** argv) {
     else if (k == "--expect-status") a.expect_status = std::stoi(v);
     else if (k == "--resume") a.resume = v == "1" || v == "yes";
     else if (k == "--random-payload") a.random_payload = v == "1" || v == "yes";
+    else if (k == "--put-prefix") a.put_prefix = v;
     else if (k == "--port2") a.port2 = static_cast<uint16_t>(std::stoi(v));
     else if (k == "--kill-pid") a.kill_pid = std::stol(v);
     else if (k == "--kill-after-ms") a.kill_after_ms = std::stoi(v);

@@ -251,5 +251,10 @@ std::string_view reason_phrase(int status);
 // bodies may hold job data.
 void write_response(std::string& out, int status, std::string_view content_type,
                     std::string_view body, std::string_view extra_headers, bool close);
+// The same response without its body (`body_size` bytes the caller sends
+// right after it): a large body goes to the transport as it is
+// (net::stream::write encrypts it in place) instead of being copied first.
+void write_response_head(std::string& out, int status, std::string_view content_type, size_t body_size,
+                         std::string_view extra_headers, bool close);
 
 }  // namespace relay::http

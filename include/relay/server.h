@@ -106,6 +106,10 @@ class server_conn final : private stream_handler {
   // pipelined request) happens from the loop, never on the caller's stack.
   void respond(int status, std::string_view body, std::string_view extra_headers = {},
                std::string_view content_type = "application/json");
+  // The same, taking the body over: a large one is then encrypted a chunk
+  // at a time as the socket drains (net::stream::write_owned).
+  void respond_owned(int status, std::string&& body, std::string_view extra_headers = {},
+                     std::string_view content_type = "application/json");
   void respond_error(api_error e, std::string_view detail = {});
 
   // Runs if the connection closes while the current request is unanswered
@@ -159,6 +163,9 @@ class server_conn final : private stream_handler {
   void process();
   void resume();  // from the listener's resume list
   void finish_response(bool close_after);
+  // respond()/respond_owned(): `owned` (may be null) holds `body`.
+  void answer(int status, std::string_view body, std::string* owned, std::string_view extra_headers,
+              std::string_view content_type);
   void reject(api_error e, std::string_view detail);
   void end_with_final_answer();
   void begin_drain();

@@ -20,6 +20,7 @@
 #include <uv.h>
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -86,8 +87,16 @@ class stream {
   // kernel. EOF and resets are seen only while reading.
   void set_reading(bool on);
 
-  // Queues plaintext for the peer (see flush()).
+  // Queues plaintext for the peer (see flush()). With TLS, a large piece
+  // (an answer's body) is encrypted now, straight from `plain`, behind what
+  // was queued before it, rather than copied into the queue; it still goes
+  // to the socket only on flush().
   void write(std::string_view plain);
+  // The same for a piece the stream takes over: with TLS a large one is
+  // not encrypted at once but a chunk at a time as the socket takes the
+  // previous chunk, so an answer of any size holds at most about one chunk
+  // of ciphertext (and no copy of its plaintext).
+  void write_owned(std::string&& plain);
   // The same queue, for serialising an answer straight into it (no copy).
   // Appending after finish() or close() has no effect on the wire.
   std::string& write_buffer() { return _plain_out; }
@@ -97,7 +106,7 @@ class stream {
   // Bytes the peer can make this stream hold: plaintext queued, ciphertext
   // not yet handed to the socket, and bytes handed to it and not yet
   // written. What a connection's output bound compares against.
-  size_t pending_output() const { return _plain_out.size() + _out.size() + _in_flight; }
+  size_t pending_output() const { return _plain_out.size() + _pieces_bytes + _out.size() + _in_flight; }
 
   // No more output: after what is queued, TLS close_notify, then FIN, then
   // read and discard the peer's input until its EOF or `linger` runs out,
@@ -152,6 +161,8 @@ class stream {
   void became_secure();
   void end(stream_end why, std::string_view detail);
   void send_bytes();
+  void encrypt_pieces();
+  void pump();
   void maybe_finish_write_side();
   void note_remote();
 
@@ -173,6 +184,13 @@ class stream {
   tls::peer_chain _peer_chain;
   std::string _remote;
   std::string _input;
+  // Output order: bytes in flight, _out, _pieces front to back, _plain_out.
+  struct piece {
+    std::string data;
+    size_t offset = 0;  // data[0, offset) is encrypted
+  };
+  std::deque<piece> _pieces;  // large plaintext taken over, encrypted as _out drains
+  size_t _pieces_bytes = 0;   // not yet encrypted
   std::string _plain_out;  // written, not yet encrypted/sent
   std::string _out;        // bytes for the socket
   size_t _in_flight = 0;   // handed to uv_write, not yet done

@@ -72,7 +72,7 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
   bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
   if (!_journal || (read && !_journal->accepting() && _journal->serving())) {
     count(r, status);
-    conn.respond(status, body, extra);
+    conn.respond_owned(status, std::move(body), extra);
     return;
   }
   struct held {
@@ -89,7 +89,7 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
     if (h->conn) {
       if (ok) {
         count(h->r, h->status);
-        h->conn->respond(h->status, h->body, h->extra);
+        h->conn->respond_owned(h->status, std::move(h->body), h->extra);
       } else {
         count(h->r, describe(api_error::unavailable).status);
         h->conn->respond_error(api_error::unavailable,

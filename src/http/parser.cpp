@@ -262,6 +262,14 @@ std::string_view reason_phrase(int status) {
 
 void write_response(std::string& out, int status, std::string_view content_type, std::string_view body,
                     std::string_view extra_headers, bool close) {
+  // One allocation for head and body.
+  out.reserve(out.size() + body.size() + 160 + content_type.size() + extra_headers.size());
+  write_response_head(out, status, content_type, body.size(), extra_headers, close);
+  out += body;
+}
+
+void write_response_head(std::string& out, int status, std::string_view content_type, size_t body_size,
+                         std::string_view extra_headers, bool close) {
   out += "HTTP/1.1 ";
   out += std::to_string(status);
   out += ' ';
@@ -269,12 +277,11 @@ void write_response(std::string& out, int status, std::string_view content_type,
   out += "\r\nContent-Type: ";
   out += content_type;
   out += "\r\nContent-Length: ";
-  out += std::to_string(body.size());
+  out += std::to_string(body_size);
   out += "\r\nCache-Control: no-store\r\n";
   out += extra_headers;
   if (close && extra_headers.find("Connection: close") == std::string_view::npos) out += "Connection: close\r\n";
   out += "\r\n";
-  out += body;
 }
 
 }  // namespace relay::http

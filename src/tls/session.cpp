@@ -1,8 +1,10 @@
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <cassert>
+#include <cstring>
 
-#include <openssl/buffer.h>
+#include <openssl/bio.h>
 
 #include "relay/tls.h"
 #include "tls/compat.h"
@@ -43,8 +45,24 @@ session::session(std::shared_ptr<const context> ctx, std::string_view server_nam
 
 void session::init(bool server) {
   _ssl = SSL_new(_ctx->native());
-  _in = BIO_new(BIO_s_mem());
-  _out = BIO_new(BIO_s_mem());
+  // One method for both directions; the session is the BIO's data.
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "relay session");
+    if (!m) return m;
+    BIO_meth_set_read(m, on_bio_read);
+    BIO_meth_set_write(m, on_bio_write);
+    BIO_meth_set_ctrl(m, on_bio_ctrl);
+    return m;
+  }();
+  auto new_bio = [this] {
+    BIO* b = method ? BIO_new(method) : nullptr;
+    if (!b) return b;
+    BIO_set_data(b, this);
+    BIO_set_init(b, 1);
+    return b;
+  };
+  _in = new_bio();
+  _out = new_bio();
   if (!_ssl || !_in || !_out) {
     _error = "cannot allocate TLS session: " + compat::drain_error_queue();
     if (_ssl) SSL_free(_ssl);
@@ -54,9 +72,6 @@ void session::init(bool server) {
     _in = _out = nullptr;
     return;
   }
-  // An empty input buffer means "wait for more", not end of stream.
-  BIO_set_mem_eof_return(_in, -1);
-  BIO_set_mem_eof_return(_out, -1);
   SSL_set_bio(_ssl, _in, _out);  // _ssl owns both from here on
   if (server) {
     SSL_set_accept_state(_ssl);
@@ -65,6 +80,58 @@ void session::init(bool server) {
     SSL_set_verify(_ssl, SSL_get_verify_mode(_ssl), on_verify);
   } else {
     SSL_set_connect_state(_ssl);
+  }
+}
+
+int session::on_bio_read(BIO* b, char* out, int len) {
+  auto* s = static_cast<session*>(BIO_get_data(b));
+  BIO_clear_retry_flags(b);
+  if (len <= 0) return 0;
+  size_t want = static_cast<size_t>(len);
+  size_t saved = s->_in_saved.size() - s->_in_saved_off;
+  if (saved > 0) {
+    size_t n = std::min(want, saved);
+    std::memcpy(out, s->_in_saved.data() + s->_in_saved_off, n);
+    s->_in_saved_off += n;
+    if (s->_in_saved_off == s->_in_saved.size()) {
+      s->_in_saved.clear();  // capacity kept for the next partial record
+      s->_in_saved_off = 0;
+    }
+    return static_cast<int>(n);
+  }
+  if (s->_in_span_len > 0) {
+    size_t n = std::min(want, s->_in_span_len);
+    std::memcpy(out, s->_in_span, n);
+    s->_in_span += n;
+    s->_in_span_len -= n;
+    return static_cast<int>(n);
+  }
+  // Nothing buffered means "wait for more", not end of stream: the TCP
+  // stream's end is reported by the stream, not through the session.
+  BIO_set_retry_read(b);
+  return -1;
+}
+
+int session::on_bio_write(BIO* b, const char* in, int len) {
+  auto* s = static_cast<session*>(BIO_get_data(b));
+  BIO_clear_retry_flags(b);
+  if (len <= 0) return 0;
+  s->_out_buf.append(in, static_cast<size_t>(len));
+  return len;
+}
+
+long session::on_bio_ctrl(BIO* b, int cmd, long, void*) {
+  auto* s = static_cast<session*>(BIO_get_data(b));
+  switch (cmd) {
+    case BIO_CTRL_PENDING:
+      // Only the input side is ever asked; the output side is never behind.
+      return b == s->_in ? static_cast<long>(s->input_pending()) : 0;
+    case BIO_CTRL_WPENDING:
+      return 0;
+    case BIO_CTRL_FLUSH:
+      return 1;  // ciphertext is handed out by take_output()
+    default:
+      return 0;  // anything else (EOF queries, kTLS, datagram controls): unsupported
   }
 }
 
@@ -85,7 +152,7 @@ session::status session::fail(int ret) {
   int err = SSL_get_error(_ssl, ret);
   switch (err) {
     case SSL_ERROR_WANT_READ:
-      // The memory BIO is empty: nothing is lost, more ciphertext is needed.
+      // The input BIO is empty: nothing is lost, more ciphertext is needed.
       return status::ok;
     case SSL_ERROR_WANT_WRITE:
       // The output BIO grows without bound, so writes never block.
@@ -126,7 +193,34 @@ session::status session::start() {
 }
 
 void session::feed(const char* data, size_t len) {
-  if (_ssl && len > 0) BIO_write(_in, data, static_cast<int>(len));
+  if (!_ssl || len == 0) return;
+  if (_in_saved_off > 0 && _in_saved_off >= _in_saved.size() / 2) {
+    _in_saved.erase(0, _in_saved_off);
+    _in_saved_off = 0;
+  }
+  _in_saved.append(data, len);
+}
+
+session::status session::receive(const char* data, size_t len, std::string& out) {
+  if (!_ssl) return status::error;
+  if (_in_saved_off < _in_saved.size()) {
+    // Behind a partial record: it goes first, so this joins it.
+    feed(data, len);
+    return read(out);
+  }
+  // At most `len` bytes of plaintext: room for them now, so that appending
+  // a burst does not grow `out` several times.
+  out.reserve(out.size() + len);
+  _in_span = data;
+  _in_span_len = len;
+  status st = read(out);
+  // Whatever the library did not take (a partial record it did not ask for
+  // yet, or bytes after an error or close_notify) outlives the caller's
+  // buffer only as a copy.
+  if (_in_span_len > 0) _in_saved.append(_in_span, _in_span_len);
+  _in_span = nullptr;
+  _in_span_len = 0;
+  return st;
 }
 
 session::status session::read(std::string& out) {
@@ -168,7 +262,10 @@ session::status session::write(std::string_view plain) {
   if (!_ssl) return status::error;
   if (plain.empty()) return status::ok;
   // SSL_MODE_ENABLE_PARTIAL_WRITE is off and the output BIO never fills, so
-  // one call writes everything or fails.
+  // one call writes everything or fails. Room for all of it first: one
+  // append per record into a buffer that does not move.
+  constexpr size_t record = 16384, record_overhead = 64;  // header, type, tag (1.3); nonce (1.2)
+  _out_buf.reserve(_out_buf.size() + plain.size() + (plain.size() / record + 1) * record_overhead);
   int n = SSL_write(_ssl, plain.data(), static_cast<int>(plain.size()));
   if (n > 0) return status::ok;
   return fail(n);
@@ -181,20 +278,12 @@ void session::shutdown() {
   }
 }
 
-namespace {
-constexpr size_t small_input_buffer = 16 * 1024 + 512;  // one TLS record
-}  // namespace
-
 void session::release_input_buffer() {
-  if (!_ssl || BIO_ctrl_pending(_in) > 0) return;
-  BUF_MEM* mem = nullptr;
-  BIO_get_mem_ptr(_in, &mem);
-  if (!mem || mem->max <= small_input_buffer) return;  // not worth a new one
-  BIO* fresh = BIO_new(BIO_s_mem());
-  if (!fresh) return;  // keep the old one: it still works
-  BIO_set_mem_eof_return(fresh, -1);
-  SSL_set0_rbio(_ssl, fresh);  // frees the old one
-  _in = fresh;
+  if (!_ssl || input_pending() > 0) return;
+  // A partial record's worth is kept (it is reused); a burst's is not.
+  constexpr size_t small_input_buffer = 16 * 1024 + 512;
+  if (_in_saved.capacity() > small_input_buffer) std::string().swap(_in_saved);
+  _in_saved_off = 0;
 }
 
 peer_chain session::peer_certificates() const {
@@ -243,16 +332,19 @@ std::optional<int64_t> peer_chain::ms_until_expiry() const {
   return (static_cast<int64_t>(days) * 86400 + seconds) * 1000;
 }
 
-bool session::has_output() const { return _out && BIO_ctrl_pending(_out) > 0; }
+bool session::has_output() const { return !_out_buf.empty(); }
 
 void session::take_output(std::string& out) {
-  if (!_out) return;
-  size_t pending = BIO_ctrl_pending(_out);
-  if (pending == 0) return;
-  size_t old = out.size();
-  out.resize(old + pending);
-  int n = BIO_read(_out, out.data() + old, static_cast<int>(pending));
-  out.resize(old + static_cast<size_t>(n > 0 ? n : 0));
+  if (_out_buf.empty()) return;
+  if (out.empty()) {
+    out.swap(_out_buf);
+    _out_buf.clear();  // the capacity `out` had: may be none
+    return;
+  }
+  out.append(_out_buf);
+  _out_buf.clear();
+  // A large answer's ciphertext is not kept by an idle connection.
+  if (_out_buf.capacity() > 64 * 1024) std::string().swap(_out_buf);
 }
 
 bool session::handshake_complete() const { return _ssl && SSL_is_init_finished(_ssl); }
