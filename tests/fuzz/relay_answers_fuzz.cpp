@@ -21,7 +21,7 @@ using namespace relay;
 
 namespace {
 
-bool one_json_value(const std::string& s) {
+bool one_json_value(std::string_view s) {
   simdjson::padded_string p(s);
   simdjson::dom::parser parser;
   simdjson::dom::element e;
