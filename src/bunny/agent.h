@@ -64,11 +64,13 @@ class agent {
   // and key; both clients follow a failover, a reload or a rotation.
   http::client_conn::options connection_options() const;
   // The most bytes bunny reads of one answer from relay; lease requests ask
-  // relay to stay within it. Reading an answer costs several times its size
-  // (validation builds a parse tape), so this stays well inside the pod's
-  // 256 MiB: relay's limits.max_body_bytes (1 MiB by default) must stay
-  // below it.
-  static constexpr size_t max_answer_bytes = size_t{16} << 20;
+  // relay to stay within it. A job of limits.max_job_bytes plus the
+  // answer's own fields (id, lease, expiry: ~150 bytes a job), with room to
+  // spare for fields a later relay may add. Reading an answer costs about
+  // its size once more (validation; the payloads themselves are views, not
+  // copies), so bunny's memory is sized by concurrency x max_job_bytes.
+  static constexpr size_t answer_envelope_bytes = size_t{64} << 10;
+  size_t max_answer_bytes() const { return static_cast<size_t>(_cfg.limits.max_job_bytes) + answer_envelope_bytes; }
   int64_t clamp_expiry(int64_t relay_ms) const;
   void reconnect(v1::client& c);
   void poll();
