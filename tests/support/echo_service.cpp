@@ -16,6 +16,7 @@ struct echo final : relay::net::request_handler {
   void on_request(relay::net::server_conn& conn, relay::http::request& req) override {
     std::string_view path = req.path();
     if (path == "/run") conn.respond(200, "{\"echo\":" + req.body + "}");
+    else if (path == "/raw") conn.respond(200, req.body);  // the payload back, byte for byte (large-job tests)
     else if (path == "/fail") conn.respond(500, "{\"error\":\"the service is broken\"}");
     else if (path == "/garbage") conn.respond(200, "<html>not json</html>", {}, "text/html");
     else conn.respond(404, "{}");
@@ -33,6 +34,9 @@ int main(int argc, char** argv) {
   relay::net::listener_options o;
   o.name = "echo";
   o.address = argc > 1 ? argv[1] : "127.0.0.1:0";
+  // Payloads up to relay's ceiling reach it through bunny's http handler.
+  o.conn.http.max_body_bytes = size_t{256} << 20;
+  o.max_pending_body_bytes = size_t{600} << 20;
   relay::net::listener l(&loop, o, handler, metrics);
   std::string error;
   if (!l.start(error)) {
