@@ -1,6 +1,11 @@
 #include "bunny/agent.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <cstring>
+#include <limits>
 #include <ctime>
 
 #include "relay/json.h"
@@ -21,7 +26,26 @@ int64_t wall_ms() {
 // lease relay has certainly given up on.
 constexpr int64_t lease_margin_ms = 1000;
 
+// How long bunny keeps freed memory for the next job after the last ended.
+constexpr uint64_t idle_trim_ms = 5000;
+
 }  // namespace
+
+void keep_freed_memory_while_busy() {
+#ifdef __GLIBC__
+  // 32 MiB is the largest threshold glibc takes (HEAP_MAX_SIZE / 2 on
+  // 64-bit); larger blocks (limits.max_job_bytes above it) still use mmap.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  // Never trimmed on free: give_back_freed_memory() decides when.
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
+}
+
+void give_back_freed_memory() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
 
 // One leased attempt of a job: its handler run, its heartbeat timer and the
 // delivery of its outcome. Freed from its timers' close callbacks.
@@ -155,6 +179,8 @@ bool agent::start(std::string& error) {
   _poll_timer.data = this;
   uv_timer_init(_loop, &_drain_timer);
   _drain_timer.data = this;
+  uv_timer_init(_loop, &_trim_timer);
+  _trim_timer.data = this;
   for (uv_fs_poll_t* watch : {&_cert_watch, &_key_watch, &_api_key_watch}) {
     uv_fs_poll_init(_loop, watch);
     watch->data = this;
@@ -471,6 +497,11 @@ void agent::job_done(job_slot* j, outcome o) {
   j->run = nullptr;
   --_running;
   _running_gauge.set(static_cast<int64_t>(_running));
+  // Restarted by every job that ends: fires only after idle_trim_ms with
+  // nothing finishing. A job still running then is fine: trimming only
+  // returns memory that is free.
+  if (!_stopped)
+    uv_timer_start(&_trim_timer, [](uv_timer_t*) { give_back_freed_memory(); }, idle_trim_ms, 0);
   double seconds = static_cast<double>(uv_now(_loop) - j->started) / 1000.0;
   _duration.observe(seconds);
   if (o.ok) _succeeded.inc();
@@ -693,7 +724,7 @@ void agent::stop() {
   _ctl_client.reset();
   if (_handler) _handler->shutdown();
   if (_handles_open) {
-    for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
+    for (uv_timer_t* t : {&_poll_timer, &_drain_timer, &_trim_timer}) {
       uv_timer_stop(t);
       uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
     }

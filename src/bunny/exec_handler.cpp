@@ -47,6 +47,11 @@ class exec_run final : public handler_run {
     // stdout lands behind room for the complete request's envelope, so the
     // result goes to relay from where the handler wrote it.
     _stdout.assign(v1::complete_room, ' ');
+    // Room for a result as large as the payload (what transforms mostly
+    // give back), within the output limit: growing to it by doubling would
+    // copy the result over itself. Only reserved: pages never written cost
+    // nothing.
+    _stdout.reserve(v1::complete_room + std::min(job.payload.size(), h.options.max_output_bytes) + 64);
     uv_timer_init(h.loop, &_timer);
     _timer.data = this;
     ++_handles;

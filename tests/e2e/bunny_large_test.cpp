@@ -7,7 +7,11 @@
 // string (incompressible, as real inputs are) and a structured document.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
 #include <random>
+#include <thread>
+#include <sstream>
 
 #include "../support/bunny_fixture.h"
 
@@ -141,4 +145,69 @@ TEST_CASE("relayctl: a file too large for relay is refused before anything is se
   CHECK_EQ(get.exit_code, 5);
   CHECK_MESSAGE(get.err.find("is queued: no result written") != std::string::npos, get.err);
   CHECK_FALSE(std::filesystem::exists(relay.dir / "r.json"));
+}
+
+namespace {
+
+// utime + stime of `pid`, in clock ticks (/proc/<pid>/stat fields 14, 15):
+// the process's own CPU, not its children's (the handler's).
+long cpu_ticks(pid_t pid) {
+  std::string stat = test::read_file("/proc/" + std::to_string(pid) + "/stat");
+  std::istringstream in(stat.substr(stat.rfind(')') + 2));
+  std::string f;
+  long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && in >> f; ++i) {
+    if (i == 14) utime = std::stol(f);
+    if (i == 15) stime = std::stol(f);
+  }
+  return utime + stime;
+}
+
+long status_kb(pid_t pid, const std::string& key) {
+  std::istringstream in(test::read_file("/proc/" + std::to_string(pid) + "/status"));
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) return std::stol(line.substr(key.size() + 1));
+  return -1;
+}
+
+}  // namespace
+
+// Not a check: figures for the notes. Run on purpose, e.g.
+//   MEASURE_JOBS=5 MEASURE_BYTES=16776192 [MEASURE_HTTP=1] [BUNNY_BIN=old/bunny]
+//   tests/e2e_tests -tc='measure*' --no-skip
+TEST_CASE("measure: bunny's CPU and peak RSS per large job" * doctest::skip(true)) {
+  const char* jobs_env = std::getenv("MEASURE_JOBS");
+  const char* bytes_env = std::getenv("MEASURE_BYTES");
+  int jobs = jobs_env ? std::atoi(jobs_env) : 5;
+  size_t bytes = bytes_env ? std::stoul(bytes_env) : (size_t{16} << 20) - 1024;
+  relay_process relay(big_relay);
+  test::tmpdir dir;
+  std::unique_ptr<test::child> echo;
+  std::string handler = R"({"exec": ["/bin/cat"], "timeout_ms": 60000, "max_output_bytes": 16777216})";
+  if (const char* h = std::getenv("MEASURE_HTTP"); h && *h) {
+    echo = std::make_unique<test::child>(std::vector<std::string>{test::env_or_fail("ECHO_SERVICE_BIN")}, dir / "echo.log");
+    auto line = echo->wait_for_line("\"listener\":\"echo\"");
+    REQUIRE(line.has_value());
+    handler = R"({"http": "http://)" + test::json_field(*line, "addr") +
+              R"(/raw", "timeout_ms": 60000, "max_output_bytes": 16777216})";
+  }
+  bunny_process b(relay, {.concurrency = 1, .lease_ms = 30000, .handler = handler});
+  pid_t pid = b.proc->pid();
+  long rss_idle = status_kb(pid, "VmRSS");
+  long t0 = cpu_ticks(pid);
+  for (int i = 0; i < jobs; ++i) {
+    std::string payload = random_json_string(bytes, static_cast<uint32_t>(i));
+    check_same(round_trip(relay, "render", payload, "m" + std::to_string(i)), payload);
+  }
+  long ticks = cpu_ticks(pid) - t0;
+  long rss_busy = status_kb(pid, "VmRSS");
+  // bunny gives freed memory back after 5 s without a job ending.
+  std::this_thread::sleep_for(std::chrono::seconds(7));
+  long rss_after = status_kb(pid, "VmRSS");
+  double ms_per_job = 1000.0 * static_cast<double>(ticks) / static_cast<double>(sysconf(_SC_CLK_TCK)) / jobs;
+  MESSAGE("bunny " << test::env_or_fail("BUNNY_BIN") << (echo ? " http" : " exec") << ": " << jobs << " jobs of "
+                   << bytes << " bytes: cpu " << ms_per_job << " ms/job (" << ms_per_job * 1000.0 / (static_cast<double>(bytes) / 1024.0)
+                   << " us/KiB), VmHWM " << status_kb(pid, "VmHWM") << " kB, VmRSS idle " << rss_idle << " kB, after the last job " << rss_busy << " kB, 7 s later "
+                   << rss_after << " kB");
 }
