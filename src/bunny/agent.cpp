@@ -345,7 +345,10 @@ void agent::on_leased(const v1::error& e, v1::lease_answer& a, size_t asked) {
   _polling = false;
   if (_draining || _stopped) return;
   const std::string& queue = _cfg.queues[_queue_index % _cfg.queues.size()];
-  if (e.what == v1::error::kind::transport && e.transport == http::client_error::kind::too_large) {
+  // Only the body: a header line over its bound is a broken relay, not a
+  // large job (client_conn words the two differently).
+  if (e.what == v1::error::kind::transport && e.transport == http::client_error::kind::too_large &&
+      e.message.find("response body larger than") != std::string::npos) {
     // Relay is reachable and sent an answer bunny will not read: a job
     // larger than this bunny takes (relay always sends at least one job,
     // whatever max_bytes asked). Its lease runs out on relay and it goes
