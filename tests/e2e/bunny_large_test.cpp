@@ -105,6 +105,15 @@ TEST_CASE("large payloads and results through the http handler, byte for byte") 
   check_same(round_trip(relay, "render", doc, "hdoc"), doc);
 }
 
+TEST_CASE("a 60 MiB payload and result, near relay's 64 MiB cap, with bunny's limit raised to match") {
+  relay_process relay(big_relay);
+  bunny_process b(relay, {.lease_ms = 30000,
+                          .handler = R"({"exec": ["/bin/cat"], "timeout_ms": 60000})",
+                          .extra_args = {"--set", "limits.max_job_bytes=67108864"}});
+  std::string payload = random_json_string(size_t{60} << 20, 60);
+  check_same(round_trip(relay, "render", payload, "s60"), payload);
+}
+
 TEST_CASE("bunny refuses a lease answer above limits.max_job_bytes with an error that names the limit") {
   relay_process relay(big_relay);
   bunny_process b(relay, {.lease_ms = 2000, .extra_args = {"--set", "limits.max_job_bytes=1048576"}});
