@@ -597,7 +597,7 @@ class bench_run {
         for (const auto& j : a.jobs) {
           body += (n++ ? "," : "") + ("{\"id\":\"" + j.id + "\",\"lease\":\"" + j.lease + "\",\"result\":1}");
           // The payload is the JSON string "t<ns>_ppp...".
-          stamps.push_back(j.payload.size() > 2 ? std::strtoull(j.payload.c_str() + 2, nullptr, 10) : 0);
+          stamps.push_back(j.payload.size() > 2 ? std::strtoull(j.payload.data() + 2, nullptr, 10) : 0);
         }
         if (n == 0) {
           if (!stopping) work(c);
@@ -642,7 +642,7 @@ class bench_run {
         // A burst job's payload is the JSON string "t<ns>_ppp...".
         if (a.jobs.empty() || a.jobs[0].payload.rfind("\"t", 0) != 0) return;
         ++woken;
-        _latency.add(now_ns() - std::strtoull(a.jobs[0].payload.c_str() + 2, nullptr, 10));
+        _latency.add(now_ns() - std::strtoull(a.jobs[0].payload.data() + 2, nullptr, 10));
       });
       if (i % 200 == 199) {
         auto until = clock_type::now() + std::chrono::milliseconds(150);

@@ -134,8 +134,17 @@ struct bunny_config {
     std::optional<std::string> http;  // http://host:port/path
     uint64_t timeout_ms = 600000;
     uint64_t kill_grace_ms = 5000;         // SIGTERM → SIGKILL
-    uint64_t max_output_bytes = 1000000;   // stdout / response body kept as the result
+    // stdout / response body kept as the result; 0 (the default): the
+    // largest result limits.max_job_bytes allows.
+    uint64_t max_output_bytes = 0;
   } handler;
+  struct {
+    // The largest payload bunny accepts and the largest result it uploads.
+    // Its lease requests ask relay for answers no larger than this plus an
+    // envelope allowance, and it reads no larger answer; relay's
+    // limits.max_body_bytes should be at least this much.
+    uint64_t max_job_bytes = uint64_t{16} << 20;
+  } limits;
   std::string ops_listen = "127.0.0.1:9091";
   struct {
     uint64_t wait_ms = 25000;          // long-poll wait; keep below every idle timeout on the path

@@ -179,7 +179,9 @@ struct response {
 // are errors, so a server cannot make the client allocate without bound.
 class response_parser {
  public:
-  explicit response_parser(size_t max_body_bytes);
+  // `body_room`: each body starts with that many spaces, not counted in
+  // max_body_bytes (see client_conn::options::response_body_room).
+  explicit response_parser(size_t max_body_bytes, size_t body_room = 0);
   response_parser(const response_parser&) = delete;
   response_parser& operator=(const response_parser&) = delete;
 
@@ -230,6 +232,7 @@ class response_parser {
   int fail(std::string why, failure f = failure::malformed);
 
   size_t _max_body_bytes;
+  size_t _body_room;
   llhttp_settings_t _settings;
   llhttp_t _parser;
   response _resp;

@@ -72,6 +72,11 @@ class client_conn final : private net::stream_handler {
     std::shared_ptr<const tls::context> tls;  // null: plain HTTP
     uint32_t connect_timeout_ms = 10000;      // resolve + connect + handshake
     size_t max_response_bytes = 64 << 20;
+    // Bytes of room (spaces) each response body starts with, not counted
+    // in max_response_bytes: where bunny's http handler has the envelope of
+    // the complete request written, so the service's answer becomes that
+    // request's body without a copy (v1::complete_room).
+    size_t response_body_room = 0;
   };
   // `error` is false (kind none) on success; otherwise it says what failed,
   // and `response` is empty.
@@ -100,6 +105,12 @@ class client_conn final : private net::stream_handler {
   // and smuggling a second one.
   void request(std::string_view method, std::string_view target, std::string_view body, callback cb,
                uint32_t timeout_ms = 0, std::string_view extra_headers = {});
+  // The same with a body that is not copied: a large body (a job's payload
+  // or result) is written to the stream from the caller's buffer, which
+  // `keep` keeps alive until the answer (the request may be sent again).
+  void request(std::string_view method, std::string_view target, std::string_view body,
+               std::shared_ptr<const void> keep, callback cb, uint32_t timeout_ms = 0,
+               std::string_view extra_headers = {});
   // Fails outstanding requests with kind `closed` (from inside this call),
   // then closes; the object is freed once libuv has closed its handles, so
   // nothing may be called on it afterwards.
@@ -117,7 +128,9 @@ class client_conn final : private net::stream_handler {
  private:
   enum class state : uint8_t { idle, resolving, connecting, handshaking, ready, closed };
   struct pending {
-    std::string bytes;
+    std::string bytes;               // the head, and the body unless kept by the caller
+    std::string_view body;           // a body not copied, sent after `bytes`...
+    std::shared_ptr<const void> keep;  // ...and what keeps it alive
     callback cb;
     uint64_t deadline = 0;  // uv_now() ms; 0: none
     bool sent = false;
@@ -136,6 +149,8 @@ class client_conn final : private net::stream_handler {
   void on_end(net::stream& s, net::stream_end why, std::string_view detail) override;
   void on_closed(net::stream& s) override;
 
+  void enqueue(std::string_view method, std::string_view target, std::string_view body,
+               std::shared_ptr<const void> keep, callback cb, uint32_t timeout_ms, std::string_view extra_headers);
   void start_connect();
   void send_pending();
   void parse(const std::string& data);

@@ -63,7 +63,11 @@ struct leased_job {
   std::string lease;    // valid_lease_token
   uint32_t attempt = 0; // 1 ..= max_attempt
   int64_t lease_expires_ms = 0;  // relay's wall clock, 1 ..= max_expiry_ms
-  std::string payload;  // one complete, valid JSON value (exact bytes)
+  // One complete, valid JSON value (exact bytes): a view into the answer,
+  // not a copy, since a payload may be hundreds of MiB. It lives as long as
+  // the answer's bytes (lease_answer::body, or the caller's buffer for the
+  // string_view parse).
+  std::string_view payload;
 };
 
 // A job entry of a lease answer that was refused, and why. `id` is set only
@@ -79,6 +83,10 @@ struct lease_answer {
   std::vector<leased_job> jobs;
   std::vector<rejected_job> rejected;
   size_t bytes = 0;  // the answer's size, for logs
+  // The answer as received, which the jobs' payloads view. Shared so that
+  // each job can keep its payload alive after the rest is dropped; set by
+  // client::lease (null after the string_view parse: the caller owns it).
+  std::shared_ptr<const std::string> body;
 };
 
 // Parses a 200 answer to POST /v1/queues/{q}/lease. Returns false (with
@@ -87,26 +95,36 @@ struct lease_answer {
 // valid, no key repeated) or a rejected_job. An id that appears twice in one
 // answer is kept the first time and rejected after. Pure: the fuzzer's
 // entry point too.
-bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& why);
+//
+// Cost: the answer is validated once (simdjson's DOM parser: every
+// string's UTF-8 and escapes, every number, the structure, depth up to
+// 1024 inside a payload), in place when `body` has SIMDJSON_PADDING
+// readable bytes past its end (`padded`), else from one padded copy. The
+// payloads' exact bytes are then found by a plain scan of the validated
+// text; nothing is copied.
+bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& why, bool padded = false);
 
 // The answer to a heartbeat: the lease's new expiry.
 bool parse_heartbeat_answer(std::string_view body, int64_t& expires_ms, std::string& why);
 
-// One job, as GET /v1/jobs/{id} shows it.
+// One job, as GET /v1/jobs/{id} shows it. The raw JSON fields are views
+// into the answer (a result may be hundreds of MiB): valid while `body`
+// (set by client::get_job) or the caller's buffer lives.
 struct job_view {
   std::string id;
   std::string queue;
   std::string state;  // queued, delayed, leased, succeeded, failed, dead, cancelled
   uint32_t attempts = 0;
-  std::string payload;  // raw JSON
-  std::string result;   // raw JSON; "null" when none
-  std::string error;    // raw JSON; "null" when none
+  std::string_view payload;  // raw JSON
+  std::string_view result;   // raw JSON; "null" when none
+  std::string_view error;    // raw JSON; "null" when none
   int64_t created_ms = 0;
   int64_t updated_ms = 0;
-  std::string raw;      // the whole answer, exactly as sent
+  std::string_view raw;      // the whole answer, exactly as sent
+  std::shared_ptr<const std::string> body;
   bool terminal() const { return state == "succeeded" || state == "dead" || state == "cancelled"; }
 };
-bool parse_job_view(std::string_view body, job_view& out, std::string& why);
+bool parse_job_view(std::string_view body, job_view& out, std::string& why, bool padded = false);
 
 // The answer to a submit: one id, or a batch's ids.
 struct submitted {
@@ -127,6 +145,20 @@ void parse_error_body(std::string_view body, std::string& code, std::string& mes
 // on one line, surrounding whitespace dropped). The key never appears in
 // `error`.
 bool read_api_key_file(const std::string& path, std::string& header_line, std::string& error);
+
+// A job's result laid out as the body of its complete request, so that a
+// large result reaches the wire without being copied: the producer of the
+// result (bunny's handler) reserves `complete_room` bytes at the front of
+// its buffer and reads the result JSON in behind them; fill_complete_body
+// then writes {"lease":"<token>","result": into the room and appends the
+// closing brace. Whitespace between the room and the JSON is allowed (JSON
+// allows it there, and relay keeps only the value's own bytes).
+inline constexpr std::string_view complete_head_open = "{\"lease\":\"";
+inline constexpr std::string_view complete_head_close = "\",\"result\":";
+inline constexpr size_t complete_room = complete_head_open.size() + 32 + complete_head_close.size();
+// False (nothing changed) when the lease is not a lease token or `body` is
+// not longer than the room.
+bool fill_complete_body(std::string& body, std::string_view lease);
 
 struct lease_request {
   std::string queue;
@@ -173,6 +205,9 @@ class client {
   void lease(const lease_request& r, callback<lease_answer> cb);
   void heartbeat(std::string_view id, std::string_view lease, uint32_t extend_ms, callback<int64_t> cb);
   void complete(std::string_view id, std::string_view lease, std::string_view result_json, done cb);
+  // With a body fill_complete_body() made: sent from `body` itself, which
+  // the caller may keep to send again (a retry) without copying.
+  void complete_body(std::string_view id, std::shared_ptr<const std::string> body, done cb);
   void fail(std::string_view id, std::string_view lease, std::string_view message,
             std::optional<uint32_t> retry_delay_ms, done cb);
   void submit(const submit_request& r, callback<submitted> cb);
@@ -198,7 +233,8 @@ class client {
 
  private:
   using raw_callback = std::function<void(const error&, http::client_response&)>;
-  void send(std::string_view method, std::string target, std::string body, uint32_t timeout_ms, raw_callback cb);
+  void send(std::string_view method, std::string target, std::string body, uint32_t timeout_ms, raw_callback cb,
+            std::shared_ptr<const std::string> shared_body = nullptr);
   http::client_conn* connection();
   void later(std::function<void()> fn);
 

@@ -1,6 +1,11 @@
 #include "bunny/agent.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include <cstring>
+#include <limits>
 #include <ctime>
 
 #include "relay/json.h"
@@ -21,7 +26,26 @@ int64_t wall_ms() {
 // lease relay has certainly given up on.
 constexpr int64_t lease_margin_ms = 1000;
 
+// How long bunny keeps freed memory for the next job after the last ended.
+constexpr uint64_t idle_trim_ms = 5000;
+
 }  // namespace
+
+void keep_freed_memory_while_busy() {
+#ifdef __GLIBC__
+  // 32 MiB is the largest threshold glibc takes (HEAP_MAX_SIZE / 2 on
+  // 64-bit); larger blocks (limits.max_job_bytes above it) still use mmap.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  // Never trimmed on free: give_back_freed_memory() decides when.
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
+}
+
+void give_back_freed_memory() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
 
 // One leased attempt of a job: its handler run, its heartbeat timer and the
 // delivery of its outcome. Freed from its timers' close callbacks.
@@ -103,6 +127,7 @@ class agent::job_slot {
   job_slot* waiting = nullptr;
   job_slot* ahead = nullptr;
   outcome result;
+  std::shared_ptr<const std::string> complete_body;  // when result.ok: the complete request's body
   uint32_t delivery_failures = 0;
   uv_timer_t heartbeat{};
   uv_timer_t retry{};
@@ -154,6 +179,8 @@ bool agent::start(std::string& error) {
   _poll_timer.data = this;
   uv_timer_init(_loop, &_drain_timer);
   _drain_timer.data = this;
+  uv_timer_init(_loop, &_trim_timer);
+  _trim_timer.data = this;
   for (uv_fs_poll_t* watch : {&_cert_watch, &_key_watch, &_api_key_watch}) {
     uv_fs_poll_init(_loop, watch);
     watch->data = this;
@@ -235,7 +262,7 @@ http::client_conn::options agent::connection_options() const {
   o.server_name = _cfg.relay.server_name.value_or(u.host);
   o.tls = _tls;
   o.connect_timeout_ms = static_cast<uint32_t>(_cfg.poll.request_timeout_ms);
-  o.max_response_bytes = max_answer_bytes;
+  o.max_response_bytes = max_answer_bytes();
   return o;
 }
 
@@ -309,7 +336,7 @@ void agent::poll() {
   // Relay stops adding jobs before the answer outgrows what the client
   // reads; an answer dropped for its size would leave its jobs leased to
   // nobody until they expire, and burn an attempt of each.
-  r.max_bytes = max_answer_bytes;
+  r.max_bytes = max_answer_bytes();
   _polling = true;
   _poll_client->lease(r, [this, free](const v1::error& e, v1::lease_answer& a) { on_leased(e, a, free); });
 }
@@ -318,6 +345,28 @@ void agent::on_leased(const v1::error& e, v1::lease_answer& a, size_t asked) {
   _polling = false;
   if (_draining || _stopped) return;
   const std::string& queue = _cfg.queues[_queue_index % _cfg.queues.size()];
+  // Only the body: a header line over its bound is a broken relay, not a
+  // large job (client_conn words the two differently).
+  if (e.what == v1::error::kind::transport && e.transport == http::client_error::kind::too_large &&
+      e.message.find("response body larger than") != std::string::npos) {
+    // Relay is reachable and sent an answer bunny will not read: a job
+    // larger than this bunny takes (relay always sends at least one job,
+    // whatever max_bytes asked). Its lease runs out on relay and it goes
+    // to a worker that takes it, or dead. Named as what it is, not as relay
+    // being unreachable, with the key that decides it.
+    _answers_rejected.inc();
+    log::error("lease_answer_too_large")
+        .str("queue", queue)
+        .num("limit_bytes", static_cast<int64_t>(max_answer_bytes()))
+        .str("reason", "relay's lease answer is larger than this bunny reads (limits.max_job_bytes = " +
+                           std::to_string(_cfg.limits.max_job_bytes) +
+                           ", plus 65536 for the answer's own fields); the job in it is not run here. Raise "
+                           "limits.max_job_bytes (up to 268435456) to take it");
+    relay_answered();
+    reconnect(*_poll_client);  // the connection dropped the answer mid-way
+    retry_poll_later();
+    return;
+  }
   if (e.what == v1::error::kind::transport) {
     transport_failed("lease", e);
     ++_url_index;  // try the next relay address, if any
@@ -363,7 +412,8 @@ void agent::on_leased(const v1::error& e, v1::lease_answer& a, size_t asked) {
     in.id = std::move(job.id);
     in.queue = queue;
     in.attempt = job.attempt;
-    in.payload = std::move(job.payload);
+    in.payload = job.payload;
+    in.keep = a.body;  // the payload stays in the answer; each job holds it
     start_job(std::move(in), std::move(job.lease), clamp_expiry(job.lease_expires_ms));
   }
   if (got == 0) {
@@ -431,17 +481,30 @@ void agent::start_job(job_input input, std::string lease, int64_t expires_ms) {
 void agent::run_job(job_slot* j) {
   j->started = uv_now(_loop);
   _started.inc();
-  log::info("job_started").str("job", j->input.id).str("queue", j->input.queue).num("attempt", j->input.attempt);
+  log::info("job_started")
+      .str("job", j->input.id)
+      .str("queue", j->input.queue)
+      .num("attempt", j->input.attempt)
+      .num("payload_bytes", static_cast<int64_t>(j->input.payload.size()));
   uint64_t gen = j->generation;
   j->run = _handler->start(j->input, [this, gen](outcome o) {
     if (job_slot* js = find(gen)) job_done(js, std::move(o));
   });
+  // The run holds the payload as long as it needs it; the slot lets go, so
+  // relay's answer is freed once the handler has it.
+  j->input.payload = {};
+  j->input.keep.reset();
 }
 
 void agent::job_done(job_slot* j, outcome o) {
   j->run = nullptr;
   --_running;
   _running_gauge.set(static_cast<int64_t>(_running));
+  // Restarted by every job that ends: fires only after idle_trim_ms with
+  // nothing finishing. A job still running then is fine: trimming only
+  // returns memory that is free.
+  if (!_stopped)
+    uv_timer_start(&_trim_timer, [](uv_timer_t*) { give_back_freed_memory(); }, idle_trim_ms, 0);
   double seconds = static_cast<double>(uv_now(_loop) - j->started) / 1000.0;
   _duration.observe(seconds);
   if (o.ok) _succeeded.inc();
@@ -478,6 +541,19 @@ void agent::job_done(job_slot* j, outcome o) {
     finish_job(j);
   } else {
     j->result = std::move(o);
+    if (j->result.ok) {
+      // The envelope goes into the room the handler left before its result;
+      // the body is then shared with the connection, and reused as it is
+      // if the delivery has to be tried again.
+      if (v1::fill_complete_body(j->result.result, j->lease)) {
+        j->complete_body = std::make_shared<const std::string>(std::move(j->result.result));
+      } else {
+        j->result.ok = false;
+        j->result.error = "bunny could not lay out the result for relay";
+        j->result.error_own_bytes = j->result.error.size();
+      }
+      j->result.result.clear();
+    }
     deliver(j);
   }
   poll();
@@ -523,7 +599,7 @@ void agent::deliver(job_slot* j) {
     uv_timer_start(&js->retry, job_slot::on_retry, backoff_ms(js->delivery_failures++), 0);
   };
   if (j->result.ok) {
-    _ctl_client->complete(j->input.id, j->lease, j->result.result, std::move(delivered));
+    _ctl_client->complete_body(j->input.id, j->complete_body, std::move(delivered));
   } else {
     // A job stopped because this bunny is leaving should run elsewhere now.
     std::optional<uint32_t> delay;
@@ -651,7 +727,7 @@ void agent::stop() {
   _ctl_client.reset();
   if (_handler) _handler->shutdown();
   if (_handles_open) {
-    for (uv_timer_t* t : {&_poll_timer, &_drain_timer}) {
+    for (uv_timer_t* t : {&_poll_timer, &_drain_timer, &_trim_timer}) {
       uv_timer_stop(t);
       uv_close(reinterpret_cast<uv_handle_t*>(t), nullptr);
     }

@@ -31,6 +31,19 @@
 
 namespace relay::bunny {
 
+// bunny's allocator policy (glibc), set once at start. A large job's
+// buffers (relay's answer, the parse, the result, the TLS records) are
+// tens of MiB that come and go with every job; served from mmap, each
+// job's first touch of them page-faults 4 KiB at a time, which measured
+// half of bunny's CPU per 16 MiB job. So blocks up to glibc's 32 MiB
+// ceiling come from the heap and freed memory stays mapped while jobs run;
+// the agent gives it back (malloc_trim) once it has been idle a while, so a
+// quiet bunny does not keep its peak.
+void keep_freed_memory_while_busy();
+// Returns freed memory to the system (malloc_trim); what the agent calls
+// when idle.
+void give_back_freed_memory();
+
 class agent {
  public:
   agent(uv_loop_t* loop, config::bunny_config cfg, ops::registry& metrics);
@@ -64,11 +77,13 @@ class agent {
   // and key; both clients follow a failover, a reload or a rotation.
   http::client_conn::options connection_options() const;
   // The most bytes bunny reads of one answer from relay; lease requests ask
-  // relay to stay within it. Reading an answer costs several times its size
-  // (validation builds a parse tape), so this stays well inside the pod's
-  // 256 MiB: relay's limits.max_body_bytes (1 MiB by default) must stay
-  // below it.
-  static constexpr size_t max_answer_bytes = size_t{16} << 20;
+  // relay to stay within it. A job of limits.max_job_bytes plus the
+  // answer's own fields (id, lease, expiry: ~150 bytes a job), with room to
+  // spare for fields a later relay may add. Reading an answer costs about
+  // its size once more (validation; the payloads themselves are views, not
+  // copies), so bunny's memory is sized by concurrency x max_job_bytes.
+  static constexpr size_t answer_envelope_bytes = size_t{64} << 10;
+  size_t max_answer_bytes() const { return static_cast<size_t>(_cfg.limits.max_job_bytes) + answer_envelope_bytes; }
   int64_t clamp_expiry(int64_t relay_ms) const;
   void reconnect(v1::client& c);
   void poll();
@@ -104,6 +119,7 @@ class agent {
   uint32_t _poll_failures = 0;
   uv_timer_t _poll_timer{};
   uv_timer_t _drain_timer{};
+  uv_timer_t _trim_timer{};  // gives freed memory back once no job has run for a while
   uv_fs_poll_t _cert_watch{}, _key_watch{}, _api_key_watch{};
   bool _connected = false;
   std::string _last_error;

@@ -7,6 +7,7 @@
 // process group bunny signals, passes every signal on to the handler by
 // being in its group, and exits as the handler did, so what is written
 // here about "the handler" holds for the guard and the handler together.
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -15,11 +16,19 @@
 
 #include "bunny/guard.h"
 #include "bunny/handler.h"
+#include "relay/v1_client.h"
 
 namespace relay::bunny {
 namespace {
 
 constexpr size_t stderr_tail_bytes = 2048;
+// The kernel buffer of the stdin and stdout pipes (F_SETPIPE_SZ; Linux's
+// default ceiling, /proc/sys/fs/pipe-max-size, is 1 MiB): a large payload
+// or result moves in 1 MiB steps rather than 64 KiB ones, a sixteenth of
+// the wake-ups and system calls, and the memory stays bounded by it.
+constexpr int pipe_bytes = 1 << 20;
+// How much stdout one read takes at most.
+constexpr size_t stdout_read_bytes = 1 << 20;
 constexpr uint64_t pipe_drain_ms = 2000;  // after exit, how long a grandchild may hold the pipes
 
 class exec_run;
@@ -33,7 +42,16 @@ struct exec_handler final : handler {
 
 class exec_run final : public handler_run {
  public:
-  exec_run(exec_handler& h, const job_input& job, done_fn done) : _h(h), _payload(job.payload), _done(std::move(done)) {
+  exec_run(exec_handler& h, const job_input& job, done_fn done)
+      : _h(h), _payload(job.payload), _keep(job.keep), _done(std::move(done)) {
+    // stdout lands behind room for the complete request's envelope, so the
+    // result goes to relay from where the handler wrote it.
+    _stdout.assign(v1::complete_room, ' ');
+    // Room for a result as large as the payload (what transforms mostly
+    // give back), within the output limit: growing to it by doubling would
+    // copy the result over itself. Only reserved: pages never written cost
+    // nothing.
+    _stdout.reserve(v1::complete_room + std::min(job.payload.size(), h.options.max_output_bytes) + 64);
     uv_timer_init(h.loop, &_timer);
     _timer.data = this;
     ++_handles;
@@ -112,10 +130,18 @@ class exec_run final : public handler_run {
     }
     ++_handles;
     _running = true;
-    uv_buf_t b = uv_buf_init(_payload.data(), static_cast<unsigned>(_payload.size()));
+    for (uv_pipe_t* p : {&_in, &_out}) {
+      uv_os_fd_t fd;
+      // Best effort: where the ceiling is lower, the default 64 KiB works.
+      if (uv_fileno(reinterpret_cast<uv_handle_t*>(p), &fd) == 0) (void)::fcntl(fd, F_SETPIPE_SZ, pipe_bytes);
+    }
+    // Straight from relay's answer: libuv writes what the pipe takes and
+    // keeps the rest queued as a pointer into it, never a copy. (uv_buf_t
+    // is not const, but a write only reads it.)
+    uv_buf_t b = uv_buf_init(const_cast<char*>(_payload.data()), static_cast<unsigned>(_payload.size()));
     _write.data = this;
     if (uv_write(&_write, reinterpret_cast<uv_stream_t*>(&_in), &b, 1, on_written) != 0) close_stdin();
-    uv_read_start(reinterpret_cast<uv_stream_t*>(&_out), on_alloc, on_stdout);
+    uv_read_start(reinterpret_cast<uv_stream_t*>(&_out), on_alloc_stdout, on_stdout);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&_err), on_alloc, on_stderr);
     uv_read_start(reinterpret_cast<uv_stream_t*>(&_report), on_alloc, on_report);
     uv_timer_start(&_timer, on_timeout, _h.options.timeout_ms, 0);
@@ -153,26 +179,53 @@ class exec_run final : public handler_run {
 
   static void on_written(uv_write_t* req, int) {
     // EPIPE (the handler did not read its input) is not an error in itself.
-    static_cast<exec_run*>(req->data)->close_stdin();
+    auto* r = static_cast<exec_run*>(req->data);
+    r->close_stdin();
+    // Relay's answer is not needed any more: its memory goes back while the
+    // handler works.
+    r->_payload = {};
+    r->_keep.reset();
   }
 
+  // stderr and the guard's report: small, through one scratch buffer.
   static void on_alloc(uv_handle_t* h, size_t, uv_buf_t* buf) {
     auto* r = static_cast<exec_run*>(h->data);
     buf->base = r->_buffer;
     buf->len = sizeof r->_buffer;
   }
 
-  static void on_stdout(uv_stream_t* s, ssize_t n, const uv_buf_t* buf) {
+  // stdout is read straight into the result buffer, behind what it holds.
+  // The buffer grows geometrically (std::string's growth), so each byte is
+  // moved a bounded number of times, and is zero-filled once, a read's
+  // worth at a time; it never grows past the output limit plus one read.
+  static void on_alloc_stdout(uv_handle_t* h, size_t, uv_buf_t* buf) {
+    auto* r = static_cast<exec_run*>(h->data);
+    if (r->_overflow) {
+      // Past the limit: what still comes is drained and dropped.
+      buf->base = r->_buffer;
+      buf->len = sizeof r->_buffer;
+      return;
+    }
+    std::string& out = r->_stdout;
+    size_t used = r->_stdout_len;
+    size_t limit = v1::complete_room + r->_h.options.max_output_bytes + 1;  // one more: to see it overflow
+    size_t want = std::min(stdout_read_bytes, limit - std::min(limit - 1, used));
+    if (out.size() < used + want) out.resize(used + want);
+    buf->base = out.data() + used;
+    buf->len = want;
+  }
+
+  static void on_stdout(uv_stream_t* s, ssize_t n, const uv_buf_t*) {
     auto* r = static_cast<exec_run*>(s->data);
     if (n > 0) {
-      if (r->_stdout.size() + static_cast<size_t>(n) > r->_h.options.max_output_bytes) {
-        if (!r->_overflow) {
-          r->_overflow = true;
-          r->hard_kill();
-        }
-        return;
+      if (r->_overflow) return;
+      r->_stdout_len += static_cast<size_t>(n);
+      if (r->_stdout_len - v1::complete_room > r->_h.options.max_output_bytes) {
+        r->_overflow = true;
+        std::string().swap(r->_stdout);  // nothing of it will be used
+        r->_stdout_len = 0;
+        r->hard_kill();
       }
-      r->_stdout.append(buf->base, static_cast<size_t>(n));
     } else if (n < 0) {
       r->_out_eof = true;
       uv_read_stop(s);
@@ -261,7 +314,7 @@ class exec_run final : public handler_run {
     return t.empty() ? std::string() : ": " + t;
   }
 
-  outcome decide() const {
+  outcome decide() {
     outcome o;
     o.cancelled = _cancelled;
     o.timed_out = _timed_out;
@@ -273,8 +326,13 @@ class exec_run final : public handler_run {
     else if (_status != 0) o.error = "handler exited with status " + std::to_string(_status);
     else {
       std::string why;
-      if (as_json_result(_stdout, o.result, why)) o.ok = true;
-      else o.error = "handler stdout is not a JSON result (" + why + ")";
+      _stdout.resize(_stdout_len);
+      if (check_json_result(_stdout, v1::complete_room, why)) {
+        o.ok = true;
+        o.result = std::move(_stdout);
+      } else {
+        o.error = "handler stdout is not a JSON result (" + why + ")";
+      }
     }
     if (!o.ok && _spawn_error.empty() && !_cancelled && !_overflow) {
       o.error_own_bytes = o.error.size();
@@ -303,7 +361,8 @@ class exec_run final : public handler_run {
   }
 
   exec_handler& _h;
-  std::string _payload;
+  std::string_view _payload;          // in relay's answer...
+  std::shared_ptr<const void> _keep;  // ...which this holds until stdin is written
   done_fn _done;
   uv_process_t _proc{};
   uv_pipe_t _in{}, _out{}, _err{}, _report{};
@@ -317,6 +376,7 @@ class exec_run final : public handler_run {
   int _signal = 0;
   char _report_bytes[sizeof(int) + 1];  // one more: a longer report is malformed, not an errno
   size_t _report_len = 0;
+  size_t _stdout_len = v1::complete_room;  // _stdout's bytes that hold data; the rest is read room
   std::string _stdout, _stderr, _why, _spawn_error;
   char _buffer[65536];
 };

@@ -18,12 +18,18 @@ struct job_input {
   std::string id;
   std::string queue;
   uint32_t attempt = 0;
-  std::string payload;  // raw JSON
+  // Raw JSON: a view into relay's lease answer, which `keep` holds, so that
+  // a payload of hundreds of MiB is never copied on its way to the handler.
+  std::string_view payload;
+  std::shared_ptr<const void> keep;
 };
 
 struct outcome {
   bool ok = false;
-  std::string result;  // raw JSON, when ok
+  // When ok: v1::complete_room bytes of room, then the result's JSON (with
+  // at most whitespace around it): the body of the complete request, built
+  // where the handler's output landed (see v1::fill_complete_body).
+  std::string result;
   std::string error;   // why not, when !ok
   // How much of `error` bunny wrote itself; the rest (a stderr tail, the
   // local service's answer) is the handler's and may echo the payload, so
@@ -58,7 +64,7 @@ struct exec_options {
   std::vector<std::string> argv;
   uint64_t timeout_ms = 600000;
   uint64_t kill_grace_ms = 5000;
-  size_t max_output_bytes = 1000000;
+  size_t max_output_bytes = 16 << 20;
 };
 
 // The http handler keeps the connections of finished runs open (HTTP/1.1
@@ -71,13 +77,15 @@ struct http_options {
   uint16_t port = 0;
   std::string path;
   uint64_t timeout_ms = 600000;
-  size_t max_output_bytes = 1000000;
+  size_t max_output_bytes = 16 << 20;
 };
 
 std::unique_ptr<handler> make_exec_handler(uv_loop_t* loop, exec_options o);
 std::unique_ptr<handler> make_http_handler(uv_loop_t* loop, http_options o);
 
-// Whether `text` is one JSON value; on success `json` is it, trimmed.
-bool as_json_result(std::string_view text, std::string& json, std::string& why);
+// Whether `out` past its first `from` bytes is one JSON value (whitespace
+// around it allowed), checked in place: `out` may gain capacity (simdjson's
+// padding) but keeps its bytes. A large result is read once, not copied.
+bool check_json_result(std::string& out, size_t from, std::string& why);
 
 }  // namespace relay::bunny

@@ -8,6 +8,7 @@
 
 #include "bunny/handler.h"
 #include "relay/http_client.h"
+#include "relay/v1_client.h"
 
 namespace relay::bunny {
 namespace {
@@ -39,6 +40,9 @@ class pool {
     _conn_options.host = o.host;
     _conn_options.port = o.port;
     _conn_options.max_response_bytes = o.max_output_bytes;
+    // The service's answer lands behind room for the complete request's
+    // envelope: a 2xx body is sent on to relay from where it was read.
+    _conn_options.response_body_room = v1::complete_room;
     uv_timer_init(loop, _timer);
     _timer->data = this;
     // The sweep alone keeps no loop alive; shutdown() closes the
@@ -136,6 +140,7 @@ class http_run final : public handler_run {
         _done(std::move(done)),
         _path(h.options.path),
         _payload(job.payload),
+        _keep(job.keep),
         _headers("X-Job-Id: " + job.id + "\r\nX-Job-Queue: " + job.queue + "\r\nX-Job-Attempt: " +
                  std::to_string(job.attempt) + "\r\n"),
         _timeout_ms(static_cast<uint32_t>(h.options.timeout_ms)) {
@@ -160,7 +165,8 @@ class http_run final : public handler_run {
   // A failure (a refused header included) arrives from the loop.
   void send(bool fresh) {
     _conn = _pool->take(_reused, fresh);
-    _conn->request("POST", _path, _payload,
+    // The payload goes out from relay's answer, not a copy of it.
+    _conn->request("POST", _path, _payload, _keep,
                    [this](const http::client_error& error, http::client_response& r) { answered(error, r); },
                    _timeout_ms, _headers);
   }
@@ -184,12 +190,18 @@ class http_run final : public handler_run {
     } else if (r.status < 200 || r.status > 299) {
       _outcome.error = "http handler answered " + std::to_string(r.status);
       _outcome.error_own_bytes = _outcome.error.size();
-      _outcome.error += ": " + r.body.substr(0, 1024);
+      _outcome.error += ": " + r.body.substr(v1::complete_room, 1024);
     } else {
       std::string why;
-      if (as_json_result(r.body, _outcome.result, why)) _outcome.ok = true;
-      else _outcome.error = "http handler's answer is not a JSON result (" + why + ")";
+      if (check_json_result(r.body, v1::complete_room, why)) {
+        _outcome.ok = true;
+        _outcome.result = std::move(r.body);
+      } else {
+        _outcome.error = "http handler's answer is not a JSON result (" + why + ")";
+      }
     }
+    // Relay's answer (and the payload in it) is no longer needed here.
+    _keep.reset();
     // Any complete answer, 2xx or not, leaves the connection in a known
     // state, and so does a refused request (nothing was sent); any other
     // failure leaves it closed or in doubt.
@@ -211,7 +223,10 @@ class http_run final : public handler_run {
 
   std::shared_ptr<pool> _pool;
   done_fn _done;
-  const std::string _path, _payload, _headers;
+  const std::string _path;
+  const std::string_view _payload;
+  std::shared_ptr<const void> _keep;  // holds _payload's bytes until answered
+  const std::string _headers;
   const uint32_t _timeout_ms;
   http::client_conn* _conn = nullptr;
   uv_timer_t _defer{};
@@ -229,23 +244,25 @@ std::unique_ptr<handler> make_http_handler(uv_loop_t* loop, http_options o) {
   return std::make_unique<http_handler>(loop, std::move(o));
 }
 
-bool as_json_result(std::string_view text, std::string& json, std::string& why) {
-  size_t b = 0, e = text.size();
+bool check_json_result(std::string& out, size_t from, std::string& why) {
   auto space = [](char c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; };
-  while (b < e && space(text[b])) ++b;
-  while (e > b && space(text[e - 1])) --e;
+  size_t b = from, e = out.size();
+  while (b < e && space(out[b])) ++b;
+  while (e > b && space(out[e - 1])) --e;
   if (b == e) {
     why = "empty";
     return false;
   }
-  simdjson::padded_string padded(text.substr(b, e - b));
+  // In place: simdjson reads up to SIMDJSON_PADDING bytes past the end,
+  // which reserve() provides without moving the bytes when the buffer
+  // already has room (the readers leave some).
+  out.reserve(out.size() + simdjson::SIMDJSON_PADDING);
   simdjson::dom::parser parser;
   simdjson::dom::element root;
-  if (auto err = parser.parse(padded).get(root)) {
+  if (auto err = parser.parse(out.data() + b, e - b, false).get(root)) {
     why = simdjson::error_message(err);
     return false;
   }
-  json.assign(text.substr(b, e - b));
   return true;
 }
 

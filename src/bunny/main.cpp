@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
   // bunny re-executed as the guard of one exec handler: nothing of the
   // agent (allocator settings, log thread, loop) may start in that process.
   if (argc > 1 && std::string_view(argv[1]) == relay::bunny::guard_flag) return relay::bunny::run_guard(argc, argv);
-  relay::ops::return_freed_memory_promptly();
+  relay::bunny::keep_freed_memory_while_busy();
   std::optional<std::string> config_file;
   relay::config::override_list overrides;
   bool check_only = false;

@@ -1,14 +1,15 @@
-// Reading relay's answers. Relay is not trusted here: every answer is first
-// validated whole as JSON (simdjson's DOM parser checks every string's UTF-8,
-// every number and the structure), then read field by field with the
-// on-demand parser, which keeps payloads as the exact bytes sent. Nothing
+// Reading relay's answers. Relay is not trusted here: every answer is
+// validated whole, once, by simdjson's DOM parser (every string's UTF-8 and
+// escapes, every number, the structure), and fields are read from that
+// parse. Payloads and results are kept as the exact bytes sent: their spans
+// are found by a plain scan of the already-validated text (raw_cursor),
+// walked in step with the DOM, so no second JSON pass and no copy. Nothing
 // from an answer is used unless it has the shape DESIGN.md gives it.
 #include <simdjson.h>
 
 #include <cstring>
 #include <unordered_set>
 
-#include "relay/json_read.h"
 #include "relay/v1_client.h"
 
 namespace relay::v1 {
@@ -23,71 +24,161 @@ bool lower_hex(std::string_view s, size_t n) {
   return true;
 }
 
-// The whole answer is valid JSON; the padded copy is what the on-demand
-// parser then reads.
-bool valid_json(std::string_view body, simdjson::padded_string& padded, std::string& why) {
-  padded = simdjson::padded_string(body);
+// One answer, validated whole. In place when the caller's buffer has
+// simdjson's padding past its end (client_conn reserves it for bodies), so
+// a 256 MiB answer is not copied just to be read.
+struct validated {
   simdjson::dom::parser dom;
+  simdjson::padded_string copy;
   simdjson::dom::element root;
+};
+
+bool valid_json(std::string_view body, bool padded, validated& v, std::string& why) {
   // relay accepts payloads nested as deep as simdjson's default (1024); in
   // an answer they sit a few levels deeper, and one deep payload must not
   // make the whole answer (other producers' jobs) unreadable.
-  if (auto err = dom.allocate(body.size(), answer_max_depth)) {
+  if (auto err = v.dom.allocate(body.size(), answer_max_depth)) {
     why = std::string("cannot read the answer: ") + simdjson::error_message(err);
     return false;
   }
-  if (auto err = dom.parse(padded).get(root)) {
+  simdjson::error_code err;
+  if (padded) {
+    err = v.dom.parse(body.data(), body.size(), false).get(v.root);
+  } else {
+    v.copy = simdjson::padded_string(body);
+    err = v.dom.parse(v.copy).get(v.root);
+  }
+  if (err) {
     why = std::string("not valid JSON: ") + simdjson::error_message(err);
     return false;
   }
   return true;
 }
 
+// Where the values of a document are in its text. Only ever run over bytes
+// simdjson has just accepted, so it checks nothing: it skips whitespace,
+// strings (a quote ends one unless an odd run of backslashes precedes it)
+// and brackets. Walked in step with the DOM's members, which come in text
+// order, it gives each value's exact bytes without a second parse.
+class raw_cursor {
+ public:
+  explicit raw_cursor(std::string_view text) : _p(text.data()), _end(text.data() + text.size()) {}
+
+  // Past the opening bracket of the object or array the cursor is on.
+  void enter() {
+    ws();
+    ++_p;
+  }
+  // The next element of an array: its bytes, consumed.
+  std::string_view element() {
+    separator();
+    return value();
+  }
+  // The next member of an object: its value's bytes, key consumed too.
+  std::string_view member() {
+    separator();
+    skip_string();
+    ws();
+    ++_p;  // ':'
+    return value();
+  }
+
+ private:
+  void ws() {
+    while (_p < _end && (*_p == ' ' || *_p == '\n' || *_p == '\r' || *_p == '\t')) ++_p;
+  }
+  void separator() {
+    ws();
+    if (_p < _end && *_p == ',') ++_p;
+    ws();
+  }
+  void skip_string() {
+    ++_p;  // the opening quote
+    for (;;) {
+      auto* q = static_cast<const char*>(std::memchr(_p, '"', static_cast<size_t>(_end - _p)));
+      if (!q) {  // cannot happen on validated text; stay in bounds regardless
+        _p = _end;
+        return;
+      }
+      const char* b = q;
+      while (b > _p && b[-1] == '\\') --b;
+      _p = q + 1;
+      if (((q - b) & 1) == 0) return;
+    }
+  }
+  std::string_view value() {
+    ws();
+    const char* start = _p;
+    if (_p >= _end) return {};
+    if (*_p == '"') {
+      skip_string();
+    } else if (*_p == '{' || *_p == '[') {
+      size_t depth = 0;
+      while (_p < _end) {
+        char c = *_p;
+        if (c == '"') {
+          skip_string();
+          continue;
+        }
+        ++_p;
+        if (c == '{' || c == '[') ++depth;
+        else if ((c == '}' || c == ']') && --depth == 0) break;
+      }
+    } else {
+      while (_p < _end && *_p != ',' && *_p != '}' && *_p != ']' && *_p != ' ' && *_p != '\n' && *_p != '\r' &&
+             *_p != '\t')
+        ++_p;
+    }
+    return {start, static_cast<size_t>(_p - start)};
+  }
+
+  const char* _p;
+  const char* _end;
+};
+
 // An integer field within [lo, hi].
-bool read_int(simdjson::ondemand::value v, int64_t lo, int64_t hi, int64_t& out) {
+bool read_int(simdjson::dom::element v, int64_t lo, int64_t hi, int64_t& out) {
   int64_t n = 0;
   if (v.get_int64().get(n) || n < lo || n > hi) return false;
   out = n;
   return true;
 }
 
-bool read_string(simdjson::ondemand::value v, std::string& out) {
+bool read_string(simdjson::dom::element v, std::string& out) {
   std::string_view s;
   if (v.get_string().get(s)) return false;
   out.assign(s);
   return true;
 }
 
-// One entry of a lease answer's "jobs". On failure `why` names the field,
-// never its value (which may be anything, payload bytes included).
-bool read_leased_job(simdjson::ondemand::value el, leased_job& job, std::string& why) {
-  simdjson::ondemand::object o;
+// One entry of a lease answer's "jobs"; `text` is its bytes. On failure
+// `why` names the field, never its value (which may be anything, payload
+// bytes included).
+bool read_leased_job(simdjson::dom::element el, std::string_view text, leased_job& job, std::string& why) {
+  simdjson::dom::object o;
   if (el.get_object().get(o)) {
     why = "the entry is not an object";
     return false;
   }
+  raw_cursor raw(text);
+  raw.enter();
   bool has_id = false, has_lease = false, has_attempt = false, has_expiry = false, has_payload = false;
-  for (auto f : o) {
-    simdjson::ondemand::field field;
-    std::string_view key;
-    if (std::move(f).get(field) || field.unescaped_key().get(key)) {
-      why = "an unreadable key";
-      return false;
-    }
+  for (auto [key, value] : o) {
+    std::string_view bytes = raw.member();
     auto once = [&](bool& seen) {
       if (seen) why = "\"" + std::string(key) + "\" appears twice";
       return !std::exchange(seen, true);
     };
     if (key == "id") {
       if (!once(has_id)) return false;
-      if (!read_string(field.value(), job.id) || !valid_job_id(job.id)) {
+      if (!read_string(value, job.id) || !valid_job_id(job.id)) {
         job.id.clear();
         why = "\"id\" is not 16 lowercase hex digits";
         return false;
       }
     } else if (key == "lease") {
       if (!once(has_lease)) return false;
-      if (!read_string(field.value(), job.lease) || !valid_lease_token(job.lease)) {
+      if (!read_string(value, job.lease) || !valid_lease_token(job.lease)) {
         job.lease.clear();
         why = "\"lease\" is not 32 lowercase hex digits";
         return false;
@@ -95,25 +186,24 @@ bool read_leased_job(simdjson::ondemand::value el, leased_job& job, std::string&
     } else if (key == "attempt") {
       if (!once(has_attempt)) return false;
       int64_t n = 0;
-      if (!read_int(field.value(), 1, max_attempt, n)) {
+      if (!read_int(value, 1, max_attempt, n)) {
         why = "\"attempt\" is not an integer from 1 to " + std::to_string(max_attempt);
         return false;
       }
       job.attempt = static_cast<uint32_t>(n);
     } else if (key == "lease_expires_ms") {
       if (!once(has_expiry)) return false;
-      if (!read_int(field.value(), 1, max_expiry_ms, job.lease_expires_ms)) {
+      if (!read_int(value, 1, max_expiry_ms, job.lease_expires_ms)) {
         why = "\"lease_expires_ms\" is not a positive integer below 2^53";
         return false;
       }
     } else if (key == "payload") {
       if (!once(has_payload)) return false;
-      std::string_view raw;
-      if (!json::raw_value(field.value(), raw) || raw.empty()) {
+      if (bytes.empty()) {
         why = "\"payload\" is not a JSON value";
         return false;
       }
-      job.payload.assign(raw);
+      job.payload = bytes;
     }
     // Other keys: later versions of relay may add fields; they are ignored.
   }
@@ -139,48 +229,41 @@ bool snake_case(std::string_view s) {
 bool valid_job_id(std::string_view s) { return lower_hex(s, 16); }
 bool valid_lease_token(std::string_view s) { return lower_hex(s, 32); }
 
-bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& why) {
+bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& why, bool padded) {
   out = {};
   out.bytes = body.size();
-  simdjson::padded_string padded;
-  if (!valid_json(body, padded, why)) return false;
-  simdjson::ondemand::parser parser;
-  simdjson::ondemand::document doc;
-  simdjson::ondemand::object top;
-  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  validated v;
+  if (!valid_json(body, padded, v, why)) return false;
+  simdjson::dom::object top;
+  if (v.root.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }
+  raw_cursor raw(body);
+  raw.enter();
   bool seen_jobs = false;
   std::unordered_set<std::string> ids;
-  for (auto f : top) {
-    simdjson::ondemand::field field;
-    std::string_view key;
-    if (std::move(f).get(field) || field.unescaped_key().get(key)) {
-      why = "an unreadable key";
-      return false;
-    }
+  for (auto [key, value] : top) {
+    std::string_view bytes = raw.member();
     if (key != "jobs") continue;
     if (seen_jobs) {
       why = "\"jobs\" appears twice";
       return false;
     }
     seen_jobs = true;
-    simdjson::ondemand::array jobs;
-    if (field.value().get_array().get(jobs)) {
+    simdjson::dom::array jobs;
+    if (value.get_array().get(jobs)) {
       why = "\"jobs\" is not an array";
       return false;
     }
+    raw_cursor entries(bytes);
+    entries.enter();
     size_t index = 0;
-    for (auto el : jobs) {
-      simdjson::ondemand::value v;
+    for (simdjson::dom::element el : jobs) {
+      std::string_view entry = entries.element();
       leased_job job;
       std::string reason;
-      if (el.get(v)) {
-        why = "an unreadable entry in \"jobs\"";
-        return false;
-      }
-      if (!read_leased_job(v, job, reason)) {
+      if (!read_leased_job(el, entry, job, reason)) {
         out.rejected.push_back({index, std::move(job.id), std::move(reason)});
       } else if (!ids.insert(job.id).second) {
         out.rejected.push_back({index, std::move(job.id), "the id appears twice in one answer"});
@@ -198,14 +281,11 @@ bool parse_lease_answer(std::string_view body, lease_answer& out, std::string& w
 }
 
 bool parse_heartbeat_answer(std::string_view body, int64_t& expires_ms, std::string& why) {
-  simdjson::padded_string padded;
-  if (!valid_json(body, padded, why)) return false;
-  simdjson::ondemand::parser parser;
-  simdjson::ondemand::document doc;
-  simdjson::ondemand::object top;
-  simdjson::ondemand::value v;
-  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top) ||
-      top.find_field_unordered("lease_expires_ms").get(v) || !read_int(v, 1, max_expiry_ms, expires_ms)) {
+  validated v;
+  if (!valid_json(body, false, v, why)) return false;
+  simdjson::dom::object top;
+  simdjson::dom::element e;
+  if (v.root.get_object().get(top) || top["lease_expires_ms"].get(e) || !read_int(e, 1, max_expiry_ms, expires_ms)) {
     why = "no \"lease_expires_ms\" that is a positive integer below 2^53";
     return false;
   }
@@ -224,38 +304,33 @@ bool known_state(std::string_view s) {
 
 }  // namespace
 
-bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
+bool parse_job_view(std::string_view body, job_view& out, std::string& why, bool padded) {
   out = {};
-  simdjson::padded_string padded;
-  if (!valid_json(body, padded, why)) return false;
-  simdjson::ondemand::parser parser;
-  simdjson::ondemand::document doc;
-  simdjson::ondemand::object top;
-  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  validated v;
+  if (!valid_json(body, padded, v, why)) return false;
+  simdjson::dom::object top;
+  if (v.root.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }
+  raw_cursor raw(body);
+  raw.enter();
   bool has_id = false, has_state = false;
-  for (auto f : top) {
-    simdjson::ondemand::field field;
-    std::string_view key, raw;
-    if (std::move(f).get(field) || field.unescaped_key().get(key)) {
-      why = "an unreadable key";
-      return false;
-    }
+  for (auto [key, value] : top) {
+    std::string_view bytes = raw.member();
     int64_t n = 0;
     bool ok = true;
-    if (key == "id") ok = has_id = read_string(field.value(), out.id) && valid_job_id(out.id);
-    else if (key == "queue") ok = read_string(field.value(), out.queue);
-    else if (key == "state") ok = has_state = read_string(field.value(), out.state) && known_state(out.state);
-    else if (key == "attempts") ok = read_int(field.value(), 0, max_attempt, n);
-    else if (key == "created_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.created_ms);
-    else if (key == "updated_ms") ok = read_int(field.value(), 0, max_expiry_ms, out.updated_ms);
-    else if (key == "payload" || key == "result" || key == "error") ok = json::raw_value(field.value(), raw);
+    if (key == "id") ok = has_id = read_string(value, out.id) && valid_job_id(out.id);
+    else if (key == "queue") ok = read_string(value, out.queue);
+    else if (key == "state") ok = has_state = read_string(value, out.state) && known_state(out.state);
+    else if (key == "attempts") ok = read_int(value, 0, max_attempt, n);
+    else if (key == "created_ms") ok = read_int(value, 0, max_expiry_ms, out.created_ms);
+    else if (key == "updated_ms") ok = read_int(value, 0, max_expiry_ms, out.updated_ms);
+    else if (key == "payload" || key == "result" || key == "error") ok = !bytes.empty();
     if (ok && key == "attempts") out.attempts = static_cast<uint32_t>(n);
-    if (ok && key == "payload") out.payload.assign(raw);
-    if (ok && key == "result") out.result.assign(raw);
-    if (ok && key == "error") out.error.assign(raw);
+    if (ok && key == "payload") out.payload = bytes;
+    if (ok && key == "result") out.result = bytes;
+    if (ok && key == "error") out.error = bytes;
     if (!ok) {
       why = "\"" + std::string(key) + "\" is not what a job's " + std::string(key) + " must be";
       return false;
@@ -265,45 +340,36 @@ bool parse_job_view(std::string_view body, job_view& out, std::string& why) {
     why = "no \"id\" or \"state\"";
     return false;
   }
-  out.raw.assign(body);
+  out.raw = body;
   return true;
 }
 
 bool parse_submitted(std::string_view body, submitted& out, std::string& why) {
   out.ids.clear();
-  simdjson::padded_string padded;
-  if (!valid_json(body, padded, why)) return false;
-  simdjson::ondemand::parser parser;
-  simdjson::ondemand::document doc;
-  simdjson::ondemand::object top;
-  if (parser.allocate(padded.size(), answer_max_depth) || parser.iterate(padded).get(doc) || doc.get_object().get(top)) {
+  validated v;
+  if (!valid_json(body, false, v, why)) return false;
+  simdjson::dom::object top;
+  if (v.root.get_object().get(top)) {
     why = "not a JSON object";
     return false;
   }
-  for (auto f : top) {
-    simdjson::ondemand::field field;
-    std::string_view key;
-    if (std::move(f).get(field) || field.unescaped_key().get(key)) {
-      why = "an unreadable key";
-      return false;
-    }
+  for (auto [key, value] : top) {
     if (key == "id") {
       std::string id;
-      if (!read_string(field.value(), id) || !valid_job_id(id)) {
+      if (!read_string(value, id) || !valid_job_id(id)) {
         why = "\"id\" is not 16 lowercase hex digits";
         return false;
       }
       out.ids.push_back(std::move(id));
     } else if (key == "ids") {
-      simdjson::ondemand::array a;
-      if (field.value().get_array().get(a)) {
+      simdjson::dom::array a;
+      if (value.get_array().get(a)) {
         why = "\"ids\" is not an array";
         return false;
       }
-      for (auto el : a) {
+      for (simdjson::dom::element el : a) {
         std::string id;
-        simdjson::ondemand::value v;
-        if (el.get(v) || !read_string(v, id) || !valid_job_id(id)) {
+        if (!read_string(el, id) || !valid_job_id(id)) {
           why = "an entry of \"ids\" is not 16 lowercase hex digits";
           return false;
         }

@@ -5,6 +5,7 @@
 
 #include <simdjson.h>
 
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -118,6 +119,10 @@ bool split_json_array(std::string_view text, std::vector<std::string>& out, std:
   return true;
 }
 
+// Whether simdjson may read `s` in place (client_conn reserves the
+// padding behind each body it receives).
+bool has_padding(const std::string& s) { return s.capacity() >= s.size() + simdjson::SIMDJSON_PADDING; }
+
 bool visible_ascii(std::string_view s) {
   for (unsigned char c : s)
     if (c < 0x21 || c > 0x7e) return false;
@@ -172,7 +177,8 @@ void client::reset() {
 
 void client::later(std::function<void()> fn) { defer(_loop, std::move(fn)); }
 
-void client::send(std::string_view method, std::string target, std::string body, uint32_t timeout_ms, raw_callback cb) {
+void client::send(std::string_view method, std::string target, std::string body, uint32_t timeout_ms, raw_callback cb,
+                  std::shared_ptr<const std::string> shared_body) {
   std::weak_ptr<bool> alive = _alive;
   // client_conn may fail requests inside close() (our reset() or the
   // destructor); the answer then goes through the loop like any other.
@@ -193,8 +199,12 @@ void client::send(std::string_view method, std::string target, std::string body,
     }
     cb(err, r);
   };
-  connection()->request(method, target, body, std::move(deliver), timeout_ms ? timeout_ms : _o.request_timeout_ms,
-                        _o.extra_headers);
+  uint32_t timeout = timeout_ms ? timeout_ms : _o.request_timeout_ms;
+  if (shared_body) {
+    std::string_view view = *shared_body;
+    connection()->request(method, target, view, std::move(shared_body), std::move(deliver), timeout, _o.extra_headers);
+  }
+  else connection()->request(method, target, body, std::move(deliver), timeout, _o.extra_headers);
 }
 
 void client::lease(const lease_request& r, callback<lease_answer> cb) {
@@ -214,7 +224,12 @@ void client::lease(const lease_request& r, callback<lease_answer> cb) {
          lease_answer a;
          if (e) return cb(e, a);
          std::string why;
-         if (!parse_lease_answer(resp.body, a, why)) return cb(bad_answer("lease answer", why), a);
+         // The jobs view the answer's bytes, which move here rather than
+         // being copied per payload.
+         bool padded = has_padding(resp.body);
+         auto bytes = std::make_shared<const std::string>(std::move(resp.body));
+         if (!parse_lease_answer(*bytes, a, why, padded)) return cb(bad_answer("lease answer", why), a);
+         a.body = std::move(bytes);
          cb(e, a);
        });
 }
@@ -247,6 +262,29 @@ void client::complete(std::string_view id, std::string_view lease, std::string_v
   body += '}';
   send("POST", job_path(id, "complete"), std::move(body), 0,
        [cb = std::move(cb)](const error& e, http::client_response&) { cb(e); });
+}
+
+bool fill_complete_body(std::string& body, std::string_view lease) {
+  if (!valid_lease_token(lease) || body.size() <= complete_room) return false;
+  char* at = body.data();
+  std::memcpy(at, complete_head_open.data(), complete_head_open.size());
+  at += complete_head_open.size();
+  std::memcpy(at, lease.data(), lease.size());
+  at += lease.size();
+  std::memcpy(at, complete_head_close.data(), complete_head_close.size());
+  body += '}';
+  return true;
+}
+
+void client::complete_body(std::string_view id, std::shared_ptr<const std::string> body, done cb) {
+  // Only a body fill_complete_body() made: it starts with the envelope.
+  if (!valid_job_id(id) || !body || body->size() <= complete_room + 1 || !body->starts_with(complete_head_open) ||
+      body->back() != '}') {
+    later([cb = std::move(cb)] { cb(bad_call("complete: the id or the result body is not valid")); });
+    return;
+  }
+  send("POST", job_path(id, "complete"), {}, 0, [cb = std::move(cb)](const error& e, http::client_response&) { cb(e); },
+       std::move(body));
 }
 
 void client::fail(std::string_view id, std::string_view lease, std::string_view message,
@@ -287,18 +325,32 @@ void client::submit(const submit_request& r, callback<submitted> cb) {
       });
       return;
     }
+    // Built once, at its final size: no temporaries per element.
+    body.reserve(r.payload.size() + payloads.size() * (16 + opts.size()));
     body = "[";
-    for (size_t i = 0; i < payloads.size(); ++i) body += (i ? ",{\"payload\":" : "{\"payload\":") + payloads[i] + opts + "}";
+    for (size_t i = 0; i < payloads.size(); ++i) {
+      body += i ? ",{\"payload\":" : "{\"payload\":";
+      body += payloads[i];
+      body += opts;
+      body += '}';
+    }
     body += ']';
   } else {
-    body = "{\"payload\":" + r.payload + opts;
+    // One copy of the payload, into the body at its final size; the body is
+    // then handed to the connection without another (a payload may be
+    // 256 MiB).
+    body.reserve(r.payload.size() + opts.size() + 64 + (r.idempotency_key ? r.idempotency_key->size() * 6 : 0));
+    body = "{\"payload\":";
+    body += r.payload;
+    body += opts;
     if (r.idempotency_key) {
       body += ",\"idempotency_key\":";
       json::append_string(body, *r.idempotency_key);
     }
     body += '}';
   }
-  send("POST", "/v1/queues/" + r.queue + "/jobs", std::move(body), 0,
+  auto shared = std::make_shared<const std::string>(std::move(body));
+  send("POST", "/v1/queues/" + r.queue + "/jobs", {}, 0,
        [cb = std::move(cb)](const error& e, http::client_response& resp) {
          submitted s;
          if (e) return cb(e, s);
@@ -306,7 +358,8 @@ void client::submit(const submit_request& r, callback<submitted> cb) {
          if (!parse_submitted(resp.body, s, why)) return cb(bad_answer("submit answer", why), s);
          s.created = resp.status == 201;
          cb(e, s);
-       });
+       },
+       std::move(shared));
 }
 
 void client::get_job(std::string_view id, uint32_t wait_ms, callback<job_view> cb) {
@@ -324,7 +377,10 @@ void client::get_job(std::string_view id, uint32_t wait_ms, callback<job_view> c
          job_view j;
          if (e) return cb(e, j);
          std::string why;
-         if (!parse_job_view(resp.body, j, why)) return cb(bad_answer("job", why), j);
+         bool padded = has_padding(resp.body);
+         auto bytes = std::make_shared<const std::string>(std::move(resp.body));
+         if (!parse_job_view(*bytes, j, why, padded)) return cb(bad_answer("job", why), j);
+         j.body = std::move(bytes);
          cb(e, j);
        });
 }

@@ -9,6 +9,12 @@ namespace {
 
 using c = bunny_config;
 
+// 256 MiB is relay's own ceiling for a request body (limits.max_body_bytes);
+// a job bunny could accept but relay could never hold is no use. Below
+// 64 KiB a lease answer's envelope and one ordinary job would not fit.
+constexpr uint64_t max_job_bytes_floor = uint64_t{64} << 10;
+constexpr uint64_t max_job_bytes_ceiling = uint64_t{256} << 20;
+
 const schema& bunny_schema() {
   static const schema keys = {
       {"relay.urls", kind::string_list, field<c>([](c& x) { return &x.relay.urls; })},
@@ -26,7 +32,10 @@ const schema& bunny_schema() {
       {"handler.http", kind::optional_string, field<c>([](c& x) { return &x.handler.http; })},
       {"handler.timeout_ms", kind::number, field<c>([](c& x) { return &x.handler.timeout_ms; }), {}, 100, 86400000},
       {"handler.kill_grace_ms", kind::number, field<c>([](c& x) { return &x.handler.kill_grace_ms; }), {}, 0, 600000},
-      {"handler.max_output_bytes", kind::number, field<c>([](c& x) { return &x.handler.max_output_bytes; }), {}, 1, 64 << 20},
+      {"handler.max_output_bytes", kind::number, field<c>([](c& x) { return &x.handler.max_output_bytes; }), {}, 0,
+       max_job_bytes_ceiling},
+      {"limits.max_job_bytes", kind::number, field<c>([](c& x) { return &x.limits.max_job_bytes; }), {},
+       max_job_bytes_floor, max_job_bytes_ceiling},
       {"ops_listen", kind::string, field<c>([](c& x) { return &x.ops_listen; })},
       {"poll.wait_ms", kind::number, field<c>([](c& x) { return &x.poll.wait_ms; }), {}, 0, 60000},
       {"poll.request_timeout_ms", kind::number, field<c>([](c& x) { return &x.poll.request_timeout_ms; }), {}, 1000, 600000},
@@ -110,6 +119,16 @@ bool load(const std::optional<std::string>& file, const override_list& overrides
     return fail("\"tls.cert\" and \"tls.key\" go together: set both, or both to null (no client certificate)");
   if (!cfg.tls.cert && !cfg.api_key_file)
     return fail("without a client certificate (\"tls.cert\": null) bunny needs \"api_key_file\"");
+  // A handler allowed a larger output than bunny may upload would run to
+  // completion and then lose its result at delivery: refuse it here, by
+  // name, instead of failing jobs at run time.
+  if (cfg.handler.max_output_bytes > cfg.limits.max_job_bytes)
+    return fail("\"handler.max_output_bytes\" (" + std::to_string(cfg.handler.max_output_bytes) +
+                ") exceeds \"limits.max_job_bytes\" (" + std::to_string(cfg.limits.max_job_bytes) +
+                "): a result that large could not be delivered; raise limits.max_job_bytes or lower it");
+  // 0 follows the job limit; shown resolved, so --check-config prints what
+  // applies.
+  if (cfg.handler.max_output_bytes == 0) cfg.handler.max_output_bytes = cfg.limits.max_job_bytes;
   if (cfg.poll.backoff_max_ms < cfg.poll.backoff_base_ms) return fail("\"poll.backoff_max_ms\" is below \"poll.backoff_base_ms\"");
   if (cfg.poll.wait_ms + 1000 > cfg.poll.request_timeout_ms)
     return fail("\"poll.request_timeout_ms\" must exceed \"poll.wait_ms\" by at least 1000");

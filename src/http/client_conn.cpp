@@ -13,7 +13,7 @@ namespace relay::http {
 client_conn* client_conn::create(uv_loop_t* loop, options o) { return new client_conn(loop, std::move(o)); }
 
 client_conn::client_conn(uv_loop_t* loop, options o)
-    : _loop(loop), _options(std::move(o)), _parser(_options.max_response_bytes) {
+    : _loop(loop), _options(std::move(o)), _parser(_options.max_response_bytes, _options.response_body_room) {
   if (_options.server_name.empty()) _options.server_name = _options.host;
   uv_timer_init(loop, &_timer);
   _timer.data = this;
@@ -102,6 +102,18 @@ std::string check_request(std::string_view method, std::string_view target, std:
 
 void client_conn::request(std::string_view method, std::string_view target, std::string_view body, callback cb,
                           uint32_t timeout_ms, std::string_view extra_headers) {
+  enqueue(method, target, body, nullptr, std::move(cb), timeout_ms, extra_headers);
+}
+
+void client_conn::request(std::string_view method, std::string_view target, std::string_view body,
+                          std::shared_ptr<const void> keep, callback cb, uint32_t timeout_ms,
+                          std::string_view extra_headers) {
+  enqueue(method, target, body, std::move(keep), std::move(cb), timeout_ms, extra_headers);
+}
+
+void client_conn::enqueue(std::string_view method, std::string_view target, std::string_view body,
+                          std::shared_ptr<const void> keep, callback cb, uint32_t timeout_ms,
+                          std::string_view extra_headers) {
   if (_closing) {
     // Only reachable from a callback that close() is running (the object
     // is gone once close() returns), so this answer is on close()'s stack.
@@ -115,7 +127,7 @@ void client_conn::request(std::string_view method, std::string_view target, std:
     return;
   }
   pending p;
-  p.bytes.reserve(128 + target.size() + body.size() + extra_headers.size());
+  p.bytes.reserve(128 + target.size() + (keep ? 0 : body.size()) + extra_headers.size());
   p.bytes.append(method);
   p.bytes += ' ';
   p.bytes.append(target);
@@ -126,7 +138,12 @@ void client_conn::request(std::string_view method, std::string_view target, std:
   p.bytes += "\r\n";
   p.bytes.append(extra_headers);
   p.bytes += "\r\n";
-  p.bytes.append(body);
+  if (keep) {
+    p.body = body;
+    p.keep = std::move(keep);
+  } else {
+    p.bytes.append(body);
+  }
   p.cb = std::move(cb);
   if (timeout_ms) p.deadline = uv_now(_loop) + timeout_ms;
   _queue.push_back(std::move(p));
@@ -208,6 +225,7 @@ void client_conn::send_pending() {
     // The bytes stay until the answer: a request pipelined behind an answer
     // that closes the connection is sent again (see deliver()).
     _stream->write(p.bytes);
+    if (!p.body.empty()) _stream->write(p.body);
     any = true;
   }
   if (any) _stream->flush();

@@ -13,7 +13,8 @@ constexpr size_t max_header_line_bytes = 8192;
 
 }  // namespace
 
-response_parser::response_parser(size_t max_body_bytes) : _max_body_bytes(max_body_bytes) {
+response_parser::response_parser(size_t max_body_bytes, size_t body_room)
+    : _max_body_bytes(max_body_bytes), _body_room(body_room) {
   llhttp_settings_init(&_settings);
   _settings.on_message_begin = on_message_begin;
   _settings.on_header_field = on_header_field;
@@ -96,13 +97,21 @@ int response_parser::on_headers_complete(llhttp_t* p) {
   if (p->status_code == 101) return s->fail("protocol error: 101 Switching Protocols was not asked for");
   if ((p->flags & F_CONTENT_LENGTH) != 0 && p->content_length > s->_max_body_bytes)
     return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes", failure::too_large);
+  // The whole body at once, plus the padding simdjson reads past the end,
+  // so that a large answer neither grows by doubling (copying itself over
+  // and over, and peaking at twice its size) nor is copied again to be
+  // parsed. Bounded by max_body_bytes, checked above: no more than the
+  // body itself could make the client hold.
+  if ((p->flags & F_CONTENT_LENGTH) != 0 && p->content_length > 0)
+    s->_resp.body.reserve(s->_body_room + static_cast<size_t>(p->content_length) + body_padding);
+  s->_resp.body.assign(s->_body_room, ' ');
   return 0;
 }
 
 int response_parser::on_body(llhttp_t* p, const char* at, size_t len) {
   auto* s = self(p);
   // Bounds chunked and close-delimited bodies (Content-Length was checked).
-  if (s->_resp.body.size() + len > s->_max_body_bytes)
+  if (s->_resp.body.size() - s->_body_room + len > s->_max_body_bytes)
     return s->fail("response body larger than " + std::to_string(s->_max_body_bytes) + " bytes", failure::too_large);
   s->_resp.body.append(at, len);
   return 0;

@@ -8,10 +8,15 @@
 //   3 relay could not be reached (connection or TLS failure)
 //   4 a waited-for job finished without succeeding (dead, cancelled)
 //   5 timed out waiting
+#include <fcntl.h>
 #include <simdjson.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -42,7 +47,10 @@ commands:
   submit QUEUE [PAYLOAD | -]     submit one job (PAYLOAD is JSON; "-" or --file reads it)
          --batch                 the input is a JSON array: one job per element
          --priority N --delay-ms N --max-attempts N --lease-ms N --idempotency-key K
-  get JOB [--wait MS]            show a job, optionally waiting for it to finish
+  get JOB [--wait MS] [--result-file FILE]
+                                 show a job, optionally waiting for it to finish; with
+                                 --result-file, write its result's JSON to FILE byte for
+                                 byte ("-": stdout) instead of printing it
   wait JOB... [--timeout MS]     wait until every job has finished; print their results
   cancel JOB                     cancel a job that is queued or delayed
   queues [QUEUE]                 queue statistics
@@ -63,7 +71,7 @@ options (environment variable in brackets):
   --api-key-file FILE  send the API key in FILE (one line) as "Authorization: Bearer"
                        with every request [RELAYCTL_API_KEY_FILE]
   --ca FILE            CA bundle relay's certificate chains to [RELAYCTL_CA]
-  --file FILE          read the payload (or batch) from FILE
+  --file FILE          read the payload (or batch) from FILE (up to 256 MiB)
   --timeout MS         per-request timeout, and the overall limit for wait (default 30000)
   --json               print relay's JSON answers instead of text
 
@@ -71,10 +79,14 @@ exit codes: 0 ok, 1 relay answered an error, 2 usage, 3 relay unreachable,
             4 a job finished without succeeding, 5 timed out waiting
 )";
 
+// The largest payload (or batch) relayctl sends: relay's own ceiling for
+// limits.max_body_bytes. Larger input is refused before anything is sent.
+constexpr size_t max_input_bytes = size_t{256} << 20;
+
 enum exit_code { ok = 0, relay_error = 1, usage_error = 2, unreachable = 3, job_failed = 4, timed_out = 5 };
 
 struct options {
-  std::string url, server_name, cert, key, ca, file, api_key_file, principal, key_id, not_after;
+  std::string url, server_name, cert, key, ca, file, result_file, api_key_file, principal, key_id, not_after;
   bool json = false, batch = false;
   uint32_t timeout_ms = 30000;
   std::optional<uint32_t> wait_ms, limit, max, priority, delay_ms, max_attempts, lease_ms;
@@ -118,6 +130,9 @@ std::unique_ptr<relay::v1::blocking_client> connect(const options& o, const std:
   co.connection.tls = ctx;
   co.connection.connect_timeout_ms = o.timeout_ms;
   co.request_timeout_ms = o.timeout_ms;
+  // A job's answer shows its payload and its result, each up to relay's
+  // 256 MiB ceiling.
+  co.connection.max_response_bytes = 2 * max_input_bytes + (size_t{1} << 20);
   return std::make_unique<relay::v1::blocking_client>(std::move(co));
 }
 
@@ -209,22 +224,108 @@ int new_api_key(const options& o) {
   return ok;
 }
 
+// The whole of `fd` into `out`, one read per chunk straight into the
+// string: a regular file is sized first and read in one allocation; a
+// pipe grows geometrically. Refuses more than max_input_bytes.
+bool read_all(int fd, const std::string& name, std::string& out, std::string& error) {
+  struct stat st {};
+  size_t expect = 0;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+    if (static_cast<uint64_t>(st.st_size) > max_input_bytes) {
+      error = name + ": " + std::to_string(st.st_size) + " bytes; relay takes at most " +
+              std::to_string(max_input_bytes) + " bytes in one request";
+      return false;
+    }
+    expect = static_cast<size_t>(st.st_size);
+  }
+  // One byte more than expected, to see the end (or a file that grew).
+  out.resize(std::max<size_t>(expect + 1, 64 << 10));
+  size_t used = 0;
+  for (;;) {
+    if (used == out.size()) {
+      if (out.size() > max_input_bytes) {
+        error = name + ": more than " + std::to_string(max_input_bytes) + " bytes; relay takes no more in one request";
+        return false;
+      }
+      out.resize(std::min(out.size() * 2, max_input_bytes + 1));
+    }
+    ssize_t n = ::read(fd, out.data() + used, out.size() - used);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      error = name + ": " + std::strerror(errno);
+      return false;
+    }
+    if (n == 0) break;
+    used += static_cast<size_t>(n);
+  }
+  if (used > max_input_bytes) {
+    error = name + ": more than " + std::to_string(max_input_bytes) + " bytes; relay takes no more in one request";
+    return false;
+  }
+  out.resize(used);
+  return true;
+}
+
 std::string read_input(const options& o, const std::string& arg, std::string& error) {
   if (!o.file.empty() || arg == "-") {
-    std::ostringstream ss;
+    std::string out;
     if (!o.file.empty()) {
-      std::ifstream in(o.file, std::ios::binary);
-      if (!in) {
-        error = o.file + ": cannot open";
+      int fd = ::open(o.file.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        error = o.file + ": cannot open: " + std::strerror(errno);
         return {};
       }
-      ss << in.rdbuf();
-    } else {
-      ss << std::cin.rdbuf();
+      bool ok = read_all(fd, o.file, out, error);
+      ::close(fd);
+      if (!ok) return {};
+    } else if (!read_all(STDIN_FILENO, "stdin", out, error)) {
+      return {};
     }
-    return ss.str();
+    return out;
   }
   return arg;
+}
+
+// Writes `bytes` to `path` whole or not at all: into a new file beside it,
+// flushed to disk, then renamed over `path`, so that a reader never sees a
+// partial result and a failure leaves whatever was there. "-": stdout.
+bool write_file_atomically(const std::string& path, std::string_view bytes, std::string& error) {
+  auto write_all = [&](int fd) {
+    while (!bytes.empty()) {
+      ssize_t n = ::write(fd, bytes.data(), bytes.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      bytes.remove_prefix(static_cast<size_t>(n));
+    }
+    return true;
+  };
+  if (path == "-") {
+    if (!write_all(STDOUT_FILENO)) {
+      error = std::string("stdout: ") + std::strerror(errno);
+      return false;
+    }
+    return true;
+  }
+  std::string tmp = path + ".relayctl-XXXXXX";
+  int fd = ::mkstemp(tmp.data());
+  if (fd < 0) {
+    error = path + ": cannot create a file beside it: " + std::strerror(errno);
+    return false;
+  }
+  // mkstemp makes it 0600; a result file gets the usual mode, less umask.
+  mode_t mask = ::umask(0);
+  ::umask(mask);
+  (void)::fchmod(fd, 0666 & ~mask);
+  bool ok = write_all(fd) && ::fsync(fd) == 0;
+  int saved = errno;
+  ok = (::close(fd) == 0) && ok;
+  if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (ok) saved = errno;
+    ::unlink(tmp.c_str());
+    error = path + ": " + std::strerror(saved);
+    return false;
+  }
+  return true;
 }
 
 // What relay sends reaches the terminal without control characters: a
@@ -257,10 +358,10 @@ std::string field_str(simdjson::dom::element e, const char* key) {
 
 // One of relay's answers for --json: re-serialised (minified, strings
 // escaped), so that nothing but JSON text reaches the terminal.
-bool print_json(const std::string& text) {
+bool print_json(std::string_view text) {
   simdjson::dom::parser parser;
   simdjson::dom::element root;
-  if (parser.parse(text).get(root)) return false;
+  if (parser.parse(text.data(), text.size()).get(root)) return false;
   std::printf("%s\n", simdjson::minify(root).c_str());
   return true;
 }
@@ -393,18 +494,35 @@ class tool {
     if (parse_answer(j.raw, root)) max_attempts = field_str(root, "max_attempts");
     std::printf("job %s in %s: %s (attempt %u of %s)\n", j.id.c_str(), printable(j.queue).c_str(),
                 printable(j.state).c_str(), j.attempts, max_attempts.c_str());
-    if (!j.result.empty() && j.result != "null") std::printf("  result: %s\n", printable(j.result).c_str());
-    if (!j.error.empty() && j.error != "null") std::printf("  error: %s\n", printable(j.error).c_str());
+    if (!j.result.empty() && j.result != "null") std::printf("  result: %s\n", printable(std::string(j.result)).c_str());
+    if (!j.error.empty() && j.error != "null") std::printf("  error: %s\n", printable(std::string(j.error)).c_str());
   }
 
   int get() {
     if (int rc = need_args(1, "JOB")) return rc;
     auto a = with_failover(true, [&](auto& c) { return c.get_job(_o.args[0], _o.wait_ms.value_or(0)); });
     if (a.err) return failed(a.err);
+    if (!_o.result_file.empty()) return write_result(a.value);
     print_job(a.value);
     if (!_o.wait_ms) return ok;
     if (!a.value.terminal()) return timed_out;
     return a.value.state == "succeeded" ? ok : job_failed;
+  }
+
+  // get --result-file: the result's exact bytes, only of a job that
+  // succeeded; the exit code says why there is none otherwise.
+  int write_result(const relay::v1::job_view& j) {
+    if (j.state != "succeeded") {
+      std::string msg = "job " + j.id + " is " + j.state + ": no result written";
+      if (!j.terminal()) return fail(timed_out, msg + " (it has not finished; --wait MS waits for it)");
+      return fail(job_failed, msg);
+    }
+    std::string error;
+    if (!write_file_atomically(_o.result_file, j.result, error)) return fail(relay_error, "--result-file " + error);
+    if (_o.result_file != "-")
+      std::fprintf(stderr, "relayctl: job %s: %zu result bytes written to %s\n", j.id.c_str(), j.result.size(),
+                   _o.result_file.c_str());
+    return ok;
   }
 
   int wait() {
@@ -513,7 +631,7 @@ class tool {
 
 
   // Parses one of relay's answers; `root` is valid until the next call.
-  bool parse_answer(const std::string& body, simdjson::dom::element& root) {
+  bool parse_answer(std::string_view body, simdjson::dom::element& root) {
     return !_parser.parse(body.data(), body.size()).get(root);
   }
 
@@ -577,6 +695,7 @@ int main(int argc, char** argv) {
     else if (a == "--id") good = value(o.key_id);
     else if (a == "--not-after") good = value(o.not_after);
     else if (a == "--file") good = value(o.file);
+    else if (a == "--result-file") good = value(o.result_file);
     else if (a == "--json") o.json = true;
     else if (a == "--batch") o.batch = true;
     else if (a == "--timeout") {

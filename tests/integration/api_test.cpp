@@ -240,7 +240,7 @@ TEST_CASE("a parked lease is woken by a submit, oldest waiter first") {
   // The payload of the one job leased, or the error's kind and message.
   auto got = [](const relay::v1::error& e, const relay::v1::lease_answer& a) {
     if (e) return std::string(e.kind_name()) + ": " + e.message;
-    return a.jobs.size() == 1 ? a.jobs[0].payload : std::to_string(a.jobs.size()) + " jobs";
+    return a.jobs.size() == 1 ? std::string(a.jobs[0].payload) : std::to_string(a.jobs.size()) + " jobs";
   };
   std::string got1, got2;
   bool done1 = false, done2 = false;

@@ -5,12 +5,8 @@
 // cannot show a job with a 40 MiB payload and a 40 MiB result: relay
 // accepted both, and its own CLI answers "too large". A job's view holds
 // its payload and its result, so the client must read at least twice the
-// largest body relay takes. FAILS on main as of 51ef762; issue 13 part C
-// (relayctl's answer limit at 2 x 256 MiB + 1 MiB) is expected to fix it.
-//
-// KNOWN FAILING, marked doctest::should_fail so the suite stays green
-// until the fix: once the fix is merged this case "fails" by passing, and
-// the marker below must be removed in the same merge.
+// largest body relay takes. Failed on main as of 51ef762; fixed by
+// relayctl's answer limit of 2 x 256 MiB + 1 MiB (issue 13).
 #include <doctest/doctest.h>
 
 #include <fstream>
@@ -41,10 +37,7 @@ void write_parts(const std::string& path, std::initializer_list<std::string_view
 
 }  // namespace
 
-TEST_CASE("issue 13: relayctl shows a job relay accepted, a 40 MiB payload with a 40 MiB result" *
-          doctest::should_fail(true) *
-          doctest::description("KNOWN FAILING until issue 13 part C raises the client's answer limit: remove "
-                               "should_fail then")) {
+TEST_CASE("issue 13: relayctl shows a job relay accepted, a 40 MiB payload with a 40 MiB result") {
   relay_process relay({"--set", "limits.max_body_bytes=" + std::to_string(64 * MiB)});
   const std::string payload = large::string_payload(0xc11e47, 40 * MiB);
   const std::string result = large::string_payload(0x7e5017, 40 * MiB);

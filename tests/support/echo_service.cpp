@@ -16,6 +16,7 @@ struct echo final : relay::net::request_handler {
   void on_request(relay::net::server_conn& conn, relay::http::request& req) override {
     std::string_view path = req.path();
     if (path == "/run") conn.respond(200, "{\"echo\":" + req.body + "}");
+    else if (path == "/raw") conn.respond(200, req.body);  // the payload back, byte for byte (large-job tests)
     else if (path == "/fail") conn.respond(500, "{\"error\":\"the service is broken\"}");
     else if (path == "/garbage") conn.respond(200, "<html>not json</html>", {}, "text/html");
     else conn.respond(404, "{}");

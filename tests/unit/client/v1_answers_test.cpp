@@ -130,3 +130,30 @@ TEST_CASE("v1 answers: heartbeat, job, submit and error bodies are read with the
   CHECK(code.empty());
   CHECK(message.empty());
 }
+
+TEST_CASE("v1 lease answer: payload bytes are found exactly around escaped quotes, whitespace and nesting, in place or copied") {
+  const std::string tricky = R"({"k\"ey" : "a\"b\\", "n":[1,-2.5e3,"\\\"]}"], "z":"\u00e9\\"})";
+  std::string body = R"({ "x":"\"}", "jobs" : [ )" + job("00000000000000a1", "1", lease_token, "5", " " + tricky + " ") +
+                     " , " + job("00000000000000a2", "1", lease_token, "5", R"("\\")") + " ] }";
+  for (bool in_place : {false, true}) {
+    CAPTURE(in_place);
+    std::string copy = body;
+    copy.reserve(copy.size() + 64);
+    v1::lease_answer a;
+    std::string why;
+    REQUIRE_MESSAGE(v1::parse_lease_answer(copy, a, why, in_place), why);
+    REQUIRE_EQ(a.jobs.size(), 2u);
+    CHECK_EQ(a.jobs[0].payload, tricky);
+    CHECK_EQ(a.jobs[1].payload, R"("\\")");
+  }
+}
+
+TEST_CASE("v1 complete body: the envelope fills the room before the result; a bad lease changes nothing") {
+  std::string body(v1::complete_room, ' ');
+  body += " [1,2]\n";
+  std::string before = body;
+  CHECK_FALSE(v1::fill_complete_body(body, "not-a-lease"));
+  CHECK_EQ(body, before);
+  REQUIRE(v1::fill_complete_body(body, lease_token));
+  CHECK_EQ(body, R"({"lease":")" + lease_token + R"(","result": [1,2])" + "\n}");
+}
