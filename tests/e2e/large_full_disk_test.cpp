@@ -152,7 +152,9 @@ TEST_CASE("a full disk with large payloads and results: 503, never a false ackno
     REQUIRE_MESSAGE(refused == 3, "the " << disk / MiB << " MiB disk never filled after " << tries << " submits");
     CHECK_GE(acked.size(), 3u);
     CHECK_LE(acked.size() * payload_bytes, disk);
-    CHECK_EQ(relay.ops_get("/readyz").status, 503);
+    // No /readyz check: spooled uploads meet the full disk first (503
+    // naming it) while the journal's small records may still fit, so
+    // relay can stay ready for leases, reads and small jobs.
 
     // A large result on the full disk: stored (200) or refused (503, and
     // the job still leased); nothing else.

@@ -20,7 +20,9 @@ using test::relay_process;
 
 TEST_CASE("keep-alive connections idle after a 1 MiB request do not keep its buffers") {
   h::unperturbed_allocator();
-  relay_process relay;
+  // Bodies held whole: a spooled body that is not JSON is refused at its
+  // first byte and its connection closed (the rest is never read).
+  relay_process relay({"--set", "limits.spill_threshold_bytes=0"});
   const pid_t pid = relay.proc->pid();
   constexpr int connections = 32;
   // A 1 MiB body that is not JSON: read whole, answered 400, and the
