@@ -62,8 +62,9 @@ struct blob_store_state;
 class blob_store {
  public:
   // A share of the bound on bytes read and not yet answered; gives it back
-  // when destroyed (move only). Held by an answer until it is handed to its
-  // connection, or dropped.
+  // when destroyed (move only). Held by an answer until its bytes have gone
+  // to the socket (net::server_conn::hold_until_sent) -- they are in memory
+  // until then -- or it is dropped.
   class reservation {
    public:
     reservation() = default;
@@ -76,6 +77,7 @@ class blob_store {
       return *this;
     }
     ~reservation();
+    bool empty() const { return _bytes == 0; }
 
    private:
     friend struct blob_store_state;
