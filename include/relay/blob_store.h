@@ -62,9 +62,8 @@ struct blob_store_state;
 class blob_store {
  public:
   // A share of the bound on bytes read and not yet answered; gives it back
-  // when destroyed (move only). Held by an answer until its bytes have gone
-  // to the socket (net::server_conn::hold_until_sent) -- they are in memory
-  // until then -- or it is dropped.
+  // when destroyed (move only). Held by an answer until it is handed to its
+  // connection, or dropped.
   class reservation {
    public:
     reservation() = default;
@@ -77,7 +76,6 @@ class blob_store {
       return *this;
     }
     ~reservation();
-    bool empty() const { return _bytes == 0; }
 
    private:
     friend struct blob_store_state;

@@ -118,12 +118,6 @@ class server_conn final : private stream_handler {
   // known -- from a libuv callback (EOF, reset, a timer, an eviction) or
   // from close() -- and never from inside respond().
   void set_abandon_hook(std::function<void()> hook) { _abandon = std::move(hook); }
-  // Keeps `token` until everything answered so far has gone to the socket
-  // (or the connection closes). An answer's bytes stay in memory until the
-  // peer reads them: a share of a global memory bound (a blob read's
-  // reservation) must be held that long, not only until the answer is
-  // queued, or peers that never read hold unbounded memory between them.
-  void hold_until_sent(std::shared_ptr<void> token) { _until_sent.push_back(std::move(token)); }
 
   bool is_tls() const { return _stream->is_tls(); }
   const tls::identity& peer() const { return _stream->peer(); }
@@ -211,7 +205,6 @@ class server_conn final : private stream_handler {
   size_t _body_reserved = 0;   // bytes of the listener's body budget this request holds
   http::spool_upload* _upload = nullptr;  // the body being spooled; it frees itself (abandon, hand_over)
   std::function<void()> _abandon;
-  std::vector<std::shared_ptr<void>> _until_sent;  // see hold_until_sent()
   std::string _ip;             // the per-address count this connection holds (empty: none)
   // The generation of the TLS context the peer was last verified against
   // (tls::context::generation); 0 for plaintext.

@@ -65,18 +65,6 @@ void service::respond(context& c, int status, std::string body, std::string_view
   send(c.conn, c.match.which, status, std::move(body), extra);
 }
 
-namespace {
-
-// A filled answer's bytes stay in memory until its peer has read them: the
-// bound on bytes read back (blob_store) counts them until then, so that
-// peers that never read cannot make relay hold unbounded answers.
-void hold_until_sent(net::server_conn& conn, journal::blob_store::reservation reserved) {
-  if (reserved.empty()) return;
-  conn.hold_until_sent(std::make_shared<journal::blob_store::reservation>(std::move(reserved)));
-}
-
-}  // namespace
-
 void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra,
                    journal::blob_store::reservation reserved) {
   // While the journal fails, changes are refused up front; reads go on
@@ -84,7 +72,6 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
   bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
   if (!_journal || (read && !_journal->accepting() && _journal->serving())) {
     count(r, status);
-    hold_until_sent(conn, std::move(reserved));
     conn.respond_owned(status, std::move(body), extra);
     return;
   }
@@ -102,7 +89,6 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
     if (h->conn) {
       if (ok) {
         count(h->r, h->status);
-        hold_until_sent(*h->conn, std::move(h->reserved));
         h->conn->respond_owned(h->status, std::move(h->body), h->extra);
       } else {
         count(h->r, describe(api_error::unavailable).status);

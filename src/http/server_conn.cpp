@@ -295,8 +295,6 @@ void server_conn::update_reading() {
 }
 
 void server_conn::on_drained(stream&) {
-  // Every answer so far is on the socket: what it held in memory is free.
-  _until_sent.clear();
   // Output went out: requests held back by the output bound may proceed.
   process();
 }
@@ -491,7 +489,6 @@ void server_conn::mark_closed() {
   _state = state::closed;
   // An unfinished spooled body: its file goes (once no write is in flight).
   drop_upload();
-  _until_sent.clear();  // nothing more goes out
   _owner.remove(this);
   // The handler forgets the request now, not at on_closed(): a waiter woken
   // in between would lease jobs to a connection that can no longer answer.
