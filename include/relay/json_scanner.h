@@ -90,6 +90,7 @@ class json_scanner {
   };
 
   status fail(uint64_t at, std::string why);
+  status fail_depth(uint64_t at);
   status fail_large();
   bool utf8_feed(const char* data, size_t len);
   // Routing of bytes: everything goes to the skeleton except a candidate

@@ -84,6 +84,16 @@ json_scanner::status json_scanner::fail(uint64_t at, std::string why) {
   return status::invalid;
 }
 
+// simdjson enters only a container that holds something (an empty `[]` or
+// `{}` is one value to it) and refuses to enter one at depth max_depth:
+// so a container may open at max_depth but must close there empty. The
+// check is made where a container's first member begins; counting every
+// open bracket instead accepted a value 1024 levels deep that simdjson
+// refuses -- cut out as a payload, one the decoder never sees.
+json_scanner::status json_scanner::fail_depth(uint64_t at) {
+  return fail(at, "nesting deeper than " + std::to_string(max_depth) + " at byte " + std::to_string(at));
+}
+
 json_scanner::status json_scanner::fail_large() {
   _state = st::done_error;
   _failed = status::skeleton_large;
@@ -403,13 +413,13 @@ l_value:
     ++p;
     RELAY_SCAN_GO(after_value, l_after_value);
   }
+  if (_stack.size() >= max_depth) return fail_depth(at(p));
   if (_seen_value && _stack.empty()) return fail(at(p), "more than one JSON value at byte " + std::to_string(at(p)));
   begin_value(p);
   switch (c) {
     case '{':
     case '[':
-      if (_stack.size() >= max_depth)
-        return fail(at(p), "nesting deeper than " + std::to_string(max_depth) + " at byte " + std::to_string(at(p)));
+      if (_stack.size() >= max_depth) return fail_depth(at(p));
       if (c == '[' && _stack.empty()) _item = 0;
       ++p;
       if (c == '{') {
@@ -452,6 +462,7 @@ l_key:
     ++p;
     RELAY_SCAN_GO(after_value, l_after_value);
   }
+  if (_stack.size() >= max_depth) return fail_depth(at(p));
   if (c != '"') return fail(at(p), "an object key was expected at byte " + std::to_string(at(p)));
   _in_key = true;
   _key_len = 0;

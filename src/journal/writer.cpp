@@ -404,6 +404,14 @@ bool writer::sync_blob_files(std::vector<uint64_t>& files, std::string& error) {
     std::snprintf(name, sizeof name, "/%016llx", static_cast<unsigned long long>(file));
     std::string path = dir + name;
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // Batch mode syncs at the periodic fsync the files of records already
+    // written (and acknowledged); by then a job may have been cancelled and
+    // forgotten (result TTL) and its file deleted by the blob store. Nothing
+    // names such a file any more: there is nothing to make durable, and
+    // failing on it would fail every retry too (the journal wedged). In
+    // always mode the file is synced before its record is written and
+    // acknowledged, so a missing one stays an error.
+    if (fd < 0 && errno == ENOENT && _o.fsync != fsync_mode::always) continue;
     if (fd < 0 || ::fdatasync(fd) != 0) {
       error = "fsync " + path + ": " + std::strerror(errno);
       if (fd >= 0) ::close(fd);

@@ -27,7 +27,9 @@ v1::lease_answer parse_ok(const std::string& body) {
 }  // namespace
 
 TEST_CASE("v1 lease answer: a well-formed answer yields its jobs with their exact payload bytes") {
-  auto a = parse_ok(R"({"jobs":[)" + job("00000000000000a1", "3", lease_token, "42", R"( {"x" : [1, 2.5e3, "é"]} )") + "]}");
+  // The answer's fields are views into the body: it must outlive them.
+  std::string body = R"({"jobs":[)" + job("00000000000000a1", "3", lease_token, "42", R"( {"x" : [1, 2.5e3, "é"]} )") + "]}";
+  auto a = parse_ok(body);
   REQUIRE_EQ(a.jobs.size(), 1u);
   CHECK(a.rejected.empty());
   CHECK_EQ(a.jobs[0].id, "00000000000000a1");
@@ -65,7 +67,8 @@ TEST_CASE("v1 lease answer: each bad field refuses that job alone, by name, with
   };
   for (const auto& c : cases) {
     CAPTURE(c.entry);
-    auto a = parse_ok(R"({"jobs":[)" + c.entry + "," + job("00000000000000ff") + "]}");
+    std::string body = R"({"jobs":[)" + c.entry + "," + job("00000000000000ff") + "]}";
+    auto a = parse_ok(body);
     REQUIRE_EQ(a.rejected.size(), 1u);
     CHECK_NE(a.rejected[0].reason.find(c.reason_has), std::string::npos);
     CHECK_EQ(a.rejected[0].reason.find("Content-Length"), std::string::npos);
@@ -77,7 +80,8 @@ TEST_CASE("v1 lease answer: each bad field refuses that job alone, by name, with
 }
 
 TEST_CASE("v1 lease answer: an id twice in one answer runs once") {
-  auto a = parse_ok(R"({"jobs":[)" + job("0000000000000007") + "," + job("0000000000000007", "2") + "]}");
+  std::string body = R"({"jobs":[)" + job("0000000000000007") + "," + job("0000000000000007", "2") + "]}";
+  auto a = parse_ok(body);
   REQUIRE_EQ(a.jobs.size(), 1u);
   CHECK_EQ(a.jobs[0].attempt, 1u);
   REQUIRE_EQ(a.rejected.size(), 1u);
