@@ -109,7 +109,8 @@ class blob_store {
   // The files are pinned (not deleted) from this call until the read ends.
   void fill(answer_template t, fill_done done);
   // Nothing held names `file` any more: deletes it (asynchronously), or
-  // once the last read that pins it ends.
+  // once the last read that pins it ends. After close(), nothing (the next
+  // start's sweep deletes it).
   void release(uint64_t file);
   // Stops: fills not yet done never call back.
   void close();

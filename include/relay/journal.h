@@ -79,6 +79,9 @@ inline constexpr size_t record_header_bytes = 12;     // version 2
 inline constexpr size_t record_header_bytes_v1 = 8;
 inline constexpr uint32_t max_record_bytes = 64u << 20;  // version 1: a larger length is corruption
 
+// The longest value a blob reference may name: limits.max_body_bytes at most.
+inline constexpr uint64_t max_referenced_bytes = 256ull << 20;
+
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
 // Appends `r` as one framed record of the current version.

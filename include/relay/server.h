@@ -108,8 +108,10 @@ class server_conn final : private stream_handler {
                std::string_view content_type = "application/json");
   // The same, taking the body over: a large one is then encrypted a chunk
   // at a time as the socket drains (net::stream::write_owned).
+  // `keep` (may be null) is released once the body is wholly encrypted or
+  // the connection ends (see stream::write_owned).
   void respond_owned(int status, std::string&& body, std::string_view extra_headers = {},
-                     std::string_view content_type = "application/json");
+                     std::string_view content_type = "application/json", std::shared_ptr<void> keep = {});
   void respond_error(api_error e, std::string_view detail = {});
 
   // Runs if the connection closes while the current request is unanswered
@@ -165,7 +167,7 @@ class server_conn final : private stream_handler {
   void finish_response(bool close_after);
   // respond()/respond_owned(): `owned` (may be null) holds `body`.
   void answer(int status, std::string_view body, std::string* owned, std::string_view extra_headers,
-              std::string_view content_type);
+              std::string_view content_type, std::shared_ptr<void> keep = {});
   void reject(api_error e, std::string_view detail);
   void end_with_final_answer();
   void begin_drain();

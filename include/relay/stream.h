@@ -95,8 +95,11 @@ class stream {
   // The same for a piece the stream takes over: with TLS a large one is
   // not encrypted at once but a chunk at a time as the socket takes the
   // previous chunk, so an answer of any size holds at most about one chunk
-  // of ciphertext (and no copy of its plaintext).
-  void write_owned(std::string&& plain);
+  // of ciphertext (and no copy of its plaintext). `keep` (may be null) is
+  // released once the piece is wholly encrypted or the stream ends: what
+  // was reserved for the answer (the blob store's read bound) is held
+  // exactly as long as its bytes are.
+  void write_owned(std::string&& plain, std::shared_ptr<void> keep = {});
   // The same queue, for serialising an answer straight into it (no copy).
   // Appending after finish() or close() has no effect on the wire.
   std::string& write_buffer() { return _plain_out; }
@@ -188,6 +191,7 @@ class stream {
   struct piece {
     std::string data;
     size_t offset = 0;  // data[0, offset) is encrypted
+    std::shared_ptr<void> keep;
   };
   std::deque<piece> _pieces;  // large plaintext taken over, encrypted as _out drains
   size_t _pieces_bytes = 0;   // not yet encrypted

@@ -65,6 +65,18 @@ void service::respond(context& c, int status, std::string body, std::string_view
   send(c.conn, c.match.which, status, std::move(body), extra);
 }
 
+namespace {
+
+// An answer filled from blob files keeps its share of the read bound until
+// its bytes are encrypted onto the wire, not merely queued: a client that
+// never reads would otherwise make relay hold one answer per connection
+// outside the bound (the attack review of issue 13).
+std::shared_ptr<void> hold_until_sent(journal::blob_store::reservation& reserved) {
+  return std::make_shared<journal::blob_store::reservation>(std::move(reserved));
+}
+
+}  // namespace
+
 void service::send(net::server_conn& conn, route r, int status, std::string body, std::string_view extra,
                    journal::blob_store::reservation reserved) {
   // While the journal fails, changes are refused up front; reads go on
@@ -72,7 +84,7 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
   bool read = r == route::get_job || r == route::list_queues || r == route::get_queue || r == route::list_dead;
   if (!_journal || (read && !_journal->accepting() && _journal->serving())) {
     count(r, status);
-    conn.respond_owned(status, std::move(body), extra);
+    conn.respond_owned(status, std::move(body), extra, "application/json", hold_until_sent(reserved));
     return;
   }
   struct held {
@@ -89,7 +101,8 @@ void service::send(net::server_conn& conn, route r, int status, std::string body
     if (h->conn) {
       if (ok) {
         count(h->r, h->status);
-        h->conn->respond_owned(h->status, std::move(h->body), h->extra);
+        h->conn->respond_owned(h->status, std::move(h->body), h->extra, "application/json",
+                               hold_until_sent(h->reserved));
       } else {
         count(h->r, describe(api_error::unavailable).status);
         h->conn->respond_error(api_error::unavailable,

@@ -212,12 +212,12 @@ void server_conn::respond(int status, std::string_view body, std::string_view ex
 }
 
 void server_conn::respond_owned(int status, std::string&& body, std::string_view extra_headers,
-                                std::string_view content_type) {
-  answer(status, body, &body, extra_headers, content_type);
+                                std::string_view content_type, std::shared_ptr<void> keep) {
+  answer(status, body, &body, extra_headers, content_type, std::move(keep));
 }
 
 void server_conn::answer(int status, std::string_view body, std::string* owned, std::string_view extra_headers,
-                         std::string_view content_type) {
+                         std::string_view content_type, std::shared_ptr<void> keep) {
   if (_state != state::handling) return;
   _abandon = nullptr;
   // A request whose body was refused unread leaves the stream mid-message.
@@ -231,7 +231,7 @@ void server_conn::answer(int status, std::string_view body, std::string* owned, 
   // The body is handed over apart from the head: a large one is encrypted
   // from where it lies, not copied behind the head first.
   http::write_response_head(_stream->write_buffer(), status, content_type, body.size(), extra_headers, close_after);
-  if (owned) _stream->write_owned(std::move(*owned));
+  if (owned) _stream->write_owned(std::move(*owned), std::move(keep));
   else _stream->write(body);
   finish_response(close_after);
 }

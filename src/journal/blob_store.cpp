@@ -263,6 +263,8 @@ void blob_store::fill(answer_template t, fill_done done) {
 }
 
 void blob_store::release(uint64_t file) {
+  // Stopping: the file stays, and the next start's sweep deletes it.
+  if (_s->closed) return;
   if (_s->pins.count(file)) {
     _s->doomed.insert(file);
     return;

@@ -153,6 +153,11 @@ std::string_view invalid_reason(const queue::record& r) {
     return {};
   }
   if (r.id == 0 || r.id > queue::max_job_id) return "a job id outside 1..2^63-1";
+  // A value longer than any body relay takes was never spooled; read back,
+  // it would make relay allocate that length (a sparse file passes the
+  // start-up size check).
+  if (r.payload_ref.length > max_referenced_bytes || r.text_ref.length > max_referenced_bytes)
+    return "a blob reference longer than any request body relay takes (256 MiB)";
   return {};
 }
 

@@ -224,7 +224,7 @@ void stream::write(std::string_view plain) {
   _tls->take_output(_out);
 }
 
-void stream::write_owned(std::string&& plain) {
+void stream::write_owned(std::string&& plain, std::shared_ptr<void> keep) {
   if (_closing || _finishing) return;
   if (!_tls || plain.size() < encrypt_in_place_bytes || !_tls->handshake_complete()) {
     write(std::string_view(plain));
@@ -236,7 +236,7 @@ void stream::write_owned(std::string&& plain) {
     _pieces.push_back(piece{std::exchange(_plain_out, std::string()), 0});
   }
   _pieces_bytes += plain.size();
-  _pieces.push_back(piece{std::move(plain), 0});
+  _pieces.push_back(piece{std::move(plain), 0, std::move(keep)});
 }
 
 void stream::encrypt_pieces() {

@@ -401,7 +401,16 @@ bool relay_server::open_blobs(std::string& error) {
       .num("bytes", static_cast<int64_t>(_broker->referenced_bytes()))
       .num("jobs_dropped", static_cast<int64_t>(lost.size()))
       .num("orphans_deleted", static_cast<int64_t>(swept));
-  _broker->on_blob_unreferenced([this](uint64_t file) { _blobs->release(file); });
+  // A file goes only once everything journaled before its last reference
+  // went is durable: the writer may still have to sync it for a batch
+  // that names it (a job forgotten while the writer lags or retries), and
+  // a sync of a deleted file would fail the journal for good. If that
+  // durability fails, the file stays; the next start's sweep removes it.
+  _broker->on_blob_unreferenced([this](uint64_t file) {
+    _journal->when_durable([this, file](bool ok) {
+      if (ok && _blobs) _blobs->release(file);
+    });
+  });
   return true;
 }
 
