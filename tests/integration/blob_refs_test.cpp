@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "../support/blobs.h"
+#include "../support/hostile.h"
 #include "../support/journaled.h"
 #include "../support/relay_fixture.h"
 
@@ -312,5 +313,7 @@ TEST_CASE("two thousand jobs of 1 MiB held by reference cost relay far less memo
   long kb = rss_kb(relay.proc->pid());
   MESSAGE("relay RSS with 2000 x 1 MiB held by reference: " << kb << " KiB");
   CHECK_GT(kb, 0);
-  CHECK_LT(kb, 200 * 1024);  // against 2,000 MiB held
+  // Against 2,000 MiB held. Not under a sanitizer: ASan's quarantine keeps
+  // the freed answers (hostile::rss_bounds_apply).
+  if (test::hostile::rss_bounds_apply) CHECK_LT(kb, 200 * 1024);
 }
