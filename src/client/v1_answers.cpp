@@ -163,7 +163,10 @@ bool read_leased_job(simdjson::dom::element el, std::string_view text, leased_jo
   raw_cursor raw(text);
   raw.enter();
   bool has_id = false, has_lease = false, has_attempt = false, has_expiry = false, has_payload = false;
-  for (auto [key, value] : o) {
+  for (simdjson::dom::key_value_pair member : o) {
+    // Named, not a structured binding: clang 14 cannot capture those (once).
+    std::string_view key = member.key;
+    simdjson::dom::element value = member.value;
     std::string_view bytes = raw.member();
     auto once = [&](bool& seen) {
       if (seen) why = "\"" + std::string(key) + "\" appears twice";
