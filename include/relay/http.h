@@ -56,7 +56,8 @@ struct body_spool {
   bool keep = false;
   uv_loop_t* loop = nullptr;
 
-  std::string path() const;
+  std::string path() const { return path_of(dir, file); }
+  static std::string path_of(const std::string& dir, uint64_t file);
 };
 
 struct request {

@@ -7,7 +7,7 @@
 
 namespace relay::http {
 
-std::string body_spool::path() const {
+std::string body_spool::path_of(const std::string& dir, uint64_t file) {
   char name[17];
   std::snprintf(name, sizeof name, "%016" PRIx64, file);
   return dir + "/" + name;

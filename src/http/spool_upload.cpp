@@ -2,8 +2,6 @@
 
 #include <fcntl.h>
 
-#include <cinttypes>
-#include <cstdio>
 
 #include "relay/journal.h"
 #include "relay/log.h"
@@ -76,9 +74,7 @@ void spool_upload::open_file() {
   while (id == 0)
     if (uv_random(nullptr, nullptr, &id, sizeof id, 0, nullptr) != 0) id = uv_hrtime() ^ reinterpret_cast<uintptr_t>(this);
   _spool->file = id;
-  char name[17];
-  std::snprintf(name, sizeof name, "%016" PRIx64, id);
-  _path = _dir + "/" + name;
+  _path = body_spool::path_of(_dir, id);
   _opening = true;
   _busy = true;
   int rc = uv_fs_open(_loop, &_req, _path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600, on_open);

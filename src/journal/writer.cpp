@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "journal/segment.h"
+#include "relay/blob_store.h"
 #include "relay/journal.h"
 #include "relay/log.h"
 
@@ -400,9 +401,7 @@ bool writer::sync_blob_files(std::vector<uint64_t>& files, std::string& error) {
   std::sort(files.begin(), files.end());
   files.erase(std::unique(files.begin(), files.end()), files.end());
   for (uint64_t file : files) {
-    char name[24];
-    std::snprintf(name, sizeof name, "/%016llx", static_cast<unsigned long long>(file));
-    std::string path = dir + name;
+    std::string path = dir + "/" + blob_store::name(file);
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     // Batch mode syncs at the periodic fsync the files of records already
     // written (and acknowledged); by then a job may have been cancelled and
